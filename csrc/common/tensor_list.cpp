@@ -1,0 +1,79 @@
+#include "common/tensor_list.h"
+
+#include <ATen/OpMathType.h>
+#include <c10/core/ScalarType.h>
+#include <c10/util/Exception.h>
+
+#include <algorithm>
+
+#include <cmath>
+
+namespace fused_optim {
+
+void check_floating_list(at::TensorList tensors, const char* name, c10::DeviceType device) {
+  for (size_t i = 0; i < tensors.size(); ++i) {
+    const at::Tensor& t = tensors[i];
+    TORCH_CHECK(t.defined(), name, "[", i, "] is an undefined tensor");
+    TORCH_CHECK_TYPE(
+        at::isFloatingType(t.scalar_type()),
+        name, "[", i, "] must be a real floating tensor (fp32, fp64, fp16 or bf16), got ",
+        t.scalar_type());
+    TORCH_CHECK(
+        t.device().type() == device && t.device() == tensors[0].device(),
+        name, " must all be on one ", c10::DeviceTypeName(device), " device, but ", name, "[0] is on ",
+        tensors[0].device(), " and ", name, "[", i, "] is on ", t.device());
+  }
+}
+
+void check_paired_lists(
+    at::TensorList params, const char* params_name, at::TensorList grads, const char* grads_name) {
+  TORCH_CHECK_VALUE(
+      params.size() == grads.size(), params_name, " and ", grads_name,
+      " must have the same length, got ", params.size(), " and ", grads.size());
+  for (size_t i = 0; i < params.size(); ++i) {
+    const at::Tensor& p = params[i];
+    const at::Tensor& g = grads[i];
+    TORCH_CHECK(
+        g.defined() && p.sizes() == g.sizes() && p.scalar_type() == g.scalar_type() &&
+            p.device() == g.device(),
+        grads_name, "[", i, "] must match ", params_name, "[", i, "] in shape, dtype and device: got ",
+        g.defined() ? g.toString() : std::string("undefined"), g.sizes(), " on ",
+        g.defined() ? g.device() : p.device(), " for ", p.toString(), p.sizes(), " on ", p.device());
+  }
+}
+
+void check_coefficient(double value, const char* name) {
+  TORCH_CHECK_VALUE(
+      std::isfinite(value) && value >= 0.0, name, " must be a finite number >= 0, got ", value);
+}
+
+std::vector<std::pair<at::ScalarType, std::vector<int64_t>>> group_by_dtype(at::TensorList tensors) {
+  std::vector<std::pair<at::ScalarType, std::vector<int64_t>>> groups;
+  for (size_t i = 0; i < tensors.size(); ++i) {
+    const at::ScalarType dtype = tensors[i].scalar_type();
+    auto it = std::find_if(groups.begin(), groups.end(), [&](const auto& g) { return g.first == dtype; });
+    if (it == groups.end()) {
+      groups.emplace_back(dtype, std::vector<int64_t>{});
+      it = groups.end() - 1;
+    }
+    it->second.push_back(static_cast<int64_t>(i));
+  }
+  return groups;
+}
+
+at::Tensor as_dense(const at::Tensor& t) {
+  return t.is_non_overlapping_and_dense() ? t : t.contiguous();
+}
+
+at::ScalarType reduction_dtype(at::TensorList tensors) {
+  if (tensors.empty()) {
+    return at::kFloat;
+  }
+  at::ScalarType dtype = at::toOpMathType(tensors[0].scalar_type());
+  for (const at::Tensor& t : tensors) {
+    dtype = c10::promoteTypes(dtype, at::toOpMathType(t.scalar_type()));
+  }
+  return dtype;
+}
+
+} // namespace fused_optim

@@ -1,0 +1,33 @@
+// Argument checks and grouping shared by every multi-tensor op.
+#pragma once
+
+#include <ATen/core/Tensor.h>
+
+#include <utility>
+#include <vector>
+
+namespace fused_optim {
+
+// Every tensor of `tensors` (the argument called `name`) is a real floating tensor on `device`.
+void check_floating_list(at::TensorList tensors, const char* name, c10::DeviceType device);
+
+// `params` and `grads` pair up one to one with equal shape, dtype and device.
+void check_paired_lists(
+    at::TensorList params, const char* params_name, at::TensorList grads, const char* grads_name);
+
+// A penalty coefficient: finite and >= 0.
+void check_coefficient(double value, const char* name);
+
+// Indices of `tensors` grouped by dtype, groups in order of first appearance, so that the order
+// in which group results are combined (and so the result) depends only on the input.
+std::vector<std::pair<at::ScalarType, std::vector<int64_t>>> group_by_dtype(at::TensorList tensors);
+
+// A tensor whose elements fill one block of memory (any dense, non-overlapping layout, so a
+// transposed weight is read in place); other layouts are copied to a contiguous tensor.
+at::Tensor as_dense(const at::Tensor& t);
+
+// The result dtype of a reduction over `tensors`: the promoted math type (fp32 for half types),
+// fp32 when the list is empty.
+at::ScalarType reduction_dtype(at::TensorList tensors);
+
+} // namespace fused_optim

@@ -1,0 +1,109 @@
+// Inner loops over one contiguous span, vectorized with at::vec and computed in the op-math type
+// (fp32 for fp16/bf16, which are converted on load and rounded back on store).
+#pragma once
+
+#include <ATen/OpMathType.h>
+#include <ATen/cpu/vec/functional.h>
+#include <ATen/cpu/vec/vec.h>
+
+#include <cstdint>
+#include <type_traits>
+
+// Compiled into every per-capability kernel copy: the inline namespace keeps the copies apart.
+namespace fused_optim {
+inline namespace CPU_CAPABILITY {
+
+template <typename scalar_t>
+using opmath_t = at::opmath_type<scalar_t>;
+
+template <typename scalar_t>
+using OpVec = at::vec::Vectorized<opmath_t<scalar_t>>;
+
+template <typename scalar_t>
+constexpr bool kReducedFloat = at::vec::is_reduced_floating_point_v<scalar_t>;
+
+// Elements a reduction accumulates in op-math vectors before flushing them into fp64.
+constexpr int64_t kReduceBlock = 2048;
+
+// Elements consumed per vector step: one Vectorized<scalar_t>, i.e. two fp32 vectors for half types.
+template <typename scalar_t>
+constexpr int64_t vec_step() {
+  return at::vec::Vectorized<scalar_t>::size();
+}
+
+// Calls vop(OpVec) on every full vector of x[0, n) and sop(opmath) on the tail.
+template <typename scalar_t, typename VecOp, typename ScalarOp>
+inline void for_each_vec(const scalar_t* x, int64_t n, const VecOp& vop, const ScalarOp& sop) {
+  constexpr int64_t step = vec_step<scalar_t>();
+  int64_t i = 0;
+  for (; i + step <= n; i += step) {
+    if constexpr (kReducedFloat<scalar_t>) {
+      OpVec<scalar_t> lo, hi;
+      at::vec::load_to_float(x + i, lo, hi);
+      vop(lo);
+      vop(hi);
+    } else {
+      vop(OpVec<scalar_t>::loadu(x + i));
+    }
+  }
+  for (; i < n; ++i) {
+    sop(static_cast<opmath_t<scalar_t>>(x[i]));
+  }
+}
+
+// out[i] = op(in[i], out[i]) for i in [0, n), with op written once for OpVec and opmath scalars.
+// When kReadOut is false, op receives zeros for out and out is only written (one stream less).
+template <bool kReadOut, typename scalar_t, typename Op>
+inline void update_each(const scalar_t* in, scalar_t* out, int64_t n, const Op& op) {
+  using Vec = OpVec<scalar_t>;
+  constexpr int64_t step = vec_step<scalar_t>();
+  int64_t i = 0;
+  for (; i + step <= n; i += step) {
+    if constexpr (kReducedFloat<scalar_t>) {
+      Vec a_lo, a_hi, b_lo(0), b_hi(0);
+      at::vec::load_to_float(in + i, a_lo, a_hi);
+      if constexpr (kReadOut) {
+        at::vec::load_to_float(out + i, b_lo, b_hi);
+      }
+      at::vec::convert_from_float<scalar_t>(op(a_lo, b_lo), op(a_hi, b_hi)).store(out + i);
+    } else {
+      Vec b(0);
+      if constexpr (kReadOut) {
+        b = Vec::loadu(out + i);
+      }
+      op(Vec::loadu(in + i), b).store(out + i);
+    }
+  }
+  for (; i < n; ++i) {
+    using T = opmath_t<scalar_t>;
+    const T b = kReadOut ? static_cast<T>(out[i]) : T(0);
+    out[i] = static_cast<scalar_t>(op(static_cast<T>(in[i]), b));
+  }
+}
+
+// Sum of a vector's lanes, in double so that combining chunk partials adds no fp32 rounding.
+template <typename T>
+inline double sum_lanes(const at::vec::Vectorized<T>& v) {
+  alignas(64) T lanes[at::vec::Vectorized<T>::size()];
+  v.store(lanes);
+  double s = 0;
+  for (int64_t k = 0; k < at::vec::Vectorized<T>::size(); ++k) {
+    s += static_cast<double>(lanes[k]);
+  }
+  return s;
+}
+
+// sign(x) as torch.sign: -1, 0 or +1, and 0 for NaN.
+template <typename T>
+inline at::vec::Vectorized<T> sign(const at::vec::Vectorized<T>& x) {
+  const at::vec::Vectorized<T> zero(0);
+  return x.gt(zero) - x.lt(zero);
+}
+
+template <typename T, typename = std::enable_if_t<std::is_floating_point_v<T>>>
+inline T sign(T x) {
+  return static_cast<T>((x > T(0)) - (x < T(0)));
+}
+
+} // namespace CPU_CAPABILITY
+} // namespace fused_optim

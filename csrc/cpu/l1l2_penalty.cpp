@@ -1,0 +1,104 @@
+// CPU ops of the L1+L2 penalty family: the penalty value, its backward, and the in-place gradient
+// update l1l2_grad_. Arguments are checked here, before anything is written; the inner loops are
+// in kernels/l1l2_penalty.cpp.
+#include "common/tensor_list.h"
+#include "cpu/kernels.h"
+
+#include <ATen/ops/empty_like.h>
+#include <ATen/ops/scalar_tensor.h>
+#include <torch/library.h>
+
+namespace fused_optim {
+
+DEFINE_DISPATCH(l1l2_sums_stub);
+DEFINE_DISPATCH(l1l2_grad_stub);
+// Only DEFAULT and AVX2 copies are built; on AVX512 CPUs the stub falls back to AVX2.
+REGISTER_AVX512_DISPATCH(l1l2_sums_stub, nullptr)
+REGISTER_AVX512_DISPATCH(l1l2_grad_stub, nullptr)
+
+namespace {
+
+std::vector<at::Tensor> dense_group(at::TensorList tensors, const std::vector<int64_t>& idx) {
+  std::vector<at::Tensor> group;
+  group.reserve(idx.size());
+  for (int64_t i : idx) {
+    group.push_back(as_dense(tensors[i]));
+  }
+  return group;
+}
+
+at::Tensor l1l2_penalty_cpu(at::TensorList tensors, double l1, double l2) {
+  check_coefficient(l1, "l1");
+  check_coefficient(l2, "l2");
+  check_floating_list(tensors, "tensors", c10::kCPU);
+  double total = 0;
+  for (const auto& [dtype, idx] : group_by_dtype(tensors)) {
+    const auto sums = l1l2_sums_stub(c10::kCPU, dense_group(tensors, idx));
+    total += l1 * sums[0] + l2 * sums[1];
+  }
+  return at::scalar_tensor(total, at::TensorOptions().dtype(reduction_dtype(tensors)));
+}
+
+// Runs the gradient kernel once per dtype group of params.
+void add_penalty_grad(
+    const std::vector<at::Tensor>& params, const std::vector<at::Tensor>& outs, double a, double b,
+    bool accumulate) {
+  for (const auto& [dtype, idx] : group_by_dtype(params)) {
+    std::vector<at::Tensor> p_group, out_group;
+    for (int64_t i : idx) {
+      p_group.push_back(params[i]);
+      out_group.push_back(outs[i]);
+    }
+    l1l2_grad_stub(c10::kCPU, p_group, out_group, a, b, accumulate);
+  }
+}
+
+std::vector<at::Tensor> l1l2_penalty_backward_cpu(
+    const at::Tensor& grad_out, at::TensorList tensors, double l1, double l2) {
+  check_coefficient(l1, "l1");
+  check_coefficient(l2, "l2");
+  check_floating_list(tensors, "tensors", c10::kCPU);
+  TORCH_CHECK(grad_out.numel() == 1, "grad_out must hold one element, got shape ", grad_out.sizes());
+  const double g = grad_out.item<double>();
+  std::vector<at::Tensor> params, grads;
+  for (const at::Tensor& t : tensors) {
+    params.push_back(as_dense(t));
+    grads.push_back(at::empty_like(params.back()));  // same strides as the dense param
+  }
+  add_penalty_grad(params, grads, g * l1, 2.0 * g * l2, /*accumulate=*/false);
+  return grads;
+}
+
+void l1l2_grad_cpu(at::TensorList params, at::TensorList grads, double l1, double l2) {
+  check_coefficient(l1, "l1");
+  check_coefficient(l2, "l2");
+  check_floating_list(params, "params", c10::kCPU);
+  check_paired_lists(params, "params", grads, "grads");
+  // Each pair is worked on as two dense tensors of one layout; other layouts go through a copy.
+  std::vector<at::Tensor> dense_params, targets;
+  for (size_t i = 0; i < params.size(); ++i) {
+    at::Tensor target = as_dense(grads[i]);
+    at::Tensor p = params[i];
+    if (p.strides() != target.strides()) {
+      p = at::empty_like(target).copy_(p);
+    }
+    dense_params.push_back(std::move(p));
+    targets.push_back(std::move(target));
+  }
+  add_penalty_grad(dense_params, targets, l1, 2.0 * l2, /*accumulate=*/true);
+  for (size_t i = 0; i < grads.size(); ++i) {
+    if (!targets[i].is_same(grads[i])) {
+      grads[i].copy_(targets[i]);
+    }
+  }
+}
+
+} // namespace
+
+TORCH_LIBRARY_IMPL(fused_optim, CPU, m) {
+  m.impl("l1l2_penalty", &l1l2_penalty_cpu);
+  m.impl("l1l2_penalty_backward", &l1l2_penalty_backward_cpu);
+  m.impl("l1l2_grad_", &l1l2_grad_cpu);
+}
+
+} // namespace fused_optim

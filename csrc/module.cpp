@@ -1,0 +1,40 @@
+// The Python module fused_optim._C. Importing it runs the TORCH_LIBRARY_IMPL registrations of
+// every kernel; the module itself only reports how it was built.
+#include <Python.h>
+
+#include <torch/version.h>
+
+namespace {
+
+PyObject* build_info(PyObject*, PyObject*) {
+  return Py_BuildValue(
+      "{s:s,s:O,s:O,s:s}",
+      "torch_version", TORCH_VERSION,  // the torch headers it was compiled against
+      "cuda", FUSED_OPTIM_WITH_CUDA ? Py_True : Py_False,
+#ifdef _OPENMP
+      "openmp", Py_True,
+#else
+      "openmp", Py_False,
+#endif
+      "compiler",
+#if defined(__clang__)
+      "clang " __clang_version__
+#elif defined(__GNUC__)
+      "gcc " __VERSION__
+#else
+      "unknown"
+#endif
+  );
+}
+
+PyMethodDef methods[] = {
+    {"build_info", build_info, METH_NOARGS, "How this extension was built."},
+    {nullptr, nullptr, 0, nullptr}};
+
+PyModuleDef module = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, methods};
+
+} // namespace
+
+PyMODINIT_FUNC PyInit__C(void) {
+  return PyModule_Create(&module);
+}

@@ -1,0 +1,13 @@
+"""fused_optim: fused multi-tensor kernels for the glue ops of PyTorch training.
+
+Every op is a torch custom op (``torch.ops.fused_optim.*``) with a C++ CPU kernel, and a
+pure-Python reference kernel that runs wherever no native kernel is registered (or when
+``FUSED_OPTIM_DISABLE_EXT=1``). ``backend_info()`` says which is active.
+"""
+
+from ._library import backend_info
+from .regularization import L1L2Regularizer, l1l2_grad_, l1l2_penalty
+
+__version__ = "0.1.0"
+
+__all__ = ["L1L2Regularizer", "backend_info", "l1l2_grad_", "l1l2_penalty"]

@@ -1,0 +1,113 @@
+"""The fused_optim op library, in one place: every schema of the `fused_optim` namespace, the
+reference kernels (registered for every device), the fake kernels for torch.compile, autograd, and
+the loading of the native extension fused_optim._C, whose C++/CUDA kernels take over the devices
+they register for.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+
+import torch
+from torch import Tensor
+
+from . import reference
+
+_lib = torch.library.Library("fused_optim", "DEF")
+
+# One row per op: name -> schema. The reference kernel is reference.<name>.
+SCHEMAS = {
+    "l1l2_penalty": "l1l2_penalty(Tensor[] tensors, float l1, float l2) -> Tensor",
+    "l1l2_penalty_backward": (
+        "l1l2_penalty_backward(Tensor grad_out, Tensor[] tensors, float l1, float l2) -> Tensor[]"
+    ),
+    "l1l2_grad_": "l1l2_grad_(Tensor[] params, Tensor(a!)[] grads, float l1, float l2) -> ()",
+}
+
+for _name, _schema in SCHEMAS.items():
+    _lib.define(_schema)
+    _lib.impl(_name, getattr(reference, _name), "CompositeExplicitAutograd")
+
+
+# Fake kernels: shapes and dtypes only, with the same device/dtype checks as the real kernels.
+@torch.library.register_fake("fused_optim::l1l2_penalty", lib=_lib)
+def _(tensors: list[Tensor], l1: float, l2: float) -> Tensor:
+    reference.check_floating_list(tensors, "tensors")
+    device = tensors[0].device if tensors else None
+    return torch.empty((), dtype=reference.reduction_dtype(tensors), device=device)
+
+
+@torch.library.register_fake("fused_optim::l1l2_penalty_backward", lib=_lib)
+def _(grad_out: Tensor, tensors: list[Tensor], l1: float, l2: float) -> list[Tensor]:
+    reference.check_floating_list(tensors, "tensors")
+    return [torch.empty_like(t) for t in tensors]
+
+
+@torch.library.register_fake("fused_optim::l1l2_grad_", lib=_lib)
+def _(params: list[Tensor], grads: list[Tensor], l1: float, l2: float) -> None:
+    reference.check_floating_list(params, "params")
+    reference.check_paired_lists(params, grads)
+
+
+# Autograd, shared by the native and reference kernels.
+def _l1l2_penalty_setup_context(ctx, inputs, output) -> None:
+    tensors, ctx.l1, ctx.l2 = inputs
+    ctx.save_for_backward(*tensors)
+
+
+def _l1l2_penalty_backward(ctx, grad: Tensor):
+    grads = torch.ops.fused_optim.l1l2_penalty_backward(grad, list(ctx.saved_tensors), ctx.l1, ctx.l2)
+    return grads, None, None
+
+
+torch.library.register_autograd(
+    "fused_optim::l1l2_penalty",
+    _l1l2_penalty_backward,
+    setup_context=_l1l2_penalty_setup_context,
+    lib=_lib,
+)
+
+
+def _load_extension():
+    """Imports fused_optim._C once; returns (module or None, why it is absent or None)."""
+    if os.environ.get("FUSED_OPTIM_DISABLE_EXT", "0") == "1":
+        return None, "disabled by FUSED_OPTIM_DISABLE_EXT=1"
+    try:
+        from . import _C
+    except (ImportError, OSError) as e:
+        warnings.warn(
+            f"fused_optim: the native extension fused_optim._C failed to load ({e}); "
+            "every op runs on the pure-Python reference kernels",
+            RuntimeWarning,
+            stacklevel=3,
+        )
+        return None, f"{type(e).__name__}: {e}"
+    return _C, None
+
+
+_C, EXTENSION_ERROR = _load_extension()
+
+DEVICES = ("cpu", "cuda")
+
+
+def kernel_for(op: str, device: str) -> str:
+    """'native' when _C registered a kernel of `op` for `device`, else 'reference'."""
+    key = {"cpu": "CPU", "cuda": "CUDA"}[device]
+    native = torch._C._dispatch_has_kernel_for_dispatch_key(f"fused_optim::{op}", key)
+    return "native" if native else "reference"
+
+
+def backend_info() -> dict:
+    """Which kernel runs each op on each device, with the torch version and the extension's build."""
+    return {
+        "torch": torch.__version__,
+        "extension": {
+            "loaded": _C is not None,
+            "error": EXTENSION_ERROR,
+            "build": _C.build_info() if _C is not None else None,
+        },
+        "torch_cpu_capability": torch.backends.cpu.get_cpu_capability(),
+        "num_threads": torch.get_num_threads(),
+        "ops": {op: {dev: kernel_for(op, dev) for dev in DEVICES} for op in SCHEMAS},
+    }

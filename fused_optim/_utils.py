@@ -1,0 +1,30 @@
+"""Argument handling shared by the public API modules."""
+
+from __future__ import annotations
+
+import numbers
+from collections.abc import Iterable
+
+import torch
+from torch import Tensor
+
+
+def as_tensor_list(tensors: Tensor | Iterable[Tensor], name: str) -> list[Tensor]:
+    """A list from a tensor or an iterable of tensors (a module's parameters() included), as
+    torch.nn.utils accepts them."""
+    if isinstance(tensors, Tensor):
+        return [tensors]
+    if not isinstance(tensors, Iterable):
+        raise TypeError(f"{name} must be a tensor or an iterable of tensors, got {type(tensors).__name__}")
+    result = list(tensors)
+    for i, t in enumerate(result):
+        if not isinstance(t, Tensor):
+            raise TypeError(f"{name}[{i}] must be a tensor, got {type(t).__name__}")
+    return result
+
+
+def as_float(value: float, name: str) -> float:
+    """A Python float from a real number (not bool); the op checks its range."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
+    return float(value)

@@ -1,0 +1,96 @@
+"""Pure-Python kernels of every fused_optim op: the fallback when the native extension is absent
+(or has no kernel for a device), and the readable specification the native kernels must match.
+
+Math runs in the op-math type (fp32 for fp16/bf16, else the input dtype); totals across tensors
+are combined in fp64, as the native kernels combine their per-chunk partial sums.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+_FLOATING = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
+
+
+def opmath_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype math is done in for tensors of `dtype`."""
+    return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
+
+
+def reduction_dtype(tensors: list[Tensor]) -> torch.dtype:
+    """Dtype of a reduction over `tensors`: promoted op-math type, fp32 for an empty list."""
+    dtype = torch.float32 if not tensors else opmath_dtype(tensors[0].dtype)
+    for t in tensors:
+        dtype = torch.promote_types(dtype, opmath_dtype(t.dtype))
+    return dtype
+
+
+def check_coefficient(value: float, name: str) -> None:
+    if not (math.isfinite(value) and value >= 0.0):
+        raise ValueError(f"{name} must be a finite number >= 0, got {value}")
+
+
+def check_floating_list(tensors: list[Tensor], name: str) -> None:
+    for i, t in enumerate(tensors):
+        if t.dtype not in _FLOATING:
+            raise TypeError(
+                f"{name}[{i}] must be a real floating tensor (fp32, fp64, fp16 or bf16), got {t.dtype}"
+            )
+        if t.device != tensors[0].device:
+            raise RuntimeError(
+                f"{name} must all be on one device, but {name}[0] is on {tensors[0].device} "
+                f"and {name}[{i}] is on {t.device}"
+            )
+
+
+def check_paired_lists(params: list[Tensor], grads: list[Tensor], names=("params", "grads")) -> None:
+    if len(params) != len(grads):
+        raise ValueError(
+            f"{names[0]} and {names[1]} must have the same length, got {len(params)} and {len(grads)}"
+        )
+    for i, (p, g) in enumerate(zip(params, grads)):
+        if p.shape != g.shape or p.dtype != g.dtype or p.device != g.device:
+            raise RuntimeError(
+                f"{names[1]}[{i}] must match {names[0]}[{i}] in shape, dtype and device: got "
+                f"{g.dtype}{list(g.shape)} on {g.device} for {p.dtype}{list(p.shape)} on {p.device}"
+            )
+
+
+def l1l2_penalty(tensors: list[Tensor], l1: float, l2: float) -> Tensor:
+    """l1 * sum|p| + l2 * sum p^2 over every element of every tensor (0-dim)."""
+    check_coefficient(l1, "l1")
+    check_coefficient(l2, "l2")
+    check_floating_list(tensors, "tensors")
+    device = tensors[0].device if tensors else None
+    total = torch.zeros((), dtype=torch.float64, device=device)
+    for t in tensors:
+        x = t.to(opmath_dtype(t.dtype))
+        total += l1 * x.abs().sum().double() + l2 * (x * x).sum().double()
+    return total.to(reduction_dtype(tensors))
+
+
+def l1l2_penalty_backward(grad_out: Tensor, tensors: list[Tensor], l1: float, l2: float) -> list[Tensor]:
+    """grad_out * (l1 * sign(p) + 2 * l2 * p) for each tensor p, in p's dtype."""
+    check_coefficient(l1, "l1")
+    check_coefficient(l2, "l2")
+    check_floating_list(tensors, "tensors")
+    grads = []
+    for t in tensors:
+        x = t.to(opmath_dtype(t.dtype))
+        g = grad_out.to(x.dtype)
+        grads.append(((g * l1) * torch.sign(x) + (g * (2.0 * l2)) * x).to(t.dtype))
+    return grads
+
+
+def l1l2_grad_(params: list[Tensor], grads: list[Tensor], l1: float, l2: float) -> None:
+    """grads[i] += l1 * sign(params[i]) + 2 * l2 * params[i], rounded once to the grad's dtype."""
+    check_coefficient(l1, "l1")
+    check_coefficient(l2, "l2")
+    check_floating_list(params, "params")
+    check_paired_lists(params, grads)
+    for p, g in zip(params, grads):
+        x = p.to(opmath_dtype(p.dtype))
+        g.copy_(g.to(x.dtype) + l1 * torch.sign(x) + (2.0 * l2) * x)
