@@ -1,0 +1,95 @@
+"""The op library itself: loading of _C, the reference fallback, backend_info, CPU capabilities."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import fused_optim
+from fused_optim import _library
+from conftest import EXT_DISABLED
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def run_python(code: str, **env) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-c", code],
+        env={**os.environ, **env},
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=True,
+    )
+
+
+PENALTY_SCRIPT = """
+import json, torch, fused_optim
+g = torch.Generator().manual_seed(0)
+ts = [torch.randn(n, generator=g).to(d) for n, d in [(100_003, torch.float32), (999, torch.float16),
+      (5000, torch.bfloat16), (77, torch.float64)]]
+print(json.dumps({"info": fused_optim.backend_info(), "value": fused_optim.l1l2_penalty(ts, 0.3, 0.7).item()}))
+"""
+
+
+def test_every_op_has_a_schema_and_a_kernel():
+    info = fused_optim.backend_info()
+    assert set(info["ops"]) == set(_library.SCHEMAS)
+    for op in _library.SCHEMAS:
+        assert hasattr(torch.ops.fused_optim, op)
+        expected = "reference" if EXT_DISABLED else "native"
+        assert info["ops"][op]["cpu"] == expected, op
+
+
+def test_backend_info_reports_build():
+    info = fused_optim.backend_info()
+    assert info["torch"] == torch.__version__
+    if EXT_DISABLED:
+        assert not info["extension"]["loaded"] and "FUSED_OPTIM_DISABLE_EXT" in info["extension"]["error"]
+    else:
+        assert info["extension"]["loaded"] and info["extension"]["error"] is None
+        assert info["extension"]["build"]["openmp"] is True
+        assert torch.__version__.startswith(info["extension"]["build"]["torch_version"])
+
+
+def test_main_prints_backend_info():
+    out = subprocess.run([sys.executable, "-m", "fused_optim"], capture_output=True, text=True, check=True)
+    assert json.loads(out.stdout)["ops"].keys() == set(_library.SCHEMAS)
+
+
+def test_disable_ext_runs_reference_with_same_results():
+    native = json.loads(run_python(PENALTY_SCRIPT).stdout)
+    ref = json.loads(run_python(PENALTY_SCRIPT, FUSED_OPTIM_DISABLE_EXT="1").stdout)
+    assert not ref["info"]["extension"]["loaded"]
+    assert all(v["cpu"] == "reference" for v in ref["info"]["ops"].values())
+    assert ref["value"] == pytest.approx(native["value"], rel=1e-6)
+
+
+def test_failed_load_warns_once_and_falls_back():
+    code = (
+        "import sys, warnings\n"
+        "sys.modules['fused_optim._C'] = None  # makes 'from . import _C' raise ImportError\n"
+        "with warnings.catch_warnings(record=True) as w:\n"
+        "    warnings.simplefilter('always')\n"
+        "    import fused_optim, fused_optim.regularization, torch\n"
+        "    print(fused_optim.l1l2_penalty([torch.ones(4)], 1.0, 0.0).item())\n"
+        "print(sum('failed to load' in str(x.message) for x in w))\n"
+        "print(fused_optim.backend_info()['extension']['error'])\n"
+    )
+    out = run_python(code, FUSED_OPTIM_DISABLE_EXT="0").stdout.splitlines()
+    assert out[0] == "4.0"
+    assert out[1] == "1"
+    assert "Error" in out[2] and "fused_optim._C" in out[2]
+
+
+@pytest.mark.skipif(EXT_DISABLED, reason="native extension disabled by FUSED_OPTIM_DISABLE_EXT=1")
+def test_portable_cpu_kernels_agree_with_vectorized_ones():
+    # ATEN_CPU_CAPABILITY=default makes the DispatchStubs pick the portable copy of every kernel.
+    best = json.loads(run_python(PENALTY_SCRIPT).stdout)
+    portable = json.loads(run_python(PENALTY_SCRIPT, ATEN_CPU_CAPABILITY="default").stdout)
+    assert portable["value"] == pytest.approx(best["value"], rel=1e-6)
