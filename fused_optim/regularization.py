@@ -53,11 +53,13 @@ def l1l2_grad_(params: Tensor | Iterable[Tensor], l1: float = 0.0, l2: float = 0
             (no ``.grad`` is created or changed) when an error is raised.
     """
     params = [p for p in as_tensor_list(params, "params") if p.requires_grad]
-    grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+    grads = [p.grad for p in params]
+    missing = [i for i, g in enumerate(grads) if g is None]
+    for i in missing:
+        grads[i] = torch.zeros_like(params[i])
     torch.ops.fused_optim.l1l2_grad_(params, grads, as_float(l1, "l1"), as_float(l2, "l2"))
-    for p, g in zip(params, grads):
-        if p.grad is None:
-            p.grad = g
+    for i in missing:  # attached only once the op has succeeded
+        params[i].grad = grads[i]
 
 
 class L1L2Regularizer:

@@ -93,3 +93,19 @@ def test_portable_cpu_kernels_agree_with_vectorized_ones():
     best = json.loads(run_python(PENALTY_SCRIPT).stdout)
     portable = json.loads(run_python(PENALTY_SCRIPT, ATEN_CPU_CAPABILITY="default").stdout)
     assert portable["value"] == pytest.approx(best["value"], rel=1e-6)
+
+
+@pytest.mark.skipif(EXT_DISABLED, reason="already running without the extension")
+def test_whole_suite_without_extension():
+    # The path users get when _C is absent: reference kernels and the Python autograd rule.
+    proc = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", os.path.join(ROOT, "tests"),
+         "--deselect", "tests/test_library.py::test_whole_suite_without_extension"],
+        env={**os.environ, "FUSED_OPTIM_DISABLE_EXT": "1"},
+        capture_output=True,
+        text=True,
+        timeout=1200,
+        cwd=ROOT,
+    )
+    assert proc.returncode == 0, proc.stdout[-5000:] + proc.stderr[-2000:]
+    assert " passed" in proc.stdout.splitlines()[-1]

@@ -1,0 +1,264 @@
+"""python -m fused_optim.benchmark: every fused op against PyTorch's ways of doing the same work,
+timed side by side in one run, with the machine's memory speed measured in the same run.
+
+Columns: op, case, reference, reference ms, fused ms, speedup (reference / fused), GB/s the fused
+op moves, and that rate as a fraction of the memory-speed yardstick named for the row (the rate of
+``flat.sum()`` for reductions, ``flat.mul_(1.0)`` for in-place updates, over one flat tensor of the
+same bytes; ``copy_`` between two flat tensors on CUDA).
+
+Timing: each callable is warmed up, then the callables of one row group run in turn, round after
+round, each round timing a block of back-to-back calls of each; the median over rounds is reported.
+Back-to-back calls measure warm caches: called once between unrelated work (cold caches), an op over
+thousands of small tensors pays extra cache misses on their metadata.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+import fused_optim
+
+
+# ---------------------------------------------------------------- standard cases
+
+
+def transformer_shapes(layers: int = 12, d: int = 768) -> list[tuple[int, ...]]:
+    """Parameter shapes of a `layers`-layer, width-`d` transformer encoder (12 tensors a layer)."""
+    per_layer = [
+        (3 * d, d), (3 * d,), (d, d), (d,),  # attention in/out projections
+        (d,), (d,),  # layer norm 1
+        (4 * d, d), (4 * d,), (d, 4 * d), (d,),  # MLP
+        (d,), (d,),  # layer norm 2
+    ]
+    return per_layer * layers
+
+
+CASES = {
+    "a": ("transformer 144 tensors / 85M", transformer_shapes),
+    "b": ("2000 x 1000", lambda: [(1000,)] * 2000),
+}
+
+
+def make_case(case: str, dtype=torch.float32, device="cpu", seed: int = 0) -> list[torch.Tensor]:
+    g = torch.Generator(device=device).manual_seed(seed)
+    return [torch.randn(s, generator=g, dtype=dtype, device=device) for s in CASES[case][1]()]
+
+
+def nbytes(tensors: list[torch.Tensor]) -> int:
+    return sum(t.numel() * t.element_size() for t in tensors)
+
+
+# ---------------------------------------------------------------- timing
+
+
+def _sync(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def time_side_by_side(
+    fns: dict[str, Callable[[], object]], device: str, rounds: int, block_ms: float = 30.0
+) -> dict[str, float]:
+    """Median milliseconds per call of each callable.
+
+    Each round runs every callable in turn, each for a block of back-to-back calls lasting about
+    `block_ms` (as timeit and torch.utils.benchmark time a statement), so the numbers are warm,
+    steady-state costs and slow drifts of a shared machine hit all callables alike."""
+    calls = {}
+    for name, fn in fns.items():  # warm-up, which also sizes the blocks
+        _sync(device)
+        start = time.perf_counter()
+        fn()
+        _sync(device)
+        calls[name] = max(1, int(block_ms / max((time.perf_counter() - start) * 1e3, 1e-3)))
+    samples: dict[str, list[float]] = {name: [] for name in fns}
+    for _ in range(rounds):
+        for name, fn in fns.items():
+            _sync(device)
+            start = time.perf_counter()
+            for _ in range(calls[name]):
+                fn()
+            _sync(device)
+            samples[name].append((time.perf_counter() - start) * 1e3 / calls[name])
+    return {name: statistics.median(s) for name, s in samples.items()}
+
+
+@dataclass
+class Row:
+    op: str
+    case: str
+    reference: str
+    ref_ms: float
+    fused_ms: float
+    bytes_moved: int | None = None  # by the fused op
+    yardstick: str = ""  # memory-speed yardstick of the fraction column
+    yardstick_gbps: float | None = None
+
+    @property
+    def speedup(self) -> float:
+        return self.ref_ms / self.fused_ms
+
+    @property
+    def gbps(self) -> float | None:
+        return None if self.bytes_moved is None else self.bytes_moved / self.fused_ms / 1e6
+
+    @property
+    def mem_fraction(self) -> float | None:
+        return None if self.gbps is None or not self.yardstick_gbps else self.gbps / self.yardstick_gbps
+
+
+class Bench:
+    """Shared state of one run: device, rounds, and the memory-speed yardsticks per byte count."""
+
+    def __init__(self, device: str, rounds: int) -> None:
+        self.device = device
+        self.rounds = rounds
+        self._rates: dict[tuple[str, int], float] = {}
+
+    def time(self, fns: dict[str, Callable[[], object]]) -> dict[str, float]:
+        return time_side_by_side(fns, self.device, self.rounds)
+
+    def memory_rate(self, kind: str, num_bytes: int) -> float:
+        """GB/s of the yardstick `kind` ('sum': read; 'mul_': read + write) over `num_bytes`."""
+        if (kind, num_bytes) not in self._rates:
+            flat = torch.randn(num_bytes // 4, device=self.device)
+            ms = self.time({kind: (lambda: flat.sum()) if kind == "sum" else (lambda: flat.mul_(1.0))})[kind]
+            moved = num_bytes if kind == "sum" else 2 * num_bytes
+            self._rates[(kind, num_bytes)] = moved / ms / 1e6
+        return self._rates[(kind, num_bytes)]
+
+    def rows(self, op: str, case: str, fused: Callable, references: dict[str, Callable],
+             bytes_moved: int | None = None, yardstick: str = "", yardstick_bytes: int = 0) -> list[Row]:
+        """Times `fused` beside each reference; one row per reference."""
+        times = self.time({"fused": fused, **references})
+        rate = self.memory_rate(yardstick, yardstick_bytes) if yardstick else None
+        return [
+            Row(op, case, name, times[name], times["fused"], bytes_moved, yardstick, rate)
+            for name in references
+        ]
+
+
+# ---------------------------------------------------------------- ops
+
+L1, L2 = 1e-5, 1e-4
+
+
+def seed_penalty(params, l1=L1, l2=L2):
+    """The seed's L1L2Regularizer loop."""
+    reg_loss = 0
+    for p in params:
+        reg_loss += l1 * torch.sum(torch.abs(p))
+        reg_loss += l2 * torch.sum(p**2)
+    return reg_loss
+
+
+def foreach_penalty(params, l1=L1, l2=L2):
+    """torch's multi-tensor norms: two passes (p=1 and p=2) over all tensors."""
+    n1 = torch.stack(torch._foreach_norm(params, 1)).sum()
+    n2 = torch.stack(torch._foreach_norm(params, 2))
+    return l1 * n1 + l2 * n2.square().sum()
+
+
+def seed_grad_(params, l1=L1, l2=L2):
+    for p in params:
+        p.grad.add_(l1 * torch.sign(p) + 2 * l2 * p)
+
+
+def foreach_grad_(params, l1=L1, l2=L2):
+    grads = [p.grad for p in params]
+    signs = torch._foreach_sign(params)
+    torch._foreach_add_(grads, signs, alpha=l1)
+    torch._foreach_add_(grads, params, alpha=2 * l2)
+
+
+def regularization_rows(bench: Bench, case: str) -> list[Row]:
+    params = make_case(case, device=bench.device)
+    size = nbytes(params)
+    rows = bench.rows(
+        "l1l2_penalty", case,
+        fused=lambda: fused_optim.l1l2_penalty(params, L1, L2),
+        references={"seed loop": lambda: seed_penalty(params), "_foreach_norm p=1,2": lambda: foreach_penalty(params)},
+        bytes_moved=size, yardstick="sum", yardstick_bytes=size,
+    )
+    for p in params:
+        p.requires_grad_()
+        p.grad = torch.zeros_like(p)
+    with torch.no_grad():
+        rows += bench.rows(
+            "l1l2_grad_", case,
+            fused=lambda: fused_optim.l1l2_grad_(params, L1, L2),
+            references={"seed loop": lambda: seed_grad_(params), "torch._foreach_*": lambda: foreach_grad_(params)},
+            bytes_moved=3 * size, yardstick="mul_", yardstick_bytes=size,  # read p, read + write grad
+        )
+
+    def fused_fwd_bwd():
+        fused_optim.l1l2_penalty(params, L1, L2).backward()
+
+    def seed_fwd_bwd():
+        seed_penalty(params).backward()
+
+    rows += bench.rows("l1l2_penalty fwd+bwd", case, fused=fused_fwd_bwd, references={"seed loop (autograd)": seed_fwd_bwd})
+    return rows
+
+
+# One entry per area; each returns its rows for one case.
+SUITES: dict[str, Callable[[Bench, str], list[Row]]] = {
+    "regularization": regularization_rows,
+}
+
+
+# ---------------------------------------------------------------- report
+
+
+def format_table(rows: list[Row], markdown: bool = True) -> str:
+    header = ["op", "case", "reference", "ref ms", "fused ms", "speedup", "fused GB/s", "of memory speed"]
+
+    def fmt(r: Row) -> list[str]:
+        frac = "-" if r.mem_fraction is None else f"{100 * r.mem_fraction:.0f}% of {r.yardstick}"
+        gbps = "-" if r.gbps is None else f"{r.gbps:.1f}"
+        return [r.op, r.case, r.reference, f"{r.ref_ms:.3f}", f"{r.fused_ms:.3f}", f"{r.speedup:.2f}x", gbps, frac]
+
+    body = [fmt(r) for r in rows]
+    if markdown:
+        lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+        lines += ["| " + " | ".join(cells) + " |" for cells in body]
+        return "\n".join(lines)
+    widths = [max(len(c) for c in col) for col in zip(header, *body)]
+    return "\n".join("  ".join(c.ljust(w) for c, w in zip(cells, widths)) for cells in [header, *body])
+
+
+def main(argv: list[str] | None = None) -> list[Row]:
+    parser = argparse.ArgumentParser(prog="python -m fused_optim.benchmark", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="few rounds: a short, noisier run")
+    parser.add_argument("--rounds", type=int, default=None, help="timed rounds per callable (default 15, 3 with --quick)")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--cases", default=",".join(CASES), help=f"comma-separated, from {sorted(CASES)}")
+    parser.add_argument("--suites", default=",".join(SUITES), help=f"comma-separated, from {sorted(SUITES)}")
+    parser.add_argument("--plain", action="store_true", help="aligned text instead of a Markdown table")
+    args = parser.parse_args(argv)
+
+    rounds = args.rounds or (3 if args.quick else 15)
+    bench = Bench(args.device, rounds)
+    info = fused_optim.backend_info()
+    name = torch.cuda.get_device_name() if args.device.startswith("cuda") else f"CPU, {torch.get_num_threads()} threads"
+    print(f"fused_optim benchmark: torch {torch.__version__}, {name}, rounds={rounds}, "
+          f"extension {'loaded' if info['extension']['loaded'] else 'NOT loaded: ' + str(info['extension']['error'])}")
+    rows: list[Row] = []
+    for suite in args.suites.split(","):
+        for case in args.cases.split(","):
+            print(f"  running {suite} on case {case} ({CASES[case][0]}) ...", flush=True)
+            rows += SUITES[suite](bench, case)
+    print()
+    print("cases: " + "; ".join(f"({k}) {v[0]}" for k, v in CASES.items()))
+    print(format_table(rows, markdown=not args.plain))
+    return rows
+
+
+if __name__ == "__main__":
+    main()
