@@ -60,7 +60,10 @@ def _extension():
     openmp = ["-fopenmp"] if sys.platform.startswith("linux") else []
     # No -march flags: the default build must run on any x86-64 CPU.
     cxx_flags = ["-O3", *openmp]
-    macros = [("FUSED_OPTIM_WITH_CUDA", "1" if with_cuda else "0")]
+    macros = [
+        ("FUSED_OPTIM_WITH_CUDA", "1" if with_cuda else "0"),
+        ("FUSED_OPTIM_CPU_CAPABILITIES", '"' + ",".join(CPU_CAPABILITIES) + '"'),
+    ]
     if X86_64:
         # torch's x86-64 builds have both stub slots; the DispatchStub layout must match theirs.
         macros += [("HAVE_AVX2_CPU_DEFINITION", None), ("HAVE_AVX512_CPU_DEFINITION", None)]

@@ -8,9 +8,10 @@ namespace {
 
 PyObject* build_info(PyObject*, PyObject*) {
   return Py_BuildValue(
-      "{s:s,s:O,s:O,s:s}",
+      "{s:s,s:O,s:s,s:O,s:s}",
       "torch_version", TORCH_VERSION,  // the torch headers it was compiled against
       "cuda", FUSED_OPTIM_WITH_CUDA ? Py_True : Py_False,
+      "cpu_capabilities", FUSED_OPTIM_CPU_CAPABILITIES,  // copies of the CPU kernels built
 #ifdef _OPENMP
       "openmp", Py_True,
 #else

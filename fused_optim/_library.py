@@ -100,6 +100,18 @@ def kernel_for(op: str, device: str) -> str:
     return "native" if native else "reference"
 
 
+def _cpu_kernel_copy() -> str | None:
+    """The copy of the CPU kernels ATen's DispatchStub runs here: the CPU capability torch detects
+    (ATEN_CPU_CAPABILITY overrides it), or the best built copy below it."""
+    if _C is None:
+        return None
+    built = _C.build_info()["cpu_capabilities"].split(",")
+    order = ["DEFAULT", "AVX2", "AVX512"]
+    detected = torch.backends.cpu.get_cpu_capability()
+    detected = detected if detected in order else "DEFAULT"
+    return max((c for c in built if order.index(c) <= order.index(detected)), key=order.index)
+
+
 def backend_info() -> dict:
     """Which kernel runs each op on each device, with the torch version and the extension's build."""
     return {
@@ -109,7 +121,7 @@ def backend_info() -> dict:
             "error": EXTENSION_ERROR,
             "build": _C.build_info() if _C is not None else None,
         },
-        "torch_cpu_capability": torch.backends.cpu.get_cpu_capability(),
+        "cpu_kernels": _cpu_kernel_copy(),
         "num_threads": torch.get_num_threads(),
         "ops": {op: {dev: kernel_for(op, dev) for dev in DEVICES} for op in SCHEMAS},
     }

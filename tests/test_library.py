@@ -92,6 +92,8 @@ def test_portable_cpu_kernels_agree_with_vectorized_ones():
     # ATEN_CPU_CAPABILITY=default makes the DispatchStubs pick the portable copy of every kernel.
     best = json.loads(run_python(PENALTY_SCRIPT).stdout)
     portable = json.loads(run_python(PENALTY_SCRIPT, ATEN_CPU_CAPABILITY="default").stdout)
+    assert portable["info"]["cpu_kernels"] == "DEFAULT"
+    assert best["info"]["cpu_kernels"] in best["info"]["extension"]["build"]["cpu_capabilities"].split(",")
     assert portable["value"] == pytest.approx(best["value"], rel=1e-6)
 
 
