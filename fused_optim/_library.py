@@ -23,6 +23,15 @@ SCHEMAS = {
         "l1l2_penalty_backward(Tensor grad_out, Tensor[] tensors, float l1, float l2) -> Tensor[]"
     ),
     "l1l2_grad_": "l1l2_grad_(Tensor[] params, Tensor(a!)[] grads, float l1, float l2) -> ()",
+    "multi_tensor_norm": (
+        "multi_tensor_norm(Tensor[] tensors, float norm_type, bool per_tensor) -> (Tensor, Tensor)"
+    ),
+    "multi_tensor_scale_": "multi_tensor_scale_(Tensor(a!)[] tensors, Tensor scale) -> ()",
+    "clip_grad_norm_": (
+        "clip_grad_norm_(Tensor(a!)[] grads, float max_norm, float norm_type, bool error_if_nonfinite)"
+        " -> Tensor"
+    ),
+    "clip_grad_value_": "clip_grad_value_(Tensor(a!)[] grads, float clip_value) -> ()",
 }
 
 for _name, _schema in SCHEMAS.items():
@@ -68,6 +77,34 @@ def _load_extension():
 
 
 _C, EXTENSION_ERROR = _load_extension()
+
+@torch.library.register_fake("fused_optim::multi_tensor_norm", lib=_lib)
+def _(tensors: list[Tensor], norm_type: float, per_tensor: bool) -> tuple[Tensor, Tensor]:
+    reference.check_norm_type(norm_type)
+    reference.check_floating_list(tensors, "tensors")
+    device = tensors[0].device if tensors else None
+    dtype = reference.norm_dtype(tensors)
+    total = torch.empty((), dtype=dtype, device=device)
+    return total, torch.empty((len(tensors) if per_tensor else 0,), dtype=dtype, device=device)
+
+
+@torch.library.register_fake("fused_optim::multi_tensor_scale_", lib=_lib)
+def _(tensors: list[Tensor], scale: Tensor) -> None:
+    reference.check_floating_list(tensors, "tensors")
+
+
+@torch.library.register_fake("fused_optim::clip_grad_norm_", lib=_lib)
+def _(grads: list[Tensor], max_norm: float, norm_type: float, error_if_nonfinite: bool) -> Tensor:
+    reference.check_norm_type(norm_type)
+    reference.check_floating_list(grads, "grads")
+    device = grads[0].device if grads else None
+    return torch.empty((), dtype=reference.norm_dtype(grads), device=device)
+
+
+@torch.library.register_fake("fused_optim::clip_grad_value_", lib=_lib)
+def _(grads: list[Tensor], clip_value: float) -> None:
+    reference.check_floating_list(grads, "grads")
+
 
 # Autograd: the native extension registers it in C++ (a Python autograd kernel converts a Tensor[]
 # to Python and back on each call: ~290 us for 2000 tensors); without it, the same rule in Python.

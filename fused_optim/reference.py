@@ -94,3 +94,75 @@ def l1l2_grad_(params: list[Tensor], grads: list[Tensor], l1: float, l2: float) 
     for p, g in zip(params, grads):
         x = p.to(opmath_dtype(p.dtype))
         g.copy_(g.to(x.dtype) + l1 * torch.sign(x) + (2.0 * l2) * x)
+
+
+def norm_dtype(tensors: list[Tensor]) -> torch.dtype:
+    """Dtype of a norm over `tensors`, as torch.nn.utils.get_total_norm returns it: the promoted
+    dtype of the tensors (fp16 for fp16 gradients), fp32 for an empty list."""
+    dtype = tensors[0].dtype if tensors else torch.float32
+    for t in tensors:
+        dtype = torch.promote_types(dtype, t.dtype)
+    return dtype
+
+
+def check_norm_type(norm_type: float) -> None:
+    if math.isnan(norm_type):
+        raise ValueError("norm_type must be a number, got nan")
+
+
+def nonfinite_norm_message(norm_type: float) -> str:
+    """torch.nn.utils' error for a non-finite total norm."""
+    return (
+        f"The total norm of order {norm_type} for gradients from `parameters` is non-finite, so it "
+        "cannot be clipped. To disable this error and scale the gradients by the non-finite norm "
+        "anyway, set `error_if_nonfinite=False`"
+    )
+
+
+def multi_tensor_norm(tensors: list[Tensor], norm_type: float, per_tensor: bool) -> tuple[Tensor, Tensor]:
+    """(total, per-tensor norms) of order norm_type. The total is defined as torch.nn.utils'
+    get_total_norm does: the norm of the vector of per-tensor norms (so for norm_type=0, the number
+    of tensors with a non-zero element); empty tensors contribute nothing. Computed in fp64 here; both results have the tensors'
+    promoted dtype; per-tensor norms are empty unless per_tensor."""
+    check_norm_type(norm_type)
+    check_floating_list(tensors, "tensors")
+    dtype = norm_dtype(tensors)
+    device = tensors[0].device if tensors else None
+    # An empty tensor adds nothing: its max |x| is 0 and its min |x| is inf (torch raises for both).
+    empty = torch.tensor(math.inf if norm_type == -math.inf else 0.0, dtype=torch.float64, device=device)
+    norms = [torch.linalg.vector_norm(t, norm_type, dtype=torch.float64) if t.numel() else empty for t in tensors]
+    if not norms:
+        return torch.zeros((), dtype=dtype, device=device), torch.empty(0, dtype=dtype, device=device)
+    stacked = torch.stack(norms)
+    total = torch.linalg.vector_norm(stacked, norm_type).to(dtype)
+    return total, (stacked if per_tensor else stacked[:0]).to(dtype)
+
+
+def multi_tensor_scale_(tensors: list[Tensor], scale: Tensor) -> None:
+    """tensors[i] *= scale (a one-element tensor); nothing is written when scale is 1."""
+    check_floating_list(tensors, "tensors")
+    if scale.numel() != 1:
+        raise RuntimeError(f"scale must hold one element, got shape {list(scale.shape)}")
+    if scale.item() == 1.0:
+        return
+    for t in tensors:
+        t.mul_(scale.to(t.device))
+
+
+def clip_grad_norm_(grads: list[Tensor], max_norm: float, norm_type: float, error_if_nonfinite: bool) -> Tensor:
+    """Scales grads by min(1, max_norm / (total + 1e-6)), in the total's dtype as torch does;
+    returns the total norm (before clipping)."""
+    total, _ = multi_tensor_norm(grads, norm_type, False)
+    if not grads:
+        return total
+    if error_if_nonfinite and not math.isfinite(total.item()):
+        raise RuntimeError(nonfinite_norm_message(norm_type))
+    multi_tensor_scale_(grads, torch.clamp(max_norm / (total + 1e-6), max=1.0))
+    return total
+
+
+def clip_grad_value_(grads: list[Tensor], clip_value: float) -> None:
+    """grads[i] = clamp(grads[i], -clip_value, clip_value), NaN kept."""
+    check_floating_list(grads, "grads")
+    for g in grads:
+        g.clamp_(min=-clip_value, max=clip_value)

@@ -65,6 +65,39 @@ at::Tensor as_dense(const at::Tensor& t) {
   return t.is_non_overlapping_and_dense() ? t : t.contiguous();
 }
 
+std::vector<at::Tensor> select(const std::vector<at::Tensor>& tensors, const std::vector<int64_t>& idx) {
+  std::vector<at::Tensor> subset;
+  subset.reserve(idx.size());
+  for (int64_t i : idx) {
+    subset.push_back(tensors[i]);
+  }
+  return subset;
+}
+
+std::vector<at::Tensor> dense_subset(at::TensorList tensors, const std::vector<int64_t>& idx) {
+  std::vector<at::Tensor> subset;
+  subset.reserve(idx.size());
+  for (int64_t i : idx) {
+    subset.push_back(as_dense(tensors[i]));
+  }
+  return subset;
+}
+
+DenseTargets::DenseTargets(at::TensorList tensors) : originals_(tensors) {
+  dense_.reserve(tensors.size());
+  for (const at::Tensor& t : tensors) {
+    dense_.push_back(as_dense(t));
+  }
+}
+
+void DenseTargets::write_back() const {
+  for (size_t i = 0; i < dense_.size(); ++i) {
+    if (!dense_[i].is_same(originals_[i])) {
+      originals_[i].copy_(dense_[i]);
+    }
+  }
+}
+
 at::ScalarType reduction_dtype(at::TensorList tensors) {
   if (tensors.empty()) {
     return at::kFloat;

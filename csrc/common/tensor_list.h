@@ -26,6 +26,27 @@ std::vector<std::pair<at::ScalarType, std::vector<int64_t>>> group_by_dtype(at::
 // transposed weight is read in place); other layouts are copied to a contiguous tensor.
 at::Tensor as_dense(const at::Tensor& t);
 
+// tensors[i] for each i in idx.
+std::vector<at::Tensor> select(const std::vector<at::Tensor>& tensors, const std::vector<int64_t>& idx);
+
+// as_dense of tensors[i] for each i in idx.
+std::vector<at::Tensor> dense_subset(at::TensorList tensors, const std::vector<int64_t>& idx);
+
+// Dense stand-ins for tensors updated in place: each tensor itself when dense, else a contiguous
+// copy, which write_back() copies into the original once the kernel has run.
+class DenseTargets {
+ public:
+  explicit DenseTargets(at::TensorList tensors);
+  const std::vector<at::Tensor>& dense() const {
+    return dense_;
+  }
+  void write_back() const;
+
+ private:
+  at::TensorList originals_;
+  std::vector<at::Tensor> dense_;
+};
+
 // The result dtype of a reduction over `tensors`: the promoted math type (fp32 for half types),
 // fp32 when the list is empty.
 at::ScalarType reduction_dtype(at::TensorList tensors);

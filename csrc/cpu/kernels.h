@@ -25,4 +25,20 @@ using l1l2_grad_fn = void (*)(
     bool accumulate);
 DECLARE_DISPATCH(l1l2_grad_fn, l1l2_grad_stub)
 
+// Multi-tensor norms. Each kernel folds every element into a per-tensor accumulator:
+// sum |x|^p (kSum*), count of x != 0 (kCount), max |x| (kMax) or min |x| (kMin).
+enum class NormKind { kSumAbs, kSumSquares, kSumPow, kCount, kMax, kMin };
+
+// per_tensor_acc[i] = the accumulator of tensors[i]; combined in chunk order, so deterministic.
+using norm_fn = void (*)(const std::vector<at::Tensor>& tensors, NormKind kind, double p, double* per_tensor_acc);
+DECLARE_DISPATCH(norm_fn, norm_stub)
+
+// tensors[i] *= scale, computed in the op-math type.
+using scale_fn = void (*)(const std::vector<at::Tensor>& tensors, double scale);
+DECLARE_DISPATCH(scale_fn, scale_stub)
+
+// tensors[i] = clamp(tensors[i], -clip_value, clip_value), NaN kept, in one pass.
+using clamp_fn = void (*)(const std::vector<at::Tensor>& tensors, double clip_value);
+DECLARE_DISPATCH(clamp_fn, clamp_stub)
+
 } // namespace fused_optim

@@ -18,22 +18,13 @@ REGISTER_AVX512_DISPATCH(l1l2_grad_stub, nullptr)
 
 namespace {
 
-std::vector<at::Tensor> dense_group(at::TensorList tensors, const std::vector<int64_t>& idx) {
-  std::vector<at::Tensor> group;
-  group.reserve(idx.size());
-  for (int64_t i : idx) {
-    group.push_back(as_dense(tensors[i]));
-  }
-  return group;
-}
-
 at::Tensor l1l2_penalty_cpu(at::TensorList tensors, double l1, double l2) {
   check_coefficient(l1, "l1");
   check_coefficient(l2, "l2");
   check_floating_list(tensors, "tensors", c10::kCPU);
   double total = 0;
   for (const auto& [dtype, idx] : group_by_dtype(tensors)) {
-    const auto sums = l1l2_sums_stub(c10::kCPU, dense_group(tensors, idx));
+    const auto sums = l1l2_sums_stub(c10::kCPU, dense_subset(tensors, idx));
     total += l1 * sums[0] + l2 * sums[1];
   }
   return at::scalar_tensor(total, at::TensorOptions().dtype(reduction_dtype(tensors)));
@@ -44,12 +35,7 @@ void add_penalty_grad(
     const std::vector<at::Tensor>& params, const std::vector<at::Tensor>& outs, double a, double b,
     bool accumulate) {
   for (const auto& [dtype, idx] : group_by_dtype(params)) {
-    std::vector<at::Tensor> p_group, out_group;
-    for (int64_t i : idx) {
-      p_group.push_back(params[i]);
-      out_group.push_back(outs[i]);
-    }
-    l1l2_grad_stub(c10::kCPU, p_group, out_group, a, b, accumulate);
+    l1l2_grad_stub(c10::kCPU, select(params, idx), select(outs, idx), a, b, accumulate);
   }
 }
 
@@ -75,22 +61,15 @@ void l1l2_grad_cpu(at::TensorList params, at::TensorList grads, double l1, doubl
   check_floating_list(params, "params", c10::kCPU);
   check_paired_lists(params, "params", grads, "grads");
   // Each pair is worked on as two dense tensors of one layout; other layouts go through a copy.
-  std::vector<at::Tensor> dense_params, targets;
+  const DenseTargets targets(grads);
+  std::vector<at::Tensor> dense_params;
   for (size_t i = 0; i < params.size(); ++i) {
-    at::Tensor target = as_dense(grads[i]);
-    at::Tensor p = params[i];
-    if (p.strides() != target.strides()) {
-      p = at::empty_like(target).copy_(p);
-    }
-    dense_params.push_back(std::move(p));
-    targets.push_back(std::move(target));
+    const at::Tensor& target = targets.dense()[i];
+    dense_params.push_back(
+        params[i].strides() == target.strides() ? params[i] : at::empty_like(target).copy_(params[i]));
   }
-  add_penalty_grad(dense_params, targets, l1, 2.0 * l2, /*accumulate=*/true);
-  for (size_t i = 0; i < grads.size(); ++i) {
-    if (!targets[i].is_same(grads[i])) {
-      grads[i].copy_(targets[i]);
-    }
-  }
+  add_penalty_grad(dense_params, targets.dense(), l1, 2.0 * l2, /*accumulate=*/true);
+  targets.write_back();
 }
 
 } // namespace

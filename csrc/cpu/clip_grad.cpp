@@ -1,0 +1,162 @@
+// CPU ops of gradient clipping: multi-tensor norm, scale by a tensor coefficient, clip by norm
+// (norm + coefficient + scale in one call) and clip by value. Arguments are checked before
+// anything is written; the inner loops are in kernels/clip_grad.cpp.
+#include "common/tensor_list.h"
+#include "cpu/kernels.h"
+
+#include <ATen/ops/add.h>
+#include <ATen/ops/clamp_max.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/mul.h>
+#include <ATen/ops/reciprocal.h>
+#include <ATen/ops/scalar_tensor.h>
+#include <torch/library.h>
+
+#include <cmath>
+#include <sstream>
+
+namespace fused_optim {
+
+DEFINE_DISPATCH(norm_stub);
+DEFINE_DISPATCH(scale_stub);
+DEFINE_DISPATCH(clamp_stub);
+REGISTER_AVX512_DISPATCH(norm_stub, nullptr)
+REGISTER_AVX512_DISPATCH(scale_stub, nullptr)
+REGISTER_AVX512_DISPATCH(clamp_stub, nullptr)
+
+namespace {
+
+// The accumulator kind of a norm order p (2 -> kSumSquares, inf -> kMax, ...).
+NormKind norm_kind(double p) {
+  if (p == 1.0) return NormKind::kSumAbs;
+  if (p == 2.0) return NormKind::kSumSquares;
+  if (p == 0.0) return NormKind::kCount;
+  if (p == INFINITY) return NormKind::kMax;
+  if (p == -INFINITY) return NormKind::kMin;
+  return NormKind::kSumPow;
+}
+
+// The norm of order p from its accumulator.
+double norm_from_acc(double acc, NormKind kind, double p) {
+  switch (kind) {
+    case NormKind::kSumSquares: return std::sqrt(acc);
+    case NormKind::kSumPow: return std::pow(acc, 1.0 / p);
+    default: return acc;  // sums of |x| and counts are their norms; so are max and min
+  }
+}
+
+// The total as torch.nn.utils.get_total_norm defines it: the norm of the vector of per-tensor norms.
+double total_norm(const std::vector<double>& norms, NormKind kind, double p) {
+  double total = kind == NormKind::kMin ? INFINITY : 0.0;
+  for (double n : norms) {
+    switch (kind) {
+      case NormKind::kSumAbs: total += n; break;
+      case NormKind::kSumSquares: total += n * n; break;
+      case NormKind::kSumPow: total += std::pow(n, p); break;
+      case NormKind::kCount: total += n != 0.0; break;  // torch: the number of non-zero tensors
+      case NormKind::kMax: total = (std::isnan(total) || total > n) ? total : n; break;
+      case NormKind::kMin: total = (std::isnan(total) || total < n) ? total : n; break;
+    }
+  }
+  return norm_from_acc(total, kind, p);
+}
+
+// The dtype torch returns for a norm over tensors: their promoted dtype (fp32 when empty).
+at::ScalarType norm_dtype(at::TensorList tensors) {
+  at::ScalarType dtype = tensors.empty() ? at::kFloat : tensors[0].scalar_type();
+  for (const at::Tensor& t : tensors) {
+    dtype = c10::promoteTypes(dtype, t.scalar_type());
+  }
+  return dtype;
+}
+
+void check_norm_type(double norm_type) {
+  TORCH_CHECK_VALUE(!std::isnan(norm_type), "norm_type must be a number, got nan");
+}
+
+// Per-tensor norms (fp64) of all tensors, one kernel call per dtype.
+std::vector<double> per_tensor_norms(at::TensorList tensors, double p) {
+  const NormKind kind = norm_kind(p);
+  std::vector<double> norms(tensors.size());
+  for (const auto& [dtype, idx] : group_by_dtype(tensors)) {
+    std::vector<double> acc(idx.size());
+    norm_stub(c10::kCPU, dense_subset(tensors, idx), kind, p, acc.data());
+    for (size_t k = 0; k < idx.size(); ++k) {
+      norms[idx[k]] = norm_from_acc(acc[k], kind, p);
+    }
+  }
+  return norms;
+}
+
+std::tuple<at::Tensor, at::Tensor> multi_tensor_norm_cpu(at::TensorList tensors, double norm_type, bool per_tensor) {
+  check_norm_type(norm_type);
+  check_floating_list(tensors, "tensors", c10::kCPU);
+  const auto options = at::TensorOptions().dtype(norm_dtype(tensors));
+  const std::vector<double> norms = per_tensor_norms(tensors, norm_type);
+  at::Tensor total = at::scalar_tensor(total_norm(norms, norm_kind(norm_type), norm_type), options);
+  at::Tensor each = at::empty({per_tensor ? static_cast<int64_t>(norms.size()) : 0}, options.dtype(at::kDouble));
+  if (per_tensor) {
+    std::copy(norms.begin(), norms.end(), each.mutable_data_ptr<double>());
+  }
+  return {total, each.to(options.dtype())};
+}
+
+// Multiplies every tensor by scale, writing nothing when scale is 1.
+void scale_in_place(at::TensorList tensors, double scale) {
+  if (scale == 1.0) {
+    return;
+  }
+  const DenseTargets targets(tensors);
+  for (const auto& [dtype, idx] : group_by_dtype(tensors)) {
+    scale_stub(c10::kCPU, select(targets.dense(), idx), scale);
+  }
+  targets.write_back();
+}
+
+void multi_tensor_scale_cpu(at::TensorList tensors, const at::Tensor& scale) {
+  check_floating_list(tensors, "tensors", c10::kCPU);
+  TORCH_CHECK(scale.numel() == 1, "scale must hold one element, got shape ", scale.sizes());
+  scale_in_place(tensors, scale.item<double>());
+}
+
+at::Tensor clip_grad_norm_cpu(at::TensorList grads, double max_norm, double norm_type, bool error_if_nonfinite) {
+  check_norm_type(norm_type);
+  check_floating_list(grads, "grads", c10::kCPU);
+  at::Tensor total = std::get<0>(multi_tensor_norm_cpu(grads, norm_type, false));
+  if (grads.empty()) {
+    return total;
+  }
+  if (error_if_nonfinite) {
+    // Same error as torch.nn.utils, raised before any gradient is touched.
+    std::ostringstream p;
+    p << norm_type << (norm_type == std::floor(norm_type) && std::isfinite(norm_type) ? ".0" : "");
+    TORCH_CHECK(
+        std::isfinite(total.item<double>()), "The total norm of order ", p.str(),
+        " for gradients from `parameters` is non-finite, so it cannot be clipped. To disable this error and "
+        "scale the gradients by the non-finite norm anyway, set `error_if_nonfinite=False`");
+  }
+  // torch's arithmetic, in the total's dtype: max_norm / (total + 1e-6), clamped to 1.
+  const at::Tensor coef = at::clamp_max(at::mul(at::reciprocal(at::add(total, 1e-6)), max_norm), 1.0);
+  scale_in_place(grads, coef.item<double>());
+  return total;
+}
+
+void clip_grad_value_cpu(at::TensorList grads, double clip_value) {
+  check_floating_list(grads, "grads", c10::kCPU);
+  const DenseTargets targets(grads);
+  for (const auto& [dtype, idx] : group_by_dtype(grads)) {
+    clamp_stub(c10::kCPU, select(targets.dense(), idx), clip_value);
+  }
+  targets.write_back();
+}
+
+} // namespace
+
+TORCH_LIBRARY_IMPL(fused_optim, CPU, m) {
+  m.impl("multi_tensor_norm", &multi_tensor_norm_cpu);
+  m.impl("multi_tensor_scale_", &multi_tensor_scale_cpu);
+  m.impl("clip_grad_norm_", &clip_grad_norm_cpu);
+  m.impl("clip_grad_value_", &clip_grad_value_cpu);
+}
+
+} // namespace fused_optim

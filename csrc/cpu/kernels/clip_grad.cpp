@@ -1,0 +1,177 @@
+// Inner loops of multi-tensor norms, scaling and clamping, compiled once per CPU capability.
+#include "common/chunking.h"
+#include "common/vec.h"
+#include "cpu/kernels.h"
+
+#include <ATen/Dispatch.h>
+
+#include <cmath>
+#include <limits>
+#include <utility>
+
+namespace fused_optim {
+namespace CPU_CAPABILITY {
+namespace {
+
+// max / min that return NaN when either side is NaN, as torch's reductions do.
+inline double nan_max(double a, double b) {
+  return (std::isnan(a) || a > b) ? a : b;
+}
+inline double nan_min(double a, double b) {
+  return (std::isnan(a) || a < b) ? a : b;
+}
+
+// One accumulator kind: how an element enters it (for vectors and scalars), and how two
+// accumulators combine (in fp64).
+template <NormKind kKind>
+struct Acc {
+  static constexpr bool kIsSum = kKind != NormKind::kMax && kKind != NormKind::kMin;
+  static constexpr double identity() {
+    return kKind == NormKind::kMin ? std::numeric_limits<double>::infinity() : 0.0;
+  }
+  template <typename V>  // V: a Vectorized or an op-math scalar
+  static V add(const V& acc, const V& x, const V& p) {
+    if constexpr (std::is_floating_point_v<V>) {
+      const V a = std::abs(x);
+      switch (kKind) {
+        case NormKind::kSumAbs: return acc + a;
+        case NormKind::kSumSquares: return acc + x * x;
+        case NormKind::kSumPow: return acc + std::pow(a, p);
+        case NormKind::kCount: return acc + V(x != V(0));
+        case NormKind::kMax: return static_cast<V>(nan_max(acc, a));
+        case NormKind::kMin: return static_cast<V>(nan_min(acc, a));
+      }
+    } else {
+      switch (kKind) {
+        case NormKind::kSumAbs: return acc + x.abs();
+        case NormKind::kSumSquares: return at::vec::fmadd(x, x, acc);
+        case NormKind::kSumPow: return acc + x.abs().pow(p);
+        case NormKind::kCount: return acc + x.ne(V(0));
+        case NormKind::kMax: return at::vec::maximum(acc, x.abs());
+        case NormKind::kMin: return at::vec::minimum(acc, x.abs());
+      }
+    }
+    return acc;
+  }
+  static double combine(double a, double b) {
+    if constexpr (kKind == NormKind::kMax) {
+      return nan_max(a, b);
+    } else if constexpr (kKind == NormKind::kMin) {
+      return nan_min(a, b);
+    } else {
+      return a + b;
+    }
+  }
+  template <typename T>
+  static double fold_lanes(const at::vec::Vectorized<T>& v) {
+    if constexpr (kIsSum) {
+      return sum_lanes(v);
+    } else {
+      alignas(64) T lanes[at::vec::Vectorized<T>::size()];
+      v.store(lanes);
+      double r = identity();
+      for (int64_t k = 0; k < at::vec::Vectorized<T>::size(); ++k) {
+        r = combine(r, static_cast<double>(lanes[k]));
+      }
+      return r;
+    }
+  }
+};
+
+template <NormKind kKind, typename scalar_t>
+void norm_accumulate(const std::vector<at::Tensor>& tensors, double p, double* per_tensor_acc) {
+  using A = Acc<kKind>;
+  using T = opmath_t<scalar_t>;
+  using Vec = OpVec<scalar_t>;
+  const ChunkPlan plan(tensors);
+  // Partial accumulators of each chunk's pieces, folded per tensor in chunk order afterwards.
+  std::vector<std::vector<std::pair<int64_t, double>>> pieces(plan.num_chunks());
+  const Vec p_vec(static_cast<T>(p));
+  const T p_scalar = static_cast<T>(p);
+  plan.parallel_for_each_chunk([&](int64_t c) {
+    plan.for_each_piece(c, [&](int64_t t, int64_t begin, int64_t len) {
+      const scalar_t* x = tensors[t].const_data_ptr<scalar_t>() + begin;
+      double acc = A::identity();
+      // As for the penalty: op-math lanes flush into fp64 every kReduceBlock elements.
+      for (int64_t off = 0; off < len; off += kReduceBlock) {
+        Vec vacc(static_cast<T>(A::identity()));
+        T sacc = static_cast<T>(A::identity());
+        for_each_vec(
+            x + off, std::min(kReduceBlock, len - off),
+            [&](const Vec& v) { vacc = A::add(vacc, v, p_vec); },
+            [&](T v) { sacc = A::add(sacc, v, p_scalar); });
+        acc = A::combine(acc, A::combine(A::fold_lanes(vacc), static_cast<double>(sacc)));
+      }
+      pieces[c].emplace_back(t, acc);
+    });
+  });
+  std::fill(per_tensor_acc, per_tensor_acc + tensors.size(), A::identity());
+  for (const auto& chunk : pieces) {
+    for (const auto& [t, acc] : chunk) {
+      per_tensor_acc[t] = A::combine(per_tensor_acc[t], acc);
+    }
+  }
+}
+
+template <typename scalar_t>
+void norm_dispatch_kind(const std::vector<at::Tensor>& tensors, NormKind kind, double p, double* out) {
+  switch (kind) {
+    case NormKind::kSumAbs: return norm_accumulate<NormKind::kSumAbs, scalar_t>(tensors, p, out);
+    case NormKind::kSumSquares: return norm_accumulate<NormKind::kSumSquares, scalar_t>(tensors, p, out);
+    case NormKind::kSumPow: return norm_accumulate<NormKind::kSumPow, scalar_t>(tensors, p, out);
+    case NormKind::kCount: return norm_accumulate<NormKind::kCount, scalar_t>(tensors, p, out);
+    case NormKind::kMax: return norm_accumulate<NormKind::kMax, scalar_t>(tensors, p, out);
+    case NormKind::kMin: return norm_accumulate<NormKind::kMin, scalar_t>(tensors, p, out);
+  }
+}
+
+void norm_kernel(const std::vector<at::Tensor>& tensors, NormKind kind, double p, double* per_tensor_acc) {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, tensors[0].scalar_type(), "multi_tensor_norm", [&] {
+    norm_dispatch_kind<scalar_t>(tensors, kind, p, per_tensor_acc);
+  });
+}
+
+// Applies op (written once for vectors and scalars) to every element of every tensor, in place.
+template <typename scalar_t, typename Op>
+void update_in_place(const std::vector<at::Tensor>& tensors, const Op& op) {
+  const ChunkPlan plan(tensors);
+  plan.parallel_for_each_chunk([&](int64_t c) {
+    plan.for_each_piece(c, [&](int64_t t, int64_t begin, int64_t len) {
+      scalar_t* x = tensors[t].mutable_data_ptr<scalar_t>() + begin;
+      update_each<false>(x, x, len, [&](auto v, auto) { return op(v); });
+    });
+  });
+}
+
+void scale_kernel(const std::vector<at::Tensor>& tensors, double scale) {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, tensors[0].scalar_type(), "multi_tensor_scale_", [&] {
+    const auto s = static_cast<opmath_t<scalar_t>>(scale);
+    update_in_place<scalar_t>(tensors, [&](auto v) { return v * decltype(v)(s); });
+  });
+}
+
+void clamp_kernel(const std::vector<at::Tensor>& tensors, double clip_value) {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, tensors[0].scalar_type(), "clip_grad_value_", [&] {
+    using T = opmath_t<scalar_t>;
+    // torch's clamp rounds its bounds to the tensor's dtype first.
+    const T hi = static_cast<T>(static_cast<scalar_t>(clip_value));
+    const T lo = static_cast<T>(static_cast<scalar_t>(-clip_value));
+    update_in_place<scalar_t>(tensors, [&](auto v) {
+      using V = decltype(v);
+      if constexpr (std::is_floating_point_v<V>) {
+        return std::isnan(v) ? v : std::min(std::max(v, lo), hi);
+      } else {
+        return at::vec::clamp(v, V(lo), V(hi));
+      }
+    });
+  });
+}
+
+} // namespace
+} // namespace CPU_CAPABILITY
+
+REGISTER_DISPATCH(norm_stub, &fused_optim::CPU_CAPABILITY::norm_kernel)
+REGISTER_DISPATCH(scale_stub, &fused_optim::CPU_CAPABILITY::scale_kernel)
+REGISTER_DISPATCH(clamp_stub, &fused_optim::CPU_CAPABILITY::clamp_kernel)
+
+} // namespace fused_optim

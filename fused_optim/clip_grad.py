@@ -1,0 +1,122 @@
+"""Gradient clipping, drop-in for torch.nn.utils: the same signatures, return values and dtypes,
+with every gradient read once for the norm and written at most once (not at all when no clipping
+is needed)."""
+
+from __future__ import annotations
+
+import types
+import warnings
+from collections.abc import Iterable
+
+import torch
+from torch import Tensor, nn
+
+from . import reference
+from ._utils import as_float
+
+_TensorOrTensors = Tensor | Iterable[Tensor]
+
+def _as_list(tensors: _TensorOrTensors) -> list[Tensor]:
+    return [tensors] if isinstance(tensors, Tensor) else list(tensors)
+
+
+def _grads(parameters: list[Tensor]) -> list[Tensor]:
+    return [p.grad for p in parameters if p.grad is not None]
+
+
+@torch.no_grad()
+def get_total_norm(
+    tensors: _TensorOrTensors,
+    norm_type: float = 2.0,
+    error_if_nonfinite: bool = False,
+    foreach: bool | None = None,
+) -> Tensor:
+    """The norm of order ``norm_type`` of all ``tensors`` viewed as one vector, as
+    ``torch.nn.utils.get_total_norm``: 0-dim, in the tensors' promoted dtype (fp16 for fp16
+    tensors, accumulated in fp32), ``tensor(0.)`` for no tensors. ``norm_type`` may be any float,
+    ``inf`` or ``-inf``; for 0, like torch, the result counts the tensors that have a non-zero
+    element.
+
+    Raises RuntimeError (torch's message) when ``error_if_nonfinite`` and the norm is nan or inf;
+    TypeError/ValueError for a non-numeric or nan ``norm_type`` or non-floating tensors.
+
+    ``foreach`` is accepted for compatibility and ignored: the fused kernel always handles all
+    tensors in one call.
+    """
+    norm_type = as_float(norm_type, "norm_type")
+    total, _ = torch.ops.fused_optim.multi_tensor_norm(_as_list(tensors), norm_type, False)
+    if error_if_nonfinite and not torch.isfinite(total):
+        raise RuntimeError(reference.nonfinite_norm_message(norm_type))
+    return total
+
+
+@torch.no_grad()
+def clip_grads_with_norm_(
+    parameters: _TensorOrTensors, max_norm: float, total_norm: Tensor, foreach: bool | None = None
+) -> None:
+    """Scales the gradients of ``parameters`` by ``min(1, max_norm / (total_norm + 1e-6))``, as
+    ``torch.nn.utils.clip_grads_with_norm_``, in one pass; when that coefficient is 1, no gradient
+    is written at all. Parameters without ``.grad`` are skipped.
+
+    ``foreach`` is accepted for compatibility and ignored: the fused kernel always handles all
+    tensors in one call.
+    """
+    grads = _grads(_as_list(parameters))
+    if not grads:
+        return
+    clip_coef = torch.clamp(as_float(max_norm, "max_norm") / (total_norm + 1e-6), max=1.0)
+    torch.ops.fused_optim.multi_tensor_scale_(grads, clip_coef)
+
+
+@torch.no_grad()
+def clip_grad_norm_(
+    parameters: _TensorOrTensors,
+    max_norm: float,
+    norm_type: float = 2.0,
+    error_if_nonfinite: bool = False,
+    foreach: bool | None = None,
+) -> Tensor:
+    """Drop-in for ``torch.nn.utils.clip_grad_norm_``: computes the total norm of the gradients of
+    ``parameters`` (see :func:`get_total_norm`), scales them by ``min(1, max_norm / (norm + 1e-6))``
+    and returns the total norm from before clipping. One call does it all: every gradient is read
+    once, and written only when clipping is needed.
+
+    Non-finite norms: with ``error_if_nonfinite=True``, RuntimeError (torch's message) and every
+    gradient is left unchanged; with ``False``, as torch, the gradients are scaled by the
+    coefficient computed from the non-finite norm (nan for a nan norm: all gradients become nan;
+    0 for an inf norm: finite entries become 0, infinite ones nan).
+
+    ``foreach`` is accepted for compatibility and ignored: the fused kernel always handles all
+    tensors in one call.
+    """
+    is_generator = isinstance(parameters, types.GeneratorType)
+    parameters = _as_list(parameters)
+    if is_generator and not parameters:
+        warnings.warn("`parameters` is an empty generator, no gradient clipping will occur.", stacklevel=3)
+    return torch.ops.fused_optim.clip_grad_norm_(
+        _grads(parameters),
+        as_float(max_norm, "max_norm"),
+        as_float(norm_type, "norm_type"),
+        bool(error_if_nonfinite),
+    )
+
+
+@torch.no_grad()
+def clip_grad_value_(parameters: _TensorOrTensors, clip_value: float, foreach: bool | None = None) -> None:
+    """Drop-in for ``torch.nn.utils.clip_grad_value_``: clamps every gradient to
+    ``[-clip_value, clip_value]`` in one pass (torch makes two: clamp_min_ then clamp_max_). NaN
+    gradients stay nan. Parameters without ``.grad`` are skipped.
+
+    ``foreach`` is accepted for compatibility and ignored: the fused kernel always handles all
+    tensors in one call.
+    """
+    torch.ops.fused_optim.clip_grad_value_(_grads(_as_list(parameters)), as_float(clip_value, "clip_value"))
+
+
+def clip_gradients(model: nn.Module, clip_value: float = 1.0, clip_norm: float | None = None) -> Tensor | None:
+    """The seed's helper: clips ``model``'s gradients by norm when ``clip_norm`` is given (returning
+    the total 2-norm from before clipping), else by value (returning None)."""
+    if clip_norm is not None:
+        return clip_grad_norm_(model.parameters(), clip_norm)
+    clip_grad_value_(model.parameters(), clip_value)
+    return None
