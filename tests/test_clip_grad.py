@@ -274,7 +274,7 @@ def test_compile_fullgraph(backend, device):
         torch.testing.assert_close(p.grad, q.grad)
 
 
-@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(max_examples=60, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(
     sizes=st.lists(st.integers(0, 3000), min_size=1, max_size=40),
     dtype=st.sampled_from(DTYPES),
@@ -283,8 +283,8 @@ def test_compile_fullgraph(backend, device):
     seed=st.integers(0, 2**16),
 )
 def test_property_clip_grad_norm_matches_torch(backend, sizes, dtype, norm_type, ratio, seed):
-    if norm_type < 0:
-        sizes = [max(n, 1) for n in sizes]  # torch cannot take a negative-order norm of an empty tensor
+    if norm_type < 0 or math.isinf(norm_type):
+        sizes = [max(n, 1) for n in sizes]  # torch cannot take these norms of an empty tensor
     grads = make_grads(dtype, "cpu", sizes=sizes, seed=seed)
     exact = fp64_total_norm(grads, norm_type).item()
     if not math.isfinite(exact) or exact == 0:
