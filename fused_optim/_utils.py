@@ -1,4 +1,7 @@
-"""Argument handling shared by the public API modules."""
+"""Argument handling shared by the public API modules.
+
+The public functions call ops through their overload (``torch.ops.fused_optim.op.default``):
+the overload packet resolves the overload on every call, ~180 us for a list of 2000 tensors."""
 
 from __future__ import annotations
 

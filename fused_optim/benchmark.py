@@ -114,30 +114,33 @@ class Row:
 
 
 class Bench:
-    """Shared state of one run: device, rounds, and the memory-speed yardsticks per byte count."""
+    """Shared state of one run: device, rounds, and the flat tensors of the memory-speed yardsticks."""
 
     def __init__(self, device: str, rounds: int) -> None:
         self.device = device
         self.rounds = rounds
-        self._rates: dict[tuple[str, int], float] = {}
+        self._flat: dict[int, torch.Tensor] = {}
 
     def time(self, fns: dict[str, Callable[[], object]]) -> dict[str, float]:
         return time_side_by_side(fns, self.device, self.rounds)
 
-    def memory_rate(self, kind: str, num_bytes: int) -> float:
-        """GB/s of the yardstick `kind` ('sum': read; 'mul_': read + write) over `num_bytes`."""
-        if (kind, num_bytes) not in self._rates:
-            flat = torch.randn(num_bytes // 4, device=self.device)
-            ms = self.time({kind: (lambda: flat.sum()) if kind == "sum" else (lambda: flat.mul_(1.0))})[kind]
-            moved = num_bytes if kind == "sum" else 2 * num_bytes
-            self._rates[(kind, num_bytes)] = moved / ms / 1e6
-        return self._rates[(kind, num_bytes)]
+    def yardstick(self, kind: str, num_bytes: int) -> tuple[Callable[[], object], int]:
+        """The yardstick `kind` over one flat fp32 tensor of `num_bytes`, and the bytes it moves:
+        'sum' reads them; 'mul_' reads and writes them."""
+        if num_bytes not in self._flat:
+            self._flat[num_bytes] = torch.randn(num_bytes // 4, device=self.device)
+        flat = self._flat[num_bytes]
+        return ((lambda: flat.sum()), num_bytes) if kind == "sum" else ((lambda: flat.mul_(1.0)), 2 * num_bytes)
 
     def rows(self, op: str, case: str, fused: Callable, references: dict[str, Callable],
              bytes_moved: int | None = None, yardstick: str = "", yardstick_bytes: int = 0) -> list[Row]:
-        """Times `fused` beside each reference; one row per reference."""
-        times = self.time({"fused": fused, **references})
-        rate = self.memory_rate(yardstick, yardstick_bytes) if yardstick else None
+        """Times `fused` beside each reference (and the yardstick, in the same rounds, so that
+        all see the same machine); one row per reference."""
+        fns = {"fused": fused, **references}
+        if yardstick:
+            fns[yardstick], moved = self.yardstick(yardstick, yardstick_bytes)
+        times = self.time(fns)
+        rate = moved / times[yardstick] / 1e6 if yardstick else None
         return [
             Row(op, case, name, times[name], times["fused"], bytes_moved, yardstick, rate)
             for name in references
@@ -207,9 +210,69 @@ def regularization_rows(bench: Bench, case: str) -> list[Row]:
     return rows
 
 
+def params_with_grads(grads: list[torch.Tensor]) -> list[torch.Tensor]:
+    """Parameters holding copies of `grads` (the parameters' own storage is never touched)."""
+    params = []
+    for g in grads:
+        p = torch.empty_like(g).requires_grad_()
+        p.grad = g.clone()
+        params.append(p)
+    return params
+
+
+def clip_by_norm_each_call(clip: Callable, params: list[torch.Tensor], max_norm: float) -> Callable[[], object]:
+    """A callable that clips `params` by norm on every call: max_norm shrinks by 2^-16 a call, so the
+    norm left by the last call is always just above it (a fixed max_norm would stop clipping after
+    the first call), while gradients stay far from denormal numbers."""
+    state = [max_norm]
+
+    def call():
+        state[0] *= 1 - 2**-16
+        return clip(params, state[0])
+
+    return call
+
+
+def clip_rows(bench: Bench, case: str) -> list[Row]:
+    grads = make_case(case, device=bench.device)
+    size = nbytes(grads)
+    norm = torch.nn.utils.get_total_norm(grads).item()
+    torch_clip = {
+        "torch foreach=True": lambda ps, m: torch.nn.utils.clip_grad_norm_(ps, m, foreach=True),
+        "torch foreach=False": lambda ps, m: torch.nn.utils.clip_grad_norm_(ps, m, foreach=False),
+    }
+    copies = {name: params_with_grads(grads) for name in ["fused", *torch_clip]}
+    del grads
+    rows = bench.rows(
+        "clip_grad_norm_ clipping", case,
+        fused=clip_by_norm_each_call(fused_optim.clip_grad_norm_, copies["fused"], norm / 2),
+        references={name: clip_by_norm_each_call(fn, copies[name], norm / 2) for name, fn in torch_clip.items()},
+        bytes_moved=3 * size, yardstick="mul_", yardstick_bytes=size,  # read; read + write
+    )
+    no_clip = 1e6 * norm
+    rows += bench.rows(
+        "clip_grad_norm_ no clip", case,
+        fused=lambda: fused_optim.clip_grad_norm_(copies["fused"], no_clip),
+        references={name: (lambda fn=fn, ps=copies[name]: fn(ps, no_clip)) for name, fn in torch_clip.items()},
+        bytes_moved=size, yardstick="sum", yardstick_bytes=size,  # read only: nothing to write
+    )
+    torch_value = {
+        "torch foreach=True": lambda ps: torch.nn.utils.clip_grad_value_(ps, 0.5, foreach=True),
+        "torch foreach=False": lambda ps: torch.nn.utils.clip_grad_value_(ps, 0.5, foreach=False),
+    }
+    rows += bench.rows(
+        "clip_grad_value_", case,
+        fused=lambda: fused_optim.clip_grad_value_(copies["fused"], 0.5),
+        references={name: (lambda fn=fn, ps=copies[name]: fn(ps)) for name, fn in torch_value.items()},
+        bytes_moved=2 * size, yardstick="mul_", yardstick_bytes=size,
+    )
+    return rows
+
+
 # One entry per area; each returns its rows for one case.
 SUITES: dict[str, Callable[[Bench, str], list[Row]]] = {
     "regularization": regularization_rows,
+    "clip": clip_rows,
 }
 
 

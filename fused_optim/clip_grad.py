@@ -21,7 +21,8 @@ def _as_list(tensors: _TensorOrTensors) -> list[Tensor]:
 
 
 def _grads(parameters: list[Tensor]) -> list[Tensor]:
-    return [p.grad for p in parameters if p.grad is not None]
+    # One .grad read per parameter: each costs ~100 ns, a visible share for 2000 parameters.
+    return [g for p in parameters if (g := p.grad) is not None]
 
 
 @torch.no_grad()
@@ -44,7 +45,7 @@ def get_total_norm(
     tensors in one call.
     """
     norm_type = as_float(norm_type, "norm_type")
-    total, _ = torch.ops.fused_optim.multi_tensor_norm(_as_list(tensors), norm_type, False)
+    total, _ = torch.ops.fused_optim.multi_tensor_norm.default(_as_list(tensors), norm_type, False)
     if error_if_nonfinite and not torch.isfinite(total):
         raise RuntimeError(reference.nonfinite_norm_message(norm_type))
     return total
@@ -65,7 +66,7 @@ def clip_grads_with_norm_(
     if not grads:
         return
     clip_coef = torch.clamp(as_float(max_norm, "max_norm") / (total_norm + 1e-6), max=1.0)
-    torch.ops.fused_optim.multi_tensor_scale_(grads, clip_coef)
+    torch.ops.fused_optim.multi_tensor_scale_.default(grads, clip_coef)
 
 
 @torch.no_grad()
@@ -93,7 +94,7 @@ def clip_grad_norm_(
     parameters = _as_list(parameters)
     if is_generator and not parameters:
         warnings.warn("`parameters` is an empty generator, no gradient clipping will occur.", stacklevel=3)
-    return torch.ops.fused_optim.clip_grad_norm_(
+    return torch.ops.fused_optim.clip_grad_norm_.default(
         _grads(parameters),
         as_float(max_norm, "max_norm"),
         as_float(norm_type, "norm_type"),
@@ -110,7 +111,7 @@ def clip_grad_value_(parameters: _TensorOrTensors, clip_value: float, foreach: b
     ``foreach`` is accepted for compatibility and ignored: the fused kernel always handles all
     tensors in one call.
     """
-    torch.ops.fused_optim.clip_grad_value_(_grads(_as_list(parameters)), as_float(clip_value, "clip_value"))
+    torch.ops.fused_optim.clip_grad_value_.default(_grads(_as_list(parameters)), as_float(clip_value, "clip_value"))
 
 
 def clip_gradients(model: nn.Module, clip_value: float = 1.0, clip_norm: float | None = None) -> Tensor | None:

@@ -33,7 +33,7 @@ def l1l2_penalty(tensors: Tensor | Iterable[Tensor], l1: float = 0.0, l2: float 
         RuntimeError: the tensors are on different devices.
     """
     tensors = as_tensor_list(tensors, "tensors")
-    return torch.ops.fused_optim.l1l2_penalty(tensors, as_float(l1, "l1"), as_float(l2, "l2"))
+    return torch.ops.fused_optim.l1l2_penalty.default(tensors, as_float(l1, "l1"), as_float(l2, "l2"))
 
 
 @torch.no_grad()
@@ -57,7 +57,7 @@ def l1l2_grad_(params: Tensor | Iterable[Tensor], l1: float = 0.0, l2: float = 0
     missing = [i for i, g in enumerate(grads) if g is None]
     for i in missing:
         grads[i] = torch.zeros_like(params[i])
-    torch.ops.fused_optim.l1l2_grad_(params, grads, as_float(l1, "l1"), as_float(l2, "l2"))
+    torch.ops.fused_optim.l1l2_grad_.default(params, grads, as_float(l1, "l1"), as_float(l2, "l2"))
     for i in missing:  # attached only once the op has succeeded
         params[i].grad = grads[i]
 
