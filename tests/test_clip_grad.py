@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import copy
 import math
+import os
+import subprocess
+import sys
 import warnings
 
 import pytest
@@ -416,3 +419,37 @@ def _meta_param():
     p = torch.zeros(3, device="meta", requires_grad=True)
     p.grad = torch.zeros(3, device="meta")
     return p
+
+
+NO_WRITE_SCRIPT = """
+import ctypes, mmap, sys, warnings
+import torch, fused_optim
+warnings.simplefilter("ignore")  # torch warns that the buffer is not writable: that is the point
+buf = mmap.mmap(-1, 4 * 3000)
+torch.frombuffer(buf, dtype=torch.float32).copy_(torch.randn(3000))
+address = ctypes.addressof(ctypes.c_char.from_buffer(buf))
+ctypes.CDLL(None).mprotect(ctypes.c_void_p(address), ctypes.c_size_t(len(buf)), mmap.PROT_READ)
+params = [torch.zeros(1000, requires_grad=True) for _ in range(3)]
+for p, g in zip(params, torch.frombuffer(buf, dtype=torch.float32).split(1000)):
+    p.grad = g
+max_norm = float(sys.argv[1])
+norm = fused_optim.clip_grad_norm_(params, max_norm)
+fused_optim.clip_grads_with_norm_(params, max_norm, norm)
+print("no write", float(norm))
+"""
+
+
+@pytest.mark.parametrize("disable_ext", ["0", "1"], ids=["native", "reference"])
+def test_no_clip_writes_nothing_to_read_only_gradients(disable_ext):
+    # Gradients in read-only memory: any write, even of an unchanged value, is a segfault.
+    def run(max_norm):
+        return subprocess.run(
+            [sys.executable, "-c", NO_WRITE_SCRIPT, str(max_norm)],
+            env={**os.environ, "FUSED_OPTIM_DISABLE_EXT": disable_ext},
+            capture_output=True, text=True, timeout=300,
+        )
+
+    proc = run(1e9)
+    assert proc.returncode == 0, (proc.returncode, proc.stderr[-2000:])
+    assert proc.stdout.startswith("no write")
+    assert run(1e-3).returncode != 0  # the harness does catch writes: clipping must write
