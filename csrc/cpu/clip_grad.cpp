@@ -128,8 +128,9 @@ at::Tensor clip_grad_norm_cpu(at::TensorList grads, double max_norm, double norm
   }
   if (error_if_nonfinite) {
     // Same error as torch.nn.utils, raised before any gradient is touched.
+    // Python prints integral floats as "2.0"; the message names the order as torch's does.
     std::ostringstream p;
-    p << norm_type << (norm_type == std::floor(norm_type) && std::isfinite(norm_type) ? ".0" : "");
+    p << norm_type << (norm_type == std::floor(norm_type) && std::abs(norm_type) < 1e15 ? ".0" : "");
     TORCH_CHECK(
         std::isfinite(total.item<double>()), "The total norm of order ", p.str(),
         " for gradients from `parameters` is non-finite, so it cannot be clipped. To disable this error and "
