@@ -6,6 +6,7 @@ pure-Python reference kernel that runs wherever no native kernel is registered (
 """
 
 from ._library import backend_info
+from .dropout import CustomDropout, Dropout, dropout, unpack_dropout_mask
 from .clip_grad import clip_grad_norm_, clip_grad_value_, clip_gradients, clip_grads_with_norm_, get_total_norm
 from .regularization import L1L2Regularizer, l1l2_grad_, l1l2_penalty
 from .training import train_with_gradient_clipping
@@ -13,14 +14,18 @@ from .training import train_with_gradient_clipping
 __version__ = "0.1.0"
 
 __all__ = [
+    "CustomDropout",
+    "Dropout",
     "L1L2Regularizer",
     "backend_info",
     "clip_grad_norm_",
     "clip_grad_value_",
     "clip_gradients",
     "clip_grads_with_norm_",
+    "dropout",
     "get_total_norm",
     "l1l2_grad_",
     "l1l2_penalty",
     "train_with_gradient_clipping",
+    "unpack_dropout_mask",
 ]

@@ -32,6 +32,9 @@ SCHEMAS = {
         " -> Tensor"
     ),
     "clip_grad_value_": "clip_grad_value_(Tensor(a!)[] grads, float clip_value) -> ()",
+    "dropout": "dropout(Tensor input, float p, Tensor seed_offset) -> Tensor",
+    "dropout_": "dropout_(Tensor(a!) input, float p, Tensor seed_offset) -> ()",
+    "dropout_mask": "dropout_mask(Tensor input, float p, Tensor seed_offset) -> Tensor",
 }
 
 for _name, _schema in SCHEMAS.items():
@@ -104,6 +107,40 @@ def _(grads: list[Tensor], max_norm: float, norm_type: float, error_if_nonfinite
 @torch.library.register_fake("fused_optim::clip_grad_value_", lib=_lib)
 def _(grads: list[Tensor], clip_value: float) -> None:
     reference.check_floating_list(grads, "grads")
+
+
+@torch.library.register_fake("fused_optim::dropout", lib=_lib)
+def _(input: Tensor, p: float, seed_offset: Tensor) -> Tensor:
+    reference.check_dropout_args(input, p, seed_offset)
+    return torch.empty_like(input, memory_format=torch.contiguous_format)
+
+
+@torch.library.register_fake("fused_optim::dropout_", lib=_lib)
+def _(input: Tensor, p: float, seed_offset: Tensor) -> None:
+    reference.check_dropout_args(input, p, seed_offset)
+
+
+@torch.library.register_fake("fused_optim::dropout_mask", lib=_lib)
+def _(input: Tensor, p: float, seed_offset: Tensor) -> Tensor:
+    reference.check_dropout_args(input, p, seed_offset)
+    return torch.empty((input.numel() + 7) // 8, dtype=torch.uint8, device=input.device)
+
+
+# Dropout's backward regenerates the mask from (seed, offset): the same op applied to the gradient.
+# Saved for backward: p and the 2-element seed_offset tensor, nothing the size of the input.
+def _dropout_setup_context(ctx, inputs, output) -> None:
+    _, ctx.p, seed_offset = inputs
+    ctx.save_for_backward(seed_offset)
+
+
+def _dropout_backward(ctx, grad: Tensor):
+    (seed_offset,) = ctx.saved_tensors
+    return torch.ops.fused_optim.dropout.default(grad, ctx.p, seed_offset), None, None
+
+
+torch.library.register_autograd(
+    "fused_optim::dropout", _dropout_backward, setup_context=_dropout_setup_context, lib=_lib
+)
 
 
 # Autograd: the native extension registers it in C++ (a Python autograd kernel converts a Tensor[]

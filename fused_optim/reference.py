@@ -166,3 +166,82 @@ def clip_grad_value_(grads: list[Tensor], clip_value: float) -> None:
     check_floating_list(grads, "grads")
     for g in grads:
         g.clamp_(min=-clip_value, max=clip_value)
+
+
+# ---------------------------------------------------------------- dropout
+# The random stream (the native kernels produce it bit for bit): element i of the input, in
+# row-major logical order, takes 32-bit word k = (i % 32) // 8 of Philox4x32-10 block
+# b = 8 * (i // 32) + i % 8, with key = seed and counter = (lo32(b), hi32(b), lo32(offset),
+# hi32(offset)): ATen's philox_engine(seed, offset, b). It is kept iff that word is below
+# floor((1 - p) * 2**32). Values are uint32 held in int64 tensors.
+
+_PHILOX_MUL_A, _PHILOX_MUL_B = 0xD2511F53, 0xCD9E8D57
+_PHILOX_KEY_A, _PHILOX_KEY_B = 0x9E3779B9, 0xBB67AE85
+_U32 = 0xFFFFFFFF
+
+
+def _mulhilo(m: int, x: Tensor) -> tuple[Tensor, Tensor]:
+    """Low and high 32 bits of m * x (32-bit m, x), without overflowing int64."""
+    high_part, low_part = m * (x >> 16), m * (x & 0xFFFF)  # each < 2**48
+    return (((high_part & 0xFFFF) << 16) + low_part) & _U32, (high_part + (low_part >> 16)) >> 16
+
+
+def philox_words(numel: int, seed: int, offset: int) -> Tensor:
+    """The stream's 32-bit word of each of numel elements (int64 tensor on the CPU)."""
+    groups = -(-numel // 32)
+    block = torch.arange(8 * groups, dtype=torch.int64)  # block 8g + j: group g, lane j
+    c0, c1 = block & _U32, block >> 32
+    c2, c3 = torch.full_like(block, offset & _U32), torch.full_like(block, (offset >> 32) & _U32)
+    k0, k1 = seed & _U32, (seed >> 32) & _U32
+    for _ in range(10):
+        lo0, hi0 = _mulhilo(_PHILOX_MUL_A, c0)
+        lo1, hi1 = _mulhilo(_PHILOX_MUL_B, c2)
+        c0, c1, c2, c3 = hi1 ^ c1 ^ k0, lo1, hi0 ^ c3 ^ k1, lo0
+        k0, k1 = (k0 + _PHILOX_KEY_A) & _U32, (k1 + _PHILOX_KEY_B) & _U32
+    # words[k][8g + j] belongs to element 32g + 8k + j.
+    return torch.stack([c0, c1, c2, c3]).view(4, groups, 8).transpose(0, 1).reshape(-1)[:numel]
+
+
+def check_dropout_args(input: Tensor, p: float, seed_offset: Tensor) -> None:
+    if not 0.0 <= p <= 1.0:
+        raise ValueError(f"dropout probability has to be between 0 and 1, but got {p}")
+    if input.dtype not in _FLOATING:
+        raise TypeError(f"input must be a real floating tensor (fp32, fp64, fp16 or bf16), got {input.dtype}")
+    if seed_offset.device.type != "cpu" or seed_offset.dtype != torch.int64 or seed_offset.numel() != 2:
+        raise RuntimeError(
+            f"seed_offset must be a CPU int64 tensor of 2 elements, got {seed_offset.dtype}{list(seed_offset.shape)}"
+        )
+
+
+def dropout_keep(input: Tensor, p: float, seed_offset: Tensor) -> Tensor:
+    """Bool tensor of input's shape: which elements the stream keeps."""
+    seed, offset = seed_offset.tolist()
+    threshold = int((1.0 - p) * 4294967296.0)
+    return (philox_words(input.numel(), seed, offset) < threshold).view(input.shape).to(input.device)
+
+
+def dropout(input: Tensor, p: float, seed_offset: Tensor) -> Tensor:
+    """input * keep / (1 - p), in the op-math type; dropped elements are multiplied by 0 (a nan
+    stays nan, as in torch). The result is contiguous."""
+    check_dropout_args(input, p, seed_offset)
+    if p == 0.0:
+        return input.clone(memory_format=torch.contiguous_format)
+    x = input.to(opmath_dtype(input.dtype))
+    scale = 0.0 if p == 1.0 else 1.0 / (1.0 - p)
+    multiplier = dropout_keep(input, p, seed_offset).to(x.dtype) * scale
+    return (x * multiplier).to(input.dtype).contiguous()
+
+
+def dropout_(input: Tensor, p: float, seed_offset: Tensor) -> None:
+    check_dropout_args(input, p, seed_offset)
+    input.copy_(dropout(input, p, seed_offset))
+
+
+def dropout_mask(input: Tensor, p: float, seed_offset: Tensor) -> Tensor:
+    """The keep mask packed 8 elements a byte: bit i % 8 of byte i // 8 (uint8, zero-padded)."""
+    check_dropout_args(input, p, seed_offset)
+    keep = dropout_keep(input, p, seed_offset).reshape(-1).to(torch.uint8)
+    padded = torch.zeros(-(-keep.numel() // 8) * 8, dtype=torch.uint8, device=keep.device)
+    padded[: keep.numel()] = keep
+    weights = torch.tensor([1, 2, 4, 8, 16, 32, 64, 128], dtype=torch.uint8, device=keep.device)
+    return (padded.view(-1, 8) * weights).sum(1, dtype=torch.uint8)

@@ -41,4 +41,21 @@ DECLARE_DISPATCH(scale_fn, scale_stub)
 using clamp_fn = void (*)(const std::vector<at::Tensor>& tensors, double clip_value);
 DECLARE_DISPATCH(clamp_fn, clamp_stub)
 
+// Dropout's random stream (shared by every backend, bit for bit): element i of a tensor, in
+// row-major logical order, takes the 32-bit word k = (i % 32) / 8 of Philox4x32-10 block
+// b = 8 * (i / 32) + i % 8, keyed by seed, with counter (lo32(b), hi32(b), lo32(offset),
+// hi32(offset)) (ATen's philox_engine(seed, offset, b)). Element i is kept iff word < threshold,
+// threshold = floor((1 - p) * 2^32). Groups of 32 elements are thus 8 blocks side by side, the
+// layout a SIMD or CUDA implementation makes without shuffles.
+constexpr int64_t kDropoutGroup = 32;
+
+// out = in * (kept ? scale : 0) over contiguous in/out (which may alias) of numel elements.
+using dropout_fn = void (*)(const at::Tensor& in, const at::Tensor& out, uint64_t threshold, double scale,
+                            uint64_t seed, uint64_t offset);
+DECLARE_DISPATCH(dropout_fn, dropout_stub)
+
+// Bit i % 8 of mask[i / 8] = element i kept, for numel elements.
+using dropout_mask_fn = void (*)(uint8_t* mask, int64_t numel, uint64_t threshold, uint64_t seed, uint64_t offset);
+DECLARE_DISPATCH(dropout_mask_fn, dropout_mask_stub)
+
 } // namespace fused_optim

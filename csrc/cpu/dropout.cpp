@@ -1,0 +1,92 @@
+// CPU ops of dropout with a counter-based RNG: out of place, in place, and the packed mask. The
+// mask is never stored: (seed, offset, element index) decide each element (cpu/kernels.h).
+#include "cpu/kernels.h"
+
+#include <ATen/ops/empty.h>
+#include <ATen/ops/empty_like.h>
+#include <torch/library.h>
+
+#include <cmath>
+#include <utility>
+
+namespace fused_optim {
+
+DEFINE_DISPATCH(dropout_stub);
+DEFINE_DISPATCH(dropout_mask_stub);
+REGISTER_AVX512_DISPATCH(dropout_stub, nullptr)
+REGISTER_AVX512_DISPATCH(dropout_mask_stub, nullptr)
+
+namespace {
+
+void check_dropout_args(const at::Tensor& input, double p) {
+  TORCH_CHECK_VALUE(p >= 0.0 && p <= 1.0, "dropout probability has to be between 0 and 1, but got ", p);
+  TORCH_CHECK_TYPE(
+      at::isFloatingType(input.scalar_type()),
+      "input must be a real floating tensor (fp32, fp64, fp16 or bf16), got ", input.scalar_type());
+}
+
+// Elements are kept iff their word < floor((1 - p) * 2^32); the Python reference computes the
+// same double expression.
+uint64_t keep_threshold(double p) {
+  return static_cast<uint64_t>((1.0 - p) * 4294967296.0);
+}
+
+// (seed, offset) from the two int64 elements of seed_offset.
+std::pair<uint64_t, uint64_t> unpack_seed_offset(const at::Tensor& seed_offset) {
+  TORCH_CHECK(
+      seed_offset.device().is_cpu() && seed_offset.scalar_type() == at::kLong && seed_offset.numel() == 2,
+      "seed_offset must be a CPU int64 tensor of 2 elements, got ", seed_offset.toString(), seed_offset.sizes());
+  const at::Tensor so = seed_offset.contiguous();
+  return {static_cast<uint64_t>(so.const_data_ptr<int64_t>()[0]), static_cast<uint64_t>(so.const_data_ptr<int64_t>()[1])};
+}
+
+// Writes dropout(input) into out; both contiguous, possibly the same tensor.
+void run_dropout(const at::Tensor& input, const at::Tensor& out, double p, const at::Tensor& seed_offset) {
+  if (p == 0.0) {
+    if (!out.is_same(input)) {
+      out.copy_(input);
+    }
+    return;
+  }
+  const double scale = p == 1.0 ? 0.0 : 1.0 / (1.0 - p);
+  const auto [seed, offset] = unpack_seed_offset(seed_offset);
+  dropout_stub(c10::kCPU, input, out, keep_threshold(p), scale, seed, offset);
+}
+
+at::Tensor dropout_cpu(const at::Tensor& input, double p, const at::Tensor& seed_offset) {
+  check_dropout_args(input, p);
+  const at::Tensor in = input.contiguous();  // the stream follows logical (row-major) order
+  at::Tensor out = at::empty_like(in, at::MemoryFormat::Contiguous);
+  run_dropout(in, out, p, seed_offset);
+  return out;
+}
+
+void dropout_inplace_cpu(const at::Tensor& input, double p, const at::Tensor& seed_offset) {
+  check_dropout_args(input, p);
+  unpack_seed_offset(seed_offset);  // checked before anything is written
+  if (input.is_contiguous()) {
+    run_dropout(input, input, p, seed_offset);
+    return;
+  }
+  const at::Tensor tmp = input.contiguous();
+  run_dropout(tmp, tmp, p, seed_offset);
+  input.copy_(tmp);
+}
+
+at::Tensor dropout_mask_cpu(const at::Tensor& input, double p, const at::Tensor& seed_offset) {
+  check_dropout_args(input, p);
+  const auto [seed, offset] = unpack_seed_offset(seed_offset);
+  at::Tensor mask = at::empty({(input.numel() + 7) / 8}, input.options().dtype(at::kByte));
+  dropout_mask_stub(c10::kCPU, mask.mutable_data_ptr<uint8_t>(), input.numel(), keep_threshold(p), seed, offset);
+  return mask;
+}
+
+} // namespace
+
+TORCH_LIBRARY_IMPL(fused_optim, CPU, m) {
+  m.impl("dropout", &dropout_cpu);
+  m.impl("dropout_", &dropout_inplace_cpu);
+  m.impl("dropout_mask", &dropout_mask_cpu);
+}
+
+} // namespace fused_optim

@@ -1,0 +1,296 @@
+"""Dropout with the counter-based stream: statistics, exact values against the mask, autograd
+without a saved mask, reproducibility, nn.Dropout drop-in behaviour."""
+
+from __future__ import annotations
+
+import math
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+import fused_optim
+from fused_optim import reference
+from conftest import DTYPES, EXT_DISABLED
+
+SEED_OFFSET = torch.tensor([1234567890123, 98765432101], dtype=torch.int64)
+
+
+def expected_output(x, mask, p):
+    """x * mask / (1 - p) in fp64 (dropped elements multiplied by 0)."""
+    scale = 0.0 if p == 1 else 1.0 / (1.0 - p)
+    return x.double() * mask.double() * scale
+
+
+@pytest.mark.parametrize("p", [0.1, 0.5, 0.9])
+def test_keep_fraction_and_mean_within_five_sigma(backend, device, p):
+    torch.manual_seed(0)
+    n = 2**20
+    out = fused_optim.dropout(torch.ones(n, device=device), p)
+    kept = (out != 0).double().mean().item()
+    sigma = math.sqrt(p * (1 - p) / n)
+    assert abs(kept - (1 - p)) < 5 * sigma
+    # mean preserved: E[out] = 1, sd of the mean = sqrt(p / (1 - p) / n)
+    assert abs(out.double().mean().item() - 1.0) < 5 * math.sqrt(p / (1 - p) / n)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("p", [0.2, 0.7])
+def test_values_are_input_times_mask_over_keep_probability(backend, device, dtype, p):
+    torch.manual_seed(1)
+    x = torch.randn(3001, device=device).to(dtype)
+    out, packed = fused_optim.dropout(x, p, return_mask=True)
+    mask = fused_optim.unpack_dropout_mask(packed, x.shape)
+    assert out.dtype == dtype and out.shape == x.shape
+    assert torch.equal(out != 0, mask & (x != 0))
+    expected = expected_output(x, mask, p)
+    # One rounding of x * (1 / (1 - p)): within an ulp of the fp64 value.
+    tol = torch.finfo(dtype).eps
+    torch.testing.assert_close(out.double(), expected, rtol=tol, atol=0)
+
+
+def test_native_and_reference_masks_are_bit_identical(backend, device):
+    shapes = [(1,), (31,), (32,), (33,), (1000, 37), (7, 0), ()]
+    for dtype in DTYPES:
+        for shape in shapes:
+            x = torch.randn(shape, device=device).to(dtype)
+            ours = torch.ops.fused_optim.dropout.default(x, 0.4, SEED_OFFSET)
+            assert torch.equal(ours, reference.dropout(x, 0.4, SEED_OFFSET)), (dtype, shape)
+            assert torch.equal(
+                torch.ops.fused_optim.dropout_mask.default(x, 0.4, SEED_OFFSET),
+                reference.dropout_mask(x, 0.4, SEED_OFFSET),
+            )
+
+
+def test_non_contiguous_input_uses_logical_order(backend, device):
+    base = torch.randn(40, 50, device=device)
+    for view in (base.t(), base[::2, 1::3]):
+        out = torch.ops.fused_optim.dropout.default(view, 0.5, SEED_OFFSET)
+        assert torch.equal(out, torch.ops.fused_optim.dropout.default(view.contiguous(), 0.5, SEED_OFFSET))
+        copy = view.clone()
+        inplace_target = base.clone().t() if view.shape == base.t().shape else base.clone()[::2, 1::3]
+        torch.ops.fused_optim.dropout_.default(inplace_target, 0.5, SEED_OFFSET)
+        assert torch.equal(inplace_target, torch.ops.fused_optim.dropout.default(copy, 0.5, SEED_OFFSET))
+
+
+def test_manual_seed_reproduces_and_calls_differ(backend, device):
+    x = torch.randn(10_000, device=device)
+    torch.manual_seed(7)
+    a = fused_optim.dropout(x, 0.5)
+    b = fused_optim.dropout(x, 0.5)
+    torch.manual_seed(7)
+    assert torch.equal(fused_optim.dropout(x, 0.5), a)
+    assert not torch.equal(a != 0, b != 0)
+    g1, g2 = torch.Generator().manual_seed(3), torch.Generator().manual_seed(3)
+    assert torch.equal(fused_optim.dropout(x, 0.5, generator=g1), fused_optim.dropout(x, 0.5, generator=g2))
+
+
+def test_mask_independent_of_thread_count(backend):
+    x = torch.randn(1_000_003)
+    threads = torch.get_num_threads()
+    try:
+        outs = []
+        for n in (1, 2, 3):
+            torch.set_num_threads(n)
+            outs.append(torch.ops.fused_optim.dropout.default(x, 0.3, SEED_OFFSET))
+    finally:
+        torch.set_num_threads(threads)
+    assert all(torch.equal(o, outs[0]) for o in outs)
+
+
+@pytest.mark.skipif(EXT_DISABLED, reason="native extension disabled by FUSED_OPTIM_DISABLE_EXT=1")
+def test_portable_and_avx2_kernels_give_the_same_mask():
+    code = (
+        "import torch, fused_optim, hashlib\n"
+        "so = torch.tensor([11, 22], dtype=torch.int64)\n"
+        "x = torch.arange(100_003, dtype=torch.float32)\n"
+        "out = torch.ops.fused_optim.dropout.default(x, 0.3, so)\n"
+        "print(fused_optim.backend_info()['cpu_kernels'], hashlib.sha256(out.numpy().tobytes()).hexdigest())\n"
+    )
+    runs = [
+        subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True).stdout.split()
+        for env in (None, {**__import__("os").environ, "ATEN_CPU_CAPABILITY": "default"})
+    ]
+    assert runs[1][0] == "DEFAULT"
+    assert runs[0][1] == runs[1][1]
+
+
+# ---------------------------------------------------------------- autograd
+
+
+@pytest.mark.parametrize("inplace", [False, True])
+def test_backward_is_grad_times_mask_over_keep_probability(backend, device, inplace):
+    torch.manual_seed(2)
+    leaf = torch.randn(500, 3, device=device, dtype=torch.float64, requires_grad=True)
+    x = leaf * 1.0  # non-leaf, so in-place is allowed
+    out, packed = fused_optim.dropout(x, 0.3, inplace=inplace, return_mask=True)
+    if inplace:
+        assert out is x
+    grad = torch.randn_like(out)
+    out.backward(grad)
+    mask = fused_optim.unpack_dropout_mask(packed, leaf.shape)
+    torch.testing.assert_close(leaf.grad, expected_output(grad, mask, 0.3))
+
+
+def test_inplace_on_leaf_requiring_grad_is_refused_like_torch(backend):
+    leaf = torch.randn(10, requires_grad=True)
+    with pytest.raises(RuntimeError, match="leaf"):
+        F.dropout(leaf, 0.5, inplace=True)
+    before = leaf.detach().clone()
+    with pytest.raises(RuntimeError, match="leaf"):
+        fused_optim.dropout(leaf, 0.5, inplace=True)
+    assert torch.equal(leaf.detach(), before)
+
+
+def test_saves_constant_bytes_for_backward(backend):
+    def saved_bytes(fn, x):
+        sizes = []
+
+        def pack(t):
+            sizes.append(t.numel() * t.element_size())
+            return t
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            fn(x).sum()
+        return sum(sizes)
+
+    for n in (1000, 1_000_000):
+        x = torch.randn(n, requires_grad=True)
+        assert saved_bytes(lambda t: fused_optim.dropout(t, 0.5), x) == 16  # seed and offset
+        assert saved_bytes(lambda t: F.dropout(t, 0.5), x) >= n  # torch saves a mask
+
+
+def test_double_call_and_gradcheck(backend):
+    x = torch.randn(20, dtype=torch.float64, requires_grad=True)
+    so = SEED_OFFSET
+
+    def twice(t):
+        y = torch.ops.fused_optim.dropout.default(t, 0.3, so)
+        return torch.ops.fused_optim.dropout.default(y, 0.3, so + 1)
+
+    assert torch.autograd.gradcheck(twice, (x,))
+
+
+def test_checkpoint_recomputes_the_same_mask(backend):
+    torch.manual_seed(3)
+    lin = nn.Linear(16, 16)
+    x = torch.randn(8, 16, requires_grad=True)
+
+    def block(t):
+        return fused_optim.dropout(lin(t), 0.5).square()
+
+    torch.manual_seed(10)
+    plain = block(x)
+    plain.sum().backward()
+    expected = x.grad.clone()
+    x.grad = None
+    torch.manual_seed(10)
+    ckpt = checkpoint(block, x, use_reentrant=False)
+    torch.testing.assert_close(ckpt, plain)
+    ckpt.sum().backward()
+    torch.testing.assert_close(x.grad, expected)
+
+
+# ---------------------------------------------------------------- edge cases, module
+
+
+def test_identity_cases_and_p_one(backend, device):
+    x = torch.randn(100, device=device)
+    assert fused_optim.dropout(x, 0.5, training=False) is x
+    assert fused_optim.dropout(x, 0.0) is x
+    assert torch.equal(fused_optim.dropout(x, 1.0), torch.zeros_like(x))
+    nan = torch.tensor([float("nan"), 1.0], device=device)
+    assert torch.isnan(fused_optim.dropout(nan, 1.0)[0])  # dropped nan stays nan, as in torch
+    _, mask = fused_optim.dropout(x[:10], 0.5, training=False, return_mask=True)
+    assert mask.tolist() == [255, 3]
+
+
+def test_scalar_and_empty(backend, device):
+    torch.manual_seed(0)
+    s = torch.tensor(3.0, device=device)
+    out = fused_optim.dropout(s, 0.5)
+    assert out.shape == () and out.item() in (0.0, 6.0)
+    e = torch.empty(0, 4, device=device)
+    assert fused_optim.dropout(e, 0.5).shape == (0, 4)
+    fused_optim.dropout(e, 0.5, inplace=True)
+
+
+def test_module_is_a_drop_in_for_nn_dropout(backend):
+    ours, theirs = fused_optim.Dropout(0.3, inplace=True), nn.Dropout(0.3, inplace=True)
+    assert repr(ours) == repr(theirs) and isinstance(ours, nn.Dropout)
+    assert ours.state_dict() == theirs.state_dict() == {}
+    model = nn.Sequential(nn.Linear(4, 8), fused_optim.Dropout(0.5), nn.Linear(8, 2))
+    x = torch.randn(64, 4)
+    model.eval()
+    assert torch.equal(model(x), model[2](model[0](x)))
+    model.train()
+    torch.manual_seed(0)
+    a = model(x)
+    torch.manual_seed(0)
+    assert torch.equal(model(x), a)
+    a.sum().backward()
+    assert fused_optim.Dropout(0.0)(x) is x
+
+
+def test_custom_dropout_keeps_the_seed_constructor(backend):
+    m = fused_optim.CustomDropout(p=0.25, training=False)
+    x = torch.randn(1000)
+    assert m(x) is x
+    m.train()
+    out = m(x)
+    assert ((out == 0) | torch.isclose(out, x / 0.75)).all()
+
+
+def test_opcheck(backend, device):
+    x = torch.randn(5, 7, device=device, requires_grad=True)
+    for op in (torch.ops.fused_optim.dropout, torch.ops.fused_optim.dropout_mask):
+        torch.library.opcheck(op, (x, 0.3, SEED_OFFSET))
+    torch.library.opcheck(torch.ops.fused_optim.dropout_, (x.detach().clone(), 0.3, SEED_OFFSET))
+    torch.library.opcheck(torch.ops.fused_optim.dropout, (x.detach().t(), 0.3, SEED_OFFSET))
+
+
+def test_compile_fullgraph_same_mask_as_eager(backend):
+    model = nn.Sequential(nn.Linear(8, 8), fused_optim.Dropout(0.5))
+    x = torch.randn(4, 8)
+    torch.manual_seed(5)
+    eager = model(x)
+    compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
+    torch.manual_seed(5)
+    torch.testing.assert_close(compiled(x), eager)
+
+
+# ---------------------------------------------------------------- bad input
+
+
+@pytest.mark.parametrize(
+    "p, exc, fragment",
+    [(-0.1, ValueError, "between 0 and 1"), (1.5, ValueError, "between 0 and 1"),
+     ("0.5", TypeError, "must be a real number"), (None, TypeError, "must be a real number")],
+    ids=["negative", "above-one", "string", "none"],
+)
+@pytest.mark.parametrize("inplace", [False, True])
+def test_bad_p_raises_and_changes_nothing(backend, p, exc, fragment, inplace):
+    x = torch.randn(50)
+    before = x.clone()
+    with pytest.raises(exc, match=fragment):
+        fused_optim.dropout(x, p, inplace=inplace)
+    assert torch.equal(x, before)
+
+
+def test_generator_on_another_device_raises(backend):
+    x = torch.randn(50, device="meta")  # a CPU generator for a tensor of another device type
+    with pytest.raises(ValueError, match="generator is on cpu"):
+        fused_optim.dropout(x, 0.5, inplace=True, generator=torch.Generator())
+
+
+def test_non_floating_input_raises(backend):
+    x = torch.arange(10)
+    with pytest.raises(TypeError, match="real floating"):
+        fused_optim.dropout(x, 0.5, inplace=True)
+    assert torch.equal(x, torch.arange(10))
+    with pytest.raises(ValueError, match="between 0 and 1"):
+        torch.ops.fused_optim.dropout_.default(torch.ones(3), 2.0, SEED_OFFSET)
