@@ -17,17 +17,23 @@ namespace fused_optim {
 namespace CPU_CAPABILITY {
 namespace {
 
-// The 32 words of group g (element order within the group), see cpu/kernels.h.
-inline void group_words(uint64_t seed, uint64_t offset, int64_t g, uint32_t words[kDropoutGroup]) {
+// The words of kGroups consecutive groups from group g, 32 per group in element order (see
+// cpu/kernels.h).
+template <int kGroups>
+inline void group_words(uint64_t seed, uint64_t offset, int64_t g, uint32_t* words) {
 #if defined(CPU_CAPABILITY_AVX2)
-  // Philox4x32-10 on 8 counters at once; the constants are ATen's (private to its engine).
+  // Philox4x32-10 on 8 counters per vector, kGroups independent vectors interleaved so the
+  // multiplies of one hide the latency of the other. The constants are ATen's (private to its engine).
   const __m256i mul_a = _mm256_set1_epi32(static_cast<int>(0xD2511F53u));
   const __m256i mul_b = _mm256_set1_epi32(static_cast<int>(0xCD9E8D57u));
-  const uint64_t first = 8 * static_cast<uint64_t>(g);  // 8 blocks never straddle a 2^32 boundary
-  __m256i c0 = _mm256_add_epi32(_mm256_set1_epi32(static_cast<int>(first)), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
-  __m256i c1 = _mm256_set1_epi32(static_cast<int>(first >> 32));
-  __m256i c2 = _mm256_set1_epi32(static_cast<int>(offset));
-  __m256i c3 = _mm256_set1_epi32(static_cast<int>(offset >> 32));
+  __m256i c0[kGroups], c1[kGroups], c2[kGroups], c3[kGroups];
+  for (int v = 0; v < kGroups; ++v) {
+    const uint64_t first = 8 * static_cast<uint64_t>(g + v);  // 8 blocks never straddle 2^32
+    c0[v] = _mm256_add_epi32(_mm256_set1_epi32(static_cast<int>(first)), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+    c1[v] = _mm256_set1_epi32(static_cast<int>(first >> 32));
+    c2[v] = _mm256_set1_epi32(static_cast<int>(offset));
+    c3[v] = _mm256_set1_epi32(static_cast<int>(offset >> 32));
+  }
   uint32_t k0 = static_cast<uint32_t>(seed), k1 = static_cast<uint32_t>(seed >> 32);
   // 32x32 -> 64-bit products of every lane: even lanes directly, odd lanes shifted down.
   auto mulhilo = [](__m256i m, __m256i x, __m256i& lo, __m256i& hi) {
@@ -37,27 +43,34 @@ inline void group_words(uint64_t seed, uint64_t offset, int64_t g, uint32_t word
     hi = _mm256_blend_epi32(_mm256_srli_epi64(even, 32), odd, 0xAA);
   };
   for (int round = 0; round < 10; ++round) {
-    __m256i lo0, hi0, lo1, hi1;
-    mulhilo(mul_a, c0, lo0, hi0);
-    mulhilo(mul_b, c2, lo1, hi1);
-    const __m256i n0 = _mm256_xor_si256(_mm256_xor_si256(hi1, c1), _mm256_set1_epi32(static_cast<int>(k0)));
-    const __m256i n2 = _mm256_xor_si256(_mm256_xor_si256(hi0, c3), _mm256_set1_epi32(static_cast<int>(k1)));
-    c0 = n0;
-    c1 = lo1;
-    c2 = n2;
-    c3 = lo0;
+    const __m256i key0 = _mm256_set1_epi32(static_cast<int>(k0));
+    const __m256i key1 = _mm256_set1_epi32(static_cast<int>(k1));
+    for (int v = 0; v < kGroups; ++v) {
+      __m256i lo0, hi0, lo1, hi1;
+      mulhilo(mul_a, c0[v], lo0, hi0);
+      mulhilo(mul_b, c2[v], lo1, hi1);
+      c0[v] = _mm256_xor_si256(_mm256_xor_si256(hi1, c1[v]), key0);
+      c2[v] = _mm256_xor_si256(_mm256_xor_si256(hi0, c3[v]), key1);
+      c1[v] = lo1;
+      c3[v] = lo0;
+    }
     k0 += 0x9E3779B9u;
     k1 += 0xBB67AE85u;
   }
-  _mm256_storeu_si256(reinterpret_cast<__m256i*>(words + 0), c0);
-  _mm256_storeu_si256(reinterpret_cast<__m256i*>(words + 8), c1);
-  _mm256_storeu_si256(reinterpret_cast<__m256i*>(words + 16), c2);
-  _mm256_storeu_si256(reinterpret_cast<__m256i*>(words + 24), c3);
+  for (int v = 0; v < kGroups; ++v) {
+    auto* out = reinterpret_cast<__m256i*>(words + v * kDropoutGroup);
+    _mm256_storeu_si256(out + 0, c0[v]);
+    _mm256_storeu_si256(out + 1, c1[v]);
+    _mm256_storeu_si256(out + 2, c2[v]);
+    _mm256_storeu_si256(out + 3, c3[v]);
+  }
 #else
-  for (int64_t j = 0; j < 8; ++j) {
-    at::Philox4_32 engine(seed, offset, 8 * static_cast<uint64_t>(g) + j);
-    for (int64_t k = 0; k < 4; ++k) {
-      words[8 * k + j] = engine();
+  for (int v = 0; v < kGroups; ++v) {
+    for (int64_t j = 0; j < 8; ++j) {
+      at::Philox4_32 engine(seed, offset, 8 * static_cast<uint64_t>(g + v) + j);
+      for (int64_t k = 0; k < 4; ++k) {
+        words[v * kDropoutGroup + 8 * k + j] = engine();
+      }
     }
   }
 #endif
@@ -74,16 +87,23 @@ void for_each_group(int64_t numel, uint32_t threshold, uint64_t seed, uint64_t o
   const IVec bound(static_cast<int32_t>(threshold ^ 0x80000000u));
   const int64_t groups = (numel + kDropoutGroup - 1) / kDropoutGroup;
   at::parallel_for(0, groups, 1024, [&](int64_t begin, int64_t end) {
-    alignas(64) uint32_t words[kDropoutGroup];
-    alignas(64) int32_t keep[kDropoutGroup];
-    for (int64_t g = begin; g < end; ++g) {
-      group_words(seed, offset, g, words);
-      for (int64_t i = 0; i < kDropoutGroup; i += IVec::size()) {
+    alignas(64) uint32_t words[2 * kDropoutGroup];
+    alignas(64) int32_t keep[2 * kDropoutGroup];
+    for (int64_t g = begin; g < end; g += 2) {
+      const int64_t count = std::min<int64_t>(2, end - g);
+      if (count == 2) {
+        group_words<2>(seed, offset, g, words);
+      } else {
+        group_words<1>(seed, offset, g, words);
+      }
+      for (int64_t i = 0; i < count * kDropoutGroup; i += IVec::size()) {
         const IVec w = IVec::loadu(reinterpret_cast<const int32_t*>(words) + i) ^ flip;
         ((w < bound) & IVec(1)).store(keep + i);
       }
-      const int64_t first = g * kDropoutGroup;
-      f(first, std::min(kDropoutGroup, numel - first), keep);
+      for (int64_t v = 0; v < count; ++v) {
+        const int64_t first = (g + v) * kDropoutGroup;
+        f(first, std::min(kDropoutGroup, numel - first), keep + v * kDropoutGroup);
+      }
     }
   });
 }
