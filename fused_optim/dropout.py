@@ -77,6 +77,10 @@ def dropout(
     [0, 1], a generator on another device type than the input), before anything is written.
     """
     p = _check(input, p, generator)
+    needs_graph = inplace and torch.is_grad_enabled() and input.requires_grad
+    if needs_graph and input.is_leaf and training and p > 0.0:
+        # autograd would refuse it only after the write: refuse it first, with torch's message
+        raise RuntimeError("a leaf Variable that requires grad is being used in an in-place operation.")
     if not training or p == 0.0:
         out = input
         seed_offset = torch.zeros(2, dtype=torch.int64)
@@ -85,9 +89,7 @@ def dropout(
         seed_offset = draw_seed_offset(generator)
         if not inplace:
             out = torch.ops.fused_optim.dropout.default(input, p, seed_offset)
-        elif torch.is_grad_enabled() and input.requires_grad:
-            if input.is_leaf:  # autograd would refuse it only after the write: refuse it first
-                raise RuntimeError("a leaf Variable that requires grad is being used in an in-place operation.")
+        elif needs_graph:
             out = _DropoutInPlace.apply(input, p, seed_offset)
         else:
             torch.ops.fused_optim.dropout_.default(input, p, seed_offset)
