@@ -7,6 +7,15 @@ pure-Python reference kernel that runs wherever no native kernel is registered (
 
 from ._library import backend_info
 from .dropout import CustomDropout, Dropout, dropout, unpack_dropout_mask
+from .averaging import (
+    average_model_weights,
+    average_state_dicts,
+    average_tensors,
+    ema_update_,
+    get_ema_multi_avg_fn,
+    get_swa_multi_avg_fn,
+    swa_update_,
+)
 from .clip_grad import clip_grad_norm_, clip_grad_value_, clip_gradients, clip_grads_with_norm_, get_total_norm
 from .regularization import L1L2Regularizer, l1l2_grad_, l1l2_penalty
 from .training import train_with_gradient_clipping
@@ -17,15 +26,22 @@ __all__ = [
     "CustomDropout",
     "Dropout",
     "L1L2Regularizer",
+    "average_model_weights",
+    "average_state_dicts",
+    "average_tensors",
     "backend_info",
     "clip_grad_norm_",
     "clip_grad_value_",
     "clip_gradients",
     "clip_grads_with_norm_",
     "dropout",
+    "ema_update_",
+    "get_ema_multi_avg_fn",
+    "get_swa_multi_avg_fn",
     "get_total_norm",
     "l1l2_grad_",
     "l1l2_penalty",
+    "swa_update_",
     "train_with_gradient_clipping",
     "unpack_dropout_mask",
 ]

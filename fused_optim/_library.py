@@ -32,6 +32,10 @@ SCHEMAS = {
         " -> Tensor"
     ),
     "clip_grad_value_": "clip_grad_value_(Tensor(a!)[] grads, float clip_value) -> ()",
+    "multi_tensor_weighted_sum_": (
+        "multi_tensor_weighted_sum_(Tensor[] inputs, float[] weights, Tensor(a!)[] out) -> ()"
+    ),
+    "multi_tensor_lerp_": "multi_tensor_lerp_(Tensor(a!)[] self, Tensor[] end, float weight) -> ()",
     "dropout": "dropout(Tensor input, float p, Tensor seed_offset) -> Tensor",
     "dropout_": "dropout_(Tensor(a!) input, float p, Tensor seed_offset) -> ()",
     "dropout_mask": "dropout_mask(Tensor input, float p, Tensor seed_offset) -> Tensor",
@@ -107,6 +111,16 @@ def _(grads: list[Tensor], max_norm: float, norm_type: float, error_if_nonfinite
 @torch.library.register_fake("fused_optim::clip_grad_value_", lib=_lib)
 def _(grads: list[Tensor], clip_value: float) -> None:
     reference.check_floating_list(grads, "grads")
+
+
+@torch.library.register_fake("fused_optim::multi_tensor_weighted_sum_", lib=_lib)
+def _(inputs: list[Tensor], weights: list[float], out: list[Tensor]) -> None:
+    reference.check_weighted_sum_args(inputs, weights, out)
+
+
+@torch.library.register_fake("fused_optim::multi_tensor_lerp_", lib=_lib)
+def _(self: list[Tensor], end: list[Tensor], weight: float) -> None:
+    reference.check_lerp_args(self, end, weight)
 
 
 @torch.library.register_fake("fused_optim::dropout", lib=_lib)

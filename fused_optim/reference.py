@@ -168,6 +168,50 @@ def clip_grad_value_(grads: list[Tensor], clip_value: float) -> None:
         g.clamp_(min=-clip_value, max=clip_value)
 
 
+# ---------------------------------------------------------------- averaging
+
+
+def check_weighted_sum_args(inputs: list[Tensor], weights: list[float], out: list[Tensor]) -> None:
+    if not weights:
+        raise ValueError("weights must hold one weight per input list, got none")
+    for m, w in enumerate(weights):
+        if not math.isfinite(w):
+            raise ValueError(f"weights[{m}] must be finite, got {w}")
+    if len(inputs) != len(weights) * len(out):
+        raise ValueError(
+            f"inputs must hold len(weights) * len(out) = {len(weights) * len(out)} tensors "
+            f"(one list per weight, laid end to end), got {len(inputs)}"
+        )
+    check_floating_list(out, "out")
+    n = len(out)
+    for m in range(len(weights)):
+        check_paired_lists(out, inputs[m * n : (m + 1) * n], names=("out", f"inputs (list {m})"))
+
+
+def multi_tensor_weighted_sum_(inputs: list[Tensor], weights: list[float], out: list[Tensor]) -> None:
+    """out[i] = sum_m weights[m] * inputs[m * len(out) + i], in the op-math type; out[i] may be one
+    of its own inputs."""
+    check_weighted_sum_args(inputs, weights, out)
+    n = len(out)
+    for i, o in enumerate(out):
+        acc = sum(w * inputs[m * n + i].to(opmath_dtype(o.dtype)) for m, w in enumerate(weights))
+        o.copy_(acc)
+
+
+def check_lerp_args(self: list[Tensor], end: list[Tensor], weight: float) -> None:
+    if not math.isfinite(weight):
+        raise ValueError(f"weight must be finite, got {weight}")
+    check_floating_list(self, "self")
+    check_paired_lists(self, end, names=("self", "end"))
+
+
+def multi_tensor_lerp_(self: list[Tensor], end: list[Tensor], weight: float) -> None:
+    """self[i] = torch.lerp(self[i], end[i], weight), in place: the EMA and SWA update."""
+    check_lerp_args(self, end, weight)
+    for s, e in zip(self, end):
+        s.lerp_(e, weight)
+
+
 # ---------------------------------------------------------------- dropout
 # The random stream (the native kernels produce it bit for bit): element i of the input, in
 # row-major logical order, takes 32-bit word k = (i % 32) // 8 of Philox4x32-10 block

@@ -1,6 +1,7 @@
 #include "common/tensor_list.h"
 
 #include <ATen/OpMathType.h>
+#include <ATen/ops/empty_like.h>
 #include <c10/core/ScalarType.h>
 #include <c10/util/Exception.h>
 
@@ -81,6 +82,10 @@ std::vector<at::Tensor> dense_subset(at::TensorList tensors, const std::vector<i
     subset.push_back(as_dense(tensors[i]));
   }
   return subset;
+}
+
+at::Tensor in_layout_of(const at::Tensor& src, const at::Tensor& target) {
+  return src.strides() == target.strides() ? src : at::empty_like(target).copy_(src);
 }
 
 DenseTargets::DenseTargets(at::TensorList tensors) : originals_(tensors) {

@@ -41,6 +41,16 @@ DECLARE_DISPATCH(scale_fn, scale_stub)
 using clamp_fn = void (*)(const std::vector<at::Tensor>& tensors, double clip_value);
 DECLARE_DISPATCH(clamp_fn, clamp_stub)
 
+// Weighted sum of K lists: outs[i] = sum_m weights[m] * inputs[m][i], read once each, written
+// once; inputs[m][i] shares outs[i]'s dense layout (it may be outs[i] itself).
+using weighted_sum_fn = void (*)(const std::vector<std::vector<at::Tensor>>& inputs, const std::vector<double>& weights,
+                                 const std::vector<at::Tensor>& outs);
+DECLARE_DISPATCH(weighted_sum_fn, weighted_sum_stub)
+
+// selfs[i] = lerp(selfs[i], ends[i], weight) with torch.lerp's formula, in place (EMA and SWA).
+using lerp_fn = void (*)(const std::vector<at::Tensor>& selfs, const std::vector<at::Tensor>& ends, double weight);
+DECLARE_DISPATCH(lerp_fn, lerp_stub)
+
 // Dropout's random stream (shared by every backend, bit for bit): element i of a tensor, in
 // row-major logical order, takes the 32-bit word k = (i % 32) / 8 of Philox4x32-10 block
 // b = 8 * (i / 32) + i % 8, keyed by seed, with counter (lo32(b), hi32(b), lo32(offset),

@@ -64,9 +64,7 @@ void l1l2_grad_cpu(at::TensorList params, at::TensorList grads, double l1, doubl
   const DenseTargets targets(grads);
   std::vector<at::Tensor> dense_params;
   for (size_t i = 0; i < params.size(); ++i) {
-    const at::Tensor& target = targets.dense()[i];
-    dense_params.push_back(
-        params[i].strides() == target.strides() ? params[i] : at::empty_like(target).copy_(params[i]));
+    dense_params.push_back(in_layout_of(params[i], targets.dense()[i]));
   }
   add_penalty_grad(dense_params, targets.dense(), l1, 2.0 * l2, /*accumulate=*/true);
   targets.write_back();

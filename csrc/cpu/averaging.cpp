@@ -1,0 +1,70 @@
+// CPU ops of weight averaging: the K-input weighted sum (uniform/weighted averages, soups) and the
+// in-place lerp behind EMA and SWA updates. Arguments are checked before anything is written; the
+// inner loops are in kernels/averaging.cpp.
+#include "common/tensor_list.h"
+#include "cpu/kernels.h"
+
+#include <torch/library.h>
+
+#include <cmath>
+#include <string>
+
+namespace fused_optim {
+
+DEFINE_DISPATCH(weighted_sum_stub);
+DEFINE_DISPATCH(lerp_stub);
+REGISTER_AVX512_DISPATCH(weighted_sum_stub, nullptr)
+REGISTER_AVX512_DISPATCH(lerp_stub, nullptr)
+
+namespace {
+
+void multi_tensor_weighted_sum_cpu(at::TensorList inputs, at::ArrayRef<double> weights, at::TensorList out) {
+  const size_t k = weights.size();
+  TORCH_CHECK_VALUE(k >= 1, "weights must hold one weight per input list, got none");
+  for (size_t m = 0; m < k; ++m) {
+    TORCH_CHECK_VALUE(std::isfinite(weights[m]), "weights[", m, "] must be finite, got ", weights[m]);
+  }
+  TORCH_CHECK_VALUE(
+      inputs.size() == k * out.size(), "inputs must hold len(weights) * len(out) = ", k * out.size(),
+      " tensors (one list per weight, laid end to end), got ", inputs.size());
+  check_floating_list(out, "out", c10::kCPU);
+  for (size_t m = 0; m < k; ++m) {
+    const std::string name = "inputs (list " + std::to_string(m) + ")";
+    check_paired_lists(out, "out", inputs.slice(m * out.size(), out.size()), name.c_str());
+  }
+  const DenseTargets targets(out);
+  for (const auto& [dtype, idx] : group_by_dtype(out)) {
+    std::vector<std::vector<at::Tensor>> lists(k);
+    for (size_t m = 0; m < k; ++m) {
+      for (int64_t i : idx) {
+        lists[m].push_back(in_layout_of(inputs[m * out.size() + i], targets.dense()[i]));
+      }
+    }
+    weighted_sum_stub(c10::kCPU, lists, weights.vec(), select(targets.dense(), idx));
+  }
+  targets.write_back();
+}
+
+void multi_tensor_lerp_cpu(at::TensorList self, at::TensorList end, double weight) {
+  TORCH_CHECK_VALUE(std::isfinite(weight), "weight must be finite, got ", weight);
+  check_floating_list(self, "self", c10::kCPU);
+  check_paired_lists(self, "self", end, "end");
+  const DenseTargets targets(self);
+  std::vector<at::Tensor> ends;
+  for (size_t i = 0; i < self.size(); ++i) {
+    ends.push_back(in_layout_of(end[i], targets.dense()[i]));
+  }
+  for (const auto& [dtype, idx] : group_by_dtype(self)) {
+    lerp_stub(c10::kCPU, select(targets.dense(), idx), select(ends, idx), weight);
+  }
+  targets.write_back();
+}
+
+} // namespace
+
+TORCH_LIBRARY_IMPL(fused_optim, CPU, m) {
+  m.impl("multi_tensor_weighted_sum_", &multi_tensor_weighted_sum_cpu);
+  m.impl("multi_tensor_lerp_", &multi_tensor_lerp_cpu);
+}
+
+} // namespace fused_optim

@@ -1,0 +1,142 @@
+"""Batched weight averaging: uniform/weighted averages of several models in one pass, and the
+in-place EMA and SWA updates, multi-tensor."""
+
+from __future__ import annotations
+
+import copy
+import math
+from collections.abc import Callable, Mapping, Sequence
+
+import torch
+from torch import Tensor, nn
+
+from ._utils import as_float
+
+
+def _normalized(weights: Sequence[float] | None, k: int) -> list[float]:
+    """Weights divided by their sum (1/k each when None): the result is a weighted average."""
+    if weights is None:
+        return [1.0 / k] * k
+    weights = [as_float(w, f"weights[{i}]") for i, w in enumerate(weights)]
+    if len(weights) != k:
+        raise ValueError(f"weights must hold one weight per model ({k}), got {len(weights)}")
+    if any(not math.isfinite(w) or w < 0 for w in weights) or sum(weights) <= 0:
+        raise ValueError(f"weights must be finite, >= 0 and not all 0, got {weights}")
+    total = sum(weights)
+    return [w / total for w in weights]
+
+
+@torch.no_grad()
+def average_tensors(
+    tensor_lists: Sequence[Sequence[Tensor]],
+    weights: Sequence[float] | None = None,
+    out: Sequence[Tensor] | None = None,
+) -> list[Tensor]:
+    """``out[i] = sum_m w[m] * tensor_lists[m][i]`` with the weights normalized to sum to 1 (a
+    uniform average when ``weights`` is None), reading each input once and writing each output
+    once. fp16/bf16 are averaged in fp32. ``out`` (default: new tensors like the first list) may
+    be one of the input lists, e.g. to average into the first model. Returns ``out``.
+
+    Raises ValueError for lists of different lengths or bad weights, RuntimeError for tensors
+    that differ in shape, dtype or device at the same position, TypeError for non-floating
+    tensors; nothing is written then."""
+    lists = [list(tl) for tl in tensor_lists]
+    if not lists:
+        raise ValueError("tensor_lists must hold at least one list")
+    n = len(lists[0])
+    for m, tl in enumerate(lists):
+        if len(tl) != n:
+            raise ValueError(f"tensor_lists[{m}] holds {len(tl)} tensors, tensor_lists[0] holds {n}")
+    w = _normalized(weights, len(lists))
+    out = [torch.empty_like(t) for t in lists[0]] if out is None else list(out)
+    torch.ops.fused_optim.multi_tensor_weighted_sum_.default([t for tl in lists for t in tl], w, out)
+    return out
+
+
+def average_state_dicts(
+    state_dicts: Sequence[Mapping[str, Tensor]], weights: Sequence[float] | None = None
+) -> dict[str, Tensor]:
+    """The weighted average of several state dicts, as new tensors, in one fused pass.
+
+    Floating tensors are averaged (fp32 math for half types). Integer and bool entries (e.g.
+    BatchNorm's ``num_batches_tracked``) are copied from the first state dict. Entries that are
+    one tensor in the first state dict (tied weights) are averaged once and share the result.
+    Mismatched keys, shapes or dtypes raise ValueError naming the first offending key, before
+    anything is computed."""
+    if not state_dicts:
+        raise ValueError("state_dicts must hold at least one state dict")
+    first = state_dicts[0]
+    for m, sd in enumerate(state_dicts[1:], start=1):
+        if list(sd.keys()) != list(first.keys()):
+            missing = next((k for k in first if k not in sd), None)
+            extra = next((k for k in sd if k not in first), None)
+            key = missing if missing is not None else extra
+            raise ValueError(f"state_dicts[{m}] does not match state_dicts[0]: first differing key {key!r}")
+        for key, t in first.items():
+            other = sd[key]
+            if other.shape != t.shape or other.dtype != t.dtype:
+                raise ValueError(
+                    f"state_dicts[{m}][{key!r}] is {other.dtype}{list(other.shape)}, "
+                    f"state_dicts[0][{key!r}] is {t.dtype}{list(t.shape)}"
+                )
+    def alias_key(t: Tensor) -> tuple:  # state_dict() detaches each entry: compare memory, not objects
+        return (t.device, t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), t.stride())
+
+    owner: dict[tuple, str] = {}  # first key of each distinct tensor of state_dicts[0]
+    for key, t in first.items():
+        owner.setdefault(alias_key(t), key)
+    distinct = [key for key in first if owner[alias_key(first[key])] == key]
+    averaged_keys = [key for key in distinct if first[key].is_floating_point()]
+    result = {key: first[key].clone() for key in distinct if not first[key].is_floating_point()}
+    outs = average_tensors([[sd[k] for k in averaged_keys] for sd in state_dicts], weights)
+    result.update(zip(averaged_keys, outs))
+    return {key: result[owner[alias_key(t)]] for key, t in first.items()}
+
+
+def average_model_weights(models: Sequence[nn.Module], weights: Sequence[float] | None = None) -> nn.Module:
+    """The seed's function: a deep copy of ``models[0]`` holding the (weighted) average of all
+    models' state dicts (see :func:`average_state_dicts` for integer buffers and tied weights)."""
+    if not models:
+        raise ValueError("models must hold at least one model")
+    averaged = average_state_dicts([m.state_dict() for m in models], weights)
+    avg_model = copy.deepcopy(models[0])
+    avg_model.load_state_dict(averaged)
+    return avg_model
+
+
+def _lerp_(averaged: Sequence[Tensor], current: Sequence[Tensor], weight: float) -> None:
+    torch.ops.fused_optim.multi_tensor_lerp_.default(list(averaged), list(current), weight)
+
+
+@torch.no_grad()
+def ema_update_(averaged: Sequence[Tensor], current: Sequence[Tensor], decay: float) -> None:
+    """``averaged[i] = decay * averaged[i] + (1 - decay) * current[i]`` in place, one pass over all
+    tensors, with torch.lerp's arithmetic (as ``torch.optim.swa_utils.get_ema_multi_avg_fn``)."""
+    decay = as_float(decay, "decay")
+    if not 0.0 <= decay <= 1.0:
+        raise ValueError(f"decay must be in [0, 1], got {decay}")
+    _lerp_(averaged, current, 1.0 - decay)
+
+
+@torch.no_grad()
+def swa_update_(averaged: Sequence[Tensor], current: Sequence[Tensor], num_averaged: int | Tensor) -> None:
+    """``averaged[i] += (current[i] - averaged[i]) / (num_averaged + 1)`` in place, one pass (the
+    running mean of ``torch.optim.swa_utils.get_swa_multi_avg_fn``)."""
+    n = float(num_averaged)  # a tensor count is read once (a host sync on CUDA, as torch's .item())
+    if not math.isfinite(n) or n < 0:
+        raise ValueError(f"num_averaged must be >= 0, got {n}")
+    _lerp_(averaged, current, 1.0 / (n + 1.0))
+
+
+def get_ema_multi_avg_fn(decay: float = 0.999) -> Callable[[list[Tensor], list[Tensor], Tensor | int], None]:
+    """A ``multi_avg_fn`` for ``torch.optim.swa_utils.AveragedModel`` running :func:`ema_update_`."""
+
+    def ema_update(averaged: list[Tensor], current: list[Tensor], num_averaged: Tensor | int) -> None:
+        ema_update_(averaged, current, decay)
+
+    return ema_update
+
+
+def get_swa_multi_avg_fn() -> Callable[[list[Tensor], list[Tensor], Tensor | int], None]:
+    """A ``multi_avg_fn`` for ``torch.optim.swa_utils.AveragedModel`` running :func:`swa_update_`."""
+    return swa_update_
