@@ -32,6 +32,7 @@ SCHEMAS = {
         " -> Tensor"
     ),
     "clip_grad_value_": "clip_grad_value_(Tensor(a!)[] grads, float clip_value) -> ()",
+    "multi_tensor_weighted_sum": "multi_tensor_weighted_sum(Tensor[] inputs, float[] weights) -> Tensor[]",
     "multi_tensor_weighted_sum_": (
         "multi_tensor_weighted_sum_(Tensor[] inputs, float[] weights, Tensor(a!)[] out) -> ()"
     ),
@@ -111,6 +112,13 @@ def _(grads: list[Tensor], max_norm: float, norm_type: float, error_if_nonfinite
 @torch.library.register_fake("fused_optim::clip_grad_value_", lib=_lib)
 def _(grads: list[Tensor], clip_value: float) -> None:
     reference.check_floating_list(grads, "grads")
+
+
+@torch.library.register_fake("fused_optim::multi_tensor_weighted_sum", lib=_lib)
+def _(inputs: list[Tensor], weights: list[float]) -> list[Tensor]:
+    out = [torch.empty_like(t) for t in inputs[: reference.num_outputs(inputs, weights)]]
+    reference.check_weighted_sum_args(inputs, weights, out)
+    return out
 
 
 @torch.library.register_fake("fused_optim::multi_tensor_weighted_sum_", lib=_lib)

@@ -48,8 +48,11 @@ def average_tensors(
         if len(tl) != n:
             raise ValueError(f"tensor_lists[{m}] holds {len(tl)} tensors, tensor_lists[0] holds {n}")
     w = _normalized(weights, len(lists))
-    out = [torch.empty_like(t) for t in lists[0]] if out is None else list(out)
-    torch.ops.fused_optim.multi_tensor_weighted_sum_.default([t for tl in lists for t in tl], w, out)
+    inputs = [t for tl in lists for t in tl]
+    if out is None:
+        return torch.ops.fused_optim.multi_tensor_weighted_sum.default(inputs, w)
+    out = list(out)
+    torch.ops.fused_optim.multi_tensor_weighted_sum_.default(inputs, w, out)
     return out
 
 

