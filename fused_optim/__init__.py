@@ -6,15 +6,19 @@ pure-Python reference kernel that runs wherever no native kernel is registered (
 """
 
 from ._library import backend_info
+from .ensemble import ModelEnsemble
 from .dropout import CustomDropout, Dropout, dropout, unpack_dropout_mask
 from .averaging import (
+    ModelEMA,
     average_model_weights,
     average_state_dicts,
     average_tensors,
     ema_update_,
     get_ema_multi_avg_fn,
     get_swa_multi_avg_fn,
+    greedy_soup,
     swa_update_,
+    uniform_soup,
 )
 from .clip_grad import clip_grad_norm_, clip_grad_value_, clip_gradients, clip_grads_with_norm_, get_total_norm
 from .regularization import L1L2Regularizer, l1l2_grad_, l1l2_penalty
@@ -26,6 +30,8 @@ __all__ = [
     "CustomDropout",
     "Dropout",
     "L1L2Regularizer",
+    "ModelEMA",
+    "ModelEnsemble",
     "average_model_weights",
     "average_state_dicts",
     "average_tensors",
@@ -38,10 +44,12 @@ __all__ = [
     "ema_update_",
     "get_ema_multi_avg_fn",
     "get_swa_multi_avg_fn",
+    "greedy_soup",
     "get_total_norm",
     "l1l2_grad_",
     "l1l2_penalty",
     "swa_update_",
     "train_with_gradient_clipping",
+    "uniform_soup",
     "unpack_dropout_mask",
 ]

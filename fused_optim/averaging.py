@@ -143,3 +143,114 @@ def get_ema_multi_avg_fn(decay: float = 0.999) -> Callable[[list[Tensor], list[T
 def get_swa_multi_avg_fn() -> Callable[[list[Tensor], list[Tensor], Tensor | int], None]:
     """A ``multi_avg_fn`` for ``torch.optim.swa_utils.AveragedModel`` running :func:`swa_update_`."""
     return swa_update_
+
+
+class ModelEMA(nn.Module):
+    """Exponential moving average of a model's weights, in the spirit of timm's ModelEmaV3.
+
+    ``ema = ModelEMA(model, decay=0.9999, warmup=True)``; after each optimizer step,
+    ``ema.update(model)``; evaluate with ``ema(x)`` or ``ema.module``. One fused multi-tensor lerp
+    per update (:func:`ema_update_`).
+
+    - ``warmup=True``: the decay used at update ``step`` is
+      ``min(decay, max(min_decay, 1 - (1 + step / warmup_gamma) ** -warmup_power))``, so early
+      averages follow the model closely (timm's formula).
+    - ``buffers="copy"`` (default) copies the model's buffers (BatchNorm statistics) each update;
+      ``"average"`` averages floating buffers with the same decay and copies the others.
+    - ``fp32_shadow`` (default: True when the model has fp16/bf16 parameters) keeps fp32 copies of
+      half-precision weights and averages those, writing the rounded result into ``module``: in
+      bf16, ``decay=0.9999`` changes a weight by 1e-4 of its distance to the model's, below bf16's
+      resolution, so a bf16 EMA would stall. The shadow costs 4 bytes per such weight, and each
+      update converts the model's half weights to fp32 first.
+    - ``state_dict()``/``load_state_dict()`` hold the averaged weights, the shadow and the step.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        decay: float = 0.9999,
+        warmup: bool = False,
+        min_decay: float = 0.0,
+        warmup_gamma: float = 1.0,
+        warmup_power: float = 2 / 3,
+        buffers: str = "copy",
+        fp32_shadow: bool | None = None,
+    ) -> None:
+        super().__init__()
+        if not 0.0 <= decay <= 1.0:
+            raise ValueError(f"decay must be in [0, 1], got {decay}")
+        if buffers not in ("copy", "average"):
+            raise ValueError(f"buffers must be 'copy' or 'average', got {buffers!r}")
+        self.module = copy.deepcopy(model).eval().requires_grad_(False)
+        self.decay, self.warmup, self.min_decay = decay, warmup, min_decay
+        self.warmup_gamma, self.warmup_power, self.buffers = warmup_gamma, warmup_power, buffers
+        half = (torch.float16, torch.bfloat16)
+        if fp32_shadow is None:
+            fp32_shadow = any(p.dtype in half for p in self.module.parameters())
+        self._shadowed = [fp32_shadow and p.dtype in half for p in self.module.parameters()]
+        for i, (p, shadowed) in enumerate(zip(self.module.parameters(), self._shadowed)):
+            if shadowed:
+                self.register_buffer(f"shadow_{i}", p.detach().float())
+        self.register_buffer("step", torch.zeros((), dtype=torch.int64))
+
+    def get_decay(self, step: int | None = None) -> float:
+        """The decay of update number `step` (default: the next one)."""
+        if not self.warmup:
+            return self.decay
+        step = int(self.step) if step is None else step
+        decay = 1.0 - (1.0 + step / self.warmup_gamma) ** -self.warmup_power
+        return min(self.decay, max(self.min_decay, decay))
+
+    @torch.no_grad()
+    def update(self, model: nn.Module) -> None:
+        decay = self.get_decay()
+        averaged, current, written = [], [], []
+        for i, (ema_p, p, shadowed) in enumerate(zip(self.module.parameters(), model.parameters(), self._shadowed)):
+            if shadowed:
+                averaged.append(getattr(self, f"shadow_{i}"))
+                current.append(p.detach().float())
+                written.append((ema_p, averaged[-1]))
+            else:
+                averaged.append(ema_p)
+                current.append(p.detach())
+        ema_buffers, model_buffers = list(self.module.buffers()), list(model.buffers())
+        if self.buffers == "average":
+            for b, mb in zip(ema_buffers, model_buffers):
+                if b.is_floating_point():
+                    averaged.append(b)
+                    current.append(mb.detach())
+        ema_update_(averaged, current, decay)
+        for ema_p, shadow in written:
+            ema_p.copy_(shadow)
+        for b, mb in zip(ema_buffers, model_buffers):
+            if self.buffers == "copy" or not b.is_floating_point():
+                b.copy_(mb)
+        self.step += 1
+
+    def forward(self, *args, **kwargs):
+        return self.module(*args, **kwargs)
+
+
+def uniform_soup(models: Sequence[nn.Module]) -> nn.Module:
+    """The uniform model soup (Wortsman et al., 2022): the average of all models' weights."""
+    return average_model_weights(models)
+
+
+def greedy_soup(
+    models: Sequence[nn.Module], evaluate: Callable[[nn.Module], float]
+) -> tuple[nn.Module, list[int]]:
+    """The greedy model soup (Wortsman et al., 2022): models are tried in order of their own
+    held-out score (``evaluate``, higher is better); each joins the soup (a uniform average) only
+    if the soup's score then improves strictly. Returns the soup and the chosen indices."""
+    if not models:
+        raise ValueError("models must hold at least one model")
+    scores = [float(evaluate(m)) for m in models]
+    order = sorted(range(len(models)), key=lambda i: scores[i], reverse=True)
+    chosen, best = [order[0]], scores[order[0]]
+    soup = average_model_weights([models[order[0]]])
+    for i in order[1:]:
+        candidate = average_model_weights([models[j] for j in [*chosen, i]])
+        score = float(evaluate(candidate))
+        if score > best:
+            chosen, best, soup = [*chosen, i], score, candidate
+    return soup, chosen

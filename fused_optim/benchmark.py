@@ -317,6 +317,25 @@ def averaging_rows(bench: Bench, case: str) -> list[Row]:
     return rows
 
 
+def ensemble_rows(bench: Bench, case: str) -> list[Row]:
+    """ModelEnsemble.predict of 8 small MLPs (64 -> 256 -> 10): the loop vs the vmap path; the
+    suite's cases are batch sizes, 32 for (a) and 1024 for (b)."""
+    batch = {"a": 32, "b": 1024}[case]
+    torch.manual_seed(0)
+    models = [
+        torch.nn.Sequential(torch.nn.Linear(64, 256), torch.nn.ReLU(), torch.nn.Linear(256, 10)).to(bench.device)
+        for _ in range(8)
+    ]
+    x = torch.randn(batch, 64, device=bench.device)
+    vectorized = fused_optim.ModelEnsemble(models)
+    loop = fused_optim.ModelEnsemble(models, vectorize=False)
+    return bench.rows(
+        "ensemble predict 8 MLPs", f"batch {batch}",
+        fused=lambda: vectorized.predict(x),
+        references={"loop over models": lambda: loop.predict(x)},
+    )
+
+
 def seed_dropout(x: torch.Tensor, p: float) -> torch.Tensor:
     """The seed's CustomDropout.forward."""
     mask = torch.bernoulli(torch.ones_like(x) * (1 - p))
@@ -384,6 +403,7 @@ SUITES: dict[str, Callable[[Bench, str], list[Row]]] = {
     "clip": clip_rows,
     "dropout": dropout_rows,
     "averaging": averaging_rows,
+    "ensemble": ensemble_rows,
 }
 
 

@@ -211,3 +211,132 @@ def test_ema_bad_decay_and_mismatch_change_nothing(backend):
     with pytest.raises(RuntimeError, match=r"end\[1\] must match self\[1\]"):
         fused_optim.ema_update_(averaged, [current[0], torch.zeros(6)], 0.9)
     assert all(torch.equal(a, b) for a, b in zip(averaged, before))
+
+
+# ---------------------------------------------------------------- ModelEMA
+
+
+def _step(model, opt, x):
+    opt.zero_grad()
+    model(x).square().mean().backward()
+    opt.step()
+
+
+def test_model_ema_matches_plain_ema_and_copies_buffers(backend):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 8), nn.BatchNorm1d(8), nn.Linear(8, 2))
+    ema = fused_optim.ModelEMA(model, decay=0.9)
+    reference = [p.detach().double().clone() for p in model.parameters()]
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    for _ in range(4):
+        _step(model, opt, torch.randn(16, 6))
+        ema.update(model)
+        reference = [0.9 * r + 0.1 * p.detach().double() for r, p in zip(reference, model.parameters())]
+    for e, r in zip(ema.module.parameters(), reference):
+        torch.testing.assert_close(e.double(), r, rtol=1e-5, atol=1e-6)
+    for e, b in zip(ema.module.buffers(), model.buffers()):
+        assert torch.equal(e, b)  # buffers="copy"
+    assert int(ema.step) == 4 and not any(p.requires_grad for p in ema.parameters())
+    x = torch.randn(3, 6)
+    torch.testing.assert_close(ema(x), ema.module(x))
+
+
+def test_model_ema_warmup_decay_follows_timm_formula(backend):
+    ema = fused_optim.ModelEMA(nn.Linear(2, 2), decay=0.999, warmup=True, min_decay=0.1)
+    for step in (0, 1, 10, 1000, 10**7):
+        expected = min(0.999, max(0.1, 1 - (1 + step) ** (-2 / 3)))
+        assert ema.get_decay(step) == pytest.approx(expected)
+    assert fused_optim.ModelEMA(nn.Linear(2, 2), decay=0.9).get_decay(5) == 0.9
+
+
+def test_model_ema_averages_buffers_on_request(backend):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 4), nn.BatchNorm1d(4))
+    ema = fused_optim.ModelEMA(model, decay=0.5, buffers="average")
+    start = ema.module[1].running_mean.clone()
+    model(torch.randn(32, 4) + 3)
+    ema.update(model)
+    torch.testing.assert_close(ema.module[1].running_mean, 0.5 * start + 0.5 * model[1].running_mean)
+    assert torch.equal(ema.module[1].num_batches_tracked, model[1].num_batches_tracked)
+
+
+def test_model_ema_fp32_shadow_keeps_a_bf16_ema_moving(backend):
+    model = nn.Linear(64, 64).to(torch.bfloat16)
+    with torch.no_grad():
+        model.weight.fill_(1.5)  # bf16 spacing here is 2**-7: a 5e-4 step rounds away
+    with_shadow = fused_optim.ModelEMA(model, decay=0.999)
+    without = fused_optim.ModelEMA(model, decay=0.999, fp32_shadow=False)
+    start = with_shadow.module.weight.detach().clone()
+    with torch.no_grad():
+        model.weight.add_(0.5)  # the model moves away; the EMA should follow by 1e-3 a step
+    for _ in range(200):
+        with_shadow.update(model)
+        without.update(model)
+    moved = (with_shadow.module.weight.float() - start.float()).mean().item()  # bf16 of the fp32 EMA
+    stalled = (without.module.weight.float() - start.float()).abs().max().item()
+    assert moved == pytest.approx(0.5 * (1 - 0.999**200), abs=2**-7)
+    assert stalled == 0.0  # in bf16 every step rounds back: the problem the shadow solves
+
+
+def test_model_ema_state_dict_round_trip(backend):
+    torch.manual_seed(0)
+    model = nn.Linear(5, 3).to(torch.bfloat16)
+    ema = fused_optim.ModelEMA(model, decay=0.9)
+    with torch.no_grad():
+        model.weight.add_(1.0)
+    ema.update(model)
+    restored = fused_optim.ModelEMA(nn.Linear(5, 3).to(torch.bfloat16), decay=0.9)
+    restored.load_state_dict(ema.state_dict())
+    for a, b in zip(ema.state_dict().values(), restored.state_dict().values()):
+        assert torch.equal(a, b)
+    assert int(restored.step) == 1
+
+
+# ---------------------------------------------------------------- soups
+
+
+def _train_models_on_synthetic_data(k):
+    torch.manual_seed(0)
+    centers = torch.randn(3, 10) * 2
+    labels = torch.randint(0, 3, (600,))
+    data = centers[labels] + torch.randn(600, 10)
+    train, held_out = (data[:400], labels[:400]), (data[400:], labels[400:])
+    base = nn.Sequential(nn.Linear(10, 32), nn.ReLU(), nn.Linear(32, 3))
+    models = []
+    for m in range(k):  # fine-tunes of one start, as soups assume
+        model = copy.deepcopy(base)
+        torch.manual_seed(100 + m)
+        opt = torch.optim.SGD(model.parameters(), lr=0.05 * (m + 1))
+        for _ in range(30):
+            idx = torch.randint(0, 400, (64,))
+            opt.zero_grad()
+            nn.functional.cross_entropy(model(train[0][idx]), train[1][idx]).backward()
+            opt.step()
+        models.append(model)
+
+    def accuracy(model):
+        with torch.no_grad():
+            return (model(held_out[0]).argmax(-1) == held_out[1]).float().mean().item()
+
+    return models, accuracy
+
+
+def test_greedy_soup_on_a_small_training_run(backend):
+    models, accuracy = _train_models_on_synthetic_data(4)
+    soup, chosen = fused_optim.greedy_soup(models, accuracy)
+    individual = [accuracy(m) for m in models]
+    assert chosen[0] == max(range(4), key=lambda i: individual[i])
+    assert accuracy(soup) >= max(individual)
+    expected = fused_optim.average_model_weights([models[i] for i in chosen])
+    for a, b in zip(soup.parameters(), expected.parameters()):
+        torch.testing.assert_close(a, b)
+    uniform = fused_optim.uniform_soup(models)
+    for a, b in zip(uniform.parameters(), fused_optim.average_model_weights(models).parameters()):
+        torch.testing.assert_close(a, b)
+
+
+def test_greedy_soup_keeps_a_model_only_if_the_score_improves(backend):
+    models = [nn.Linear(2, 2) for _ in range(3)]
+    scores = iter([0.5, 0.9, 0.7, 0.9, 0.95])  # individual: 0.5, 0.9, 0.7; then soups {1,2}: 0.9, {1,0}: 0.95
+    soup, chosen = fused_optim.greedy_soup(models, lambda m: next(scores))
+    assert chosen == [1, 0]

@@ -1,0 +1,87 @@
+"""ModelEnsemble against the seed's loop, every reduce mode, the vmap path and its fallback."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+import fused_optim
+
+
+class SeedModelEnsemble:
+    """The seed's class, verbatim in behaviour."""
+
+    def __init__(self, models):
+        self.models = models
+
+    def predict(self, x):
+        predictions = []
+        for model in self.models:
+            model.eval()
+            with torch.no_grad():
+                predictions.append(model(x))
+        return torch.mean(torch.stack(predictions), dim=0)
+
+
+def mlps(k, seed=0):
+    torch.manual_seed(seed)
+    return [nn.Sequential(nn.Linear(8, 16), nn.BatchNorm1d(16), nn.ReLU(), nn.Dropout(0.5), nn.Linear(16, 4)) for _ in range(k)]
+
+
+@pytest.mark.parametrize("vectorize", ["auto", False])
+def test_mean_matches_seed(vectorize):
+    models = mlps(5)
+    x = torch.randn(7, 8)
+    ours = fused_optim.ModelEnsemble(models, vectorize=vectorize)
+    assert (ours._base is not None) == (vectorize == "auto")
+    torch.testing.assert_close(ours.predict(x), SeedModelEnsemble(models).predict(x))
+
+
+def test_softmax_mean_and_vote():
+    models = mlps(6)
+    x = torch.randn(50, 8)
+    outputs = torch.stack([m.eval()(x) for m in models]).detach()
+    torch.testing.assert_close(fused_optim.ModelEnsemble(models, reduce="softmax_mean").predict(x), outputs.softmax(-1).mean(0))
+    votes = fused_optim.ModelEnsemble(models, reduce="vote").predict(x)
+    assert votes.dtype == torch.int64
+    for row in range(50):
+        counts = torch.bincount(outputs[:, row].argmax(-1), minlength=4)
+        assert votes[row].item() == int(torch.nonzero(counts == counts.max())[0])  # ties: smaller class
+
+
+def test_restores_training_modes_and_needs_no_grad():
+    models = mlps(3)
+    models[1].eval()
+    before = [m.training for m in models]
+    out = fused_optim.ModelEnsemble(models).predict(torch.randn(4, 8))
+    assert [m.training for m in models] == before
+    assert not out.requires_grad
+
+
+def test_falls_back_to_the_loop_for_different_architectures():
+    models = mlps(2) + [nn.Sequential(nn.Linear(8, 4))]
+    ensemble = fused_optim.ModelEnsemble(models)
+    assert ensemble._base is None
+    x = torch.randn(3, 8)
+    torch.testing.assert_close(ensemble.predict(x), SeedModelEnsemble(models).predict(x))
+    with pytest.raises(ValueError, match="vectorize=True"):
+        fused_optim.ModelEnsemble(models, vectorize=True)
+
+
+def test_vmap_sees_weight_updates():
+    models = mlps(3)
+    ensemble = fused_optim.ModelEnsemble(models)
+    x = torch.randn(4, 8)
+    before = ensemble.predict(x)
+    with torch.no_grad():
+        models[0][0].weight.add_(1.0)
+    assert not torch.allclose(ensemble.predict(x), before)
+    torch.testing.assert_close(ensemble.predict(x), SeedModelEnsemble(models).predict(x))
+
+
+def test_bad_arguments():
+    with pytest.raises(ValueError, match="reduce must be one of"):
+        fused_optim.ModelEnsemble(mlps(2), reduce="median")
+    with pytest.raises(ValueError, match="at least one model"):
+        fused_optim.ModelEnsemble([])
