@@ -340,3 +340,20 @@ def test_greedy_soup_keeps_a_model_only_if_the_score_improves(backend):
     scores = iter([0.5, 0.9, 0.7, 0.9, 0.95])  # individual: 0.5, 0.9, 0.7; then soups {1,2}: 0.9, {1,0}: 0.95
     soup, chosen = fused_optim.greedy_soup(models, lambda m: next(scores))
     assert chosen == [1, 0]
+
+
+def test_compile_fullgraph(backend):
+    lists = make_lists(3, torch.float32, "cpu", sizes=(6, 4))
+    averaged = [t.clone() for t in lists[0]]
+
+    @torch.compile(fullgraph=True, backend="aot_eager")
+    def step(inputs, avg, cur):
+        out = torch.ops.fused_optim.multi_tensor_weighted_sum.default(inputs, [0.2, 0.3, 0.5])
+        torch.ops.fused_optim.multi_tensor_lerp_.default(avg, cur, 0.1)
+        return out
+
+    out = step([t for tl in lists for t in tl], averaged, lists[1])
+    for o, e in zip(out, fp64_average(lists, [0.2, 0.3, 0.5])):
+        torch.testing.assert_close(o.double(), e, rtol=1e-6, atol=1e-6)
+    for a, s, c in zip(averaged, lists[0], lists[1]):
+        torch.testing.assert_close(a, torch.lerp(s, c, 0.1))
