@@ -22,12 +22,14 @@ from .averaging import (
 )
 from .clip_grad import clip_grad_norm_, clip_grad_value_, clip_gradients, clip_grads_with_norm_, get_total_norm
 from .regularization import L1L2Regularizer, l1l2_grad_, l1l2_penalty
-from .training import train_with_gradient_clipping
+from .training import EarlyStopping, GradientAccumulator, train_with_gradient_clipping
 
 __version__ = "0.1.0"
 
 __all__ = [
     "CustomDropout",
+    "EarlyStopping",
+    "GradientAccumulator",
     "Dropout",
     "L1L2Regularizer",
     "ModelEMA",

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import math
 from collections.abc import Callable, Iterable
 
 import torch
@@ -47,3 +49,195 @@ def train_with_gradient_clipping(
     if clip_norm is None:
         return mean_loss
     return mean_loss, (total_norm / batches).item() if batches else float("nan")
+
+
+class GradientAccumulator:
+    """The seed's gradient accumulation: ``step(loss)`` backpropagates ``loss / window`` and returns
+    True when the optimizer should step; ``reset()`` starts over.
+
+    - ``window`` is ``accumulation_steps``, except for a final partial window when ``total_steps``
+      (micro-batches per epoch) is given: with 10 micro-batches and 4 steps, the last 2 are each
+      scaled by 1/2, not 1/4, and ``step`` returns True at micro-batch 10. Without
+      ``total_steps``, call ``flush()`` at the end: it returns True if a partial window holds
+      gradients and rescales them by ``accumulation_steps / filled`` so they are a mean too.
+    - ``with acc.accumulate(): acc.step(loss)`` skips DDP's gradient all-reduce on micro-steps that
+      do not end a window (``model.no_sync()`` when ``model`` is a ``DistributedDataParallel``;
+      nothing on a plain module).
+    - ``step(loss, scaler=scaler)`` backpropagates ``scaler.scale(loss / window)`` for
+      ``torch.amp.GradScaler`` users.
+    - ``state_dict()`` / ``load_state_dict()`` resume mid-window.
+    """
+
+    def __init__(self, model: nn.Module, accumulation_steps: int, total_steps: int | None = None) -> None:
+        if accumulation_steps < 1:
+            raise ValueError(f"accumulation_steps must be >= 1, got {accumulation_steps}")
+        if total_steps is not None and total_steps < 1:
+            raise ValueError(f"total_steps must be >= 1, got {total_steps}")
+        self.model = model
+        self.accumulation_steps = accumulation_steps
+        self.total_steps = total_steps
+        self.current_step = 0
+
+    def _window(self) -> int:
+        """The size of the window the next micro-step belongs to."""
+        if self.total_steps is None:
+            return self.accumulation_steps
+        start = (self.current_step % self.total_steps) // self.accumulation_steps * self.accumulation_steps
+        return min(self.accumulation_steps, self.total_steps - start)
+
+    def _ends_window(self) -> bool:
+        """Whether the next micro-step ends its window (then the optimizer steps)."""
+        step = self.current_step + 1
+        if self.total_steps is not None and step % self.total_steps == 0:
+            return True
+        position = step % self.total_steps if self.total_steps is not None else step
+        return position % self.accumulation_steps == 0
+
+    def step(self, loss: Tensor, scaler: torch.amp.GradScaler | None = None) -> bool:
+        ends = self._ends_window()
+        loss = loss / self._window()
+        (scaler.scale(loss) if scaler is not None else loss).backward()
+        self.current_step += 1
+        return ends
+
+    def flush(self) -> bool:
+        """Ends a partial window (no total_steps given): rescales its gradients to a mean and
+        returns True if there is one to step on."""
+        filled = self.current_step % self.accumulation_steps
+        if self.total_steps is not None or filled == 0:
+            return False
+        with torch.no_grad():
+            for p in self.model.parameters():
+                if p.grad is not None:
+                    p.grad.mul_(self.accumulation_steps / filled)
+        self.current_step += self.accumulation_steps - filled
+        return True
+
+    def reset(self) -> None:
+        self.current_step = 0
+
+    @contextlib.contextmanager
+    def accumulate(self):
+        """Skips DDP's all-reduce inside, unless the next micro-step ends a window."""
+        no_sync = getattr(self.model, "no_sync", None)
+        if no_sync is None or self._ends_window():
+            yield
+        else:
+            with no_sync():
+                yield
+
+    def state_dict(self) -> dict:
+        return {"accumulation_steps": self.accumulation_steps, "total_steps": self.total_steps, "current_step": self.current_step}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.accumulation_steps = state["accumulation_steps"]
+        self.total_steps = state["total_steps"]
+        self.current_step = state["current_step"]
+
+
+class EarlyStopping:
+    """The seed's early stopping: call with each epoch's validation loss; returns True (and sets
+    ``early_stop``) once it has not improved by more than ``min_delta`` for ``patience`` calls.
+    ``counter`` and ``best_loss`` are the seed's attributes; with the defaults the seed's decisions
+    are kept exactly (a value equal to the best counts as an improvement, as in the seed).
+
+    Options, as in Lightning's and Keras' callbacks:
+    - ``mode="max"`` for metrics that should grow (accuracy).
+    - ``check_finite``: stop at once on nan/inf.
+    - ``stopping_threshold``: stop once the value is better than it; ``divergence_threshold``:
+      stop once the value is worse than it.
+    - ``baseline``: the value to beat from the start (the first value must improve on it).
+    - ``start_from_epoch``: calls before this epoch (counted from 0) are ignored.
+    - ``restore_best_weights`` with ``model``: a CPU copy of the best weights is kept
+      (``best_state_dict``) and loaded back into the model on stop, or by ``restore()``.
+    - ``state_dict()`` / ``load_state_dict()`` to resume; ``reason`` says why it stopped.
+    - Under ``torch.distributed``, the stop decision is the same on every rank: a rank that
+      decides to stop makes all stop (one all-reduce per call).
+    """
+
+    def __init__(
+        self,
+        patience: int = 7,
+        min_delta: float = 0,
+        mode: str = "min",
+        check_finite: bool = False,
+        stopping_threshold: float | None = None,
+        divergence_threshold: float | None = None,
+        baseline: float | None = None,
+        start_from_epoch: int = 0,
+        restore_best_weights: bool = False,
+        model: nn.Module | None = None,
+    ) -> None:
+        if mode not in ("min", "max"):
+            raise ValueError(f"mode must be 'min' or 'max', got {mode!r}")
+        if restore_best_weights and model is None:
+            raise ValueError("restore_best_weights=True needs the model")
+        self.patience, self.min_delta, self.mode = patience, min_delta, mode
+        self.check_finite = check_finite
+        self.stopping_threshold, self.divergence_threshold = stopping_threshold, divergence_threshold
+        self.baseline, self.start_from_epoch = baseline, start_from_epoch
+        self.restore_best_weights, self.model = restore_best_weights, model
+        self.counter = 0
+        self.best_loss = baseline
+        self.early_stop = False
+        self.reason = ""
+        self.epoch = 0
+        self.best_state_dict: dict[str, Tensor] | None = None
+
+    def _sign(self) -> float:
+        return 1.0 if self.mode == "min" else -1.0  # compare sign * value: lower is better
+
+    def _decide(self, value: float) -> str:
+        """The reason to stop now, or ''."""
+        s = self._sign()
+        if self.check_finite and not math.isfinite(value):
+            return f"value {value} is not finite"
+        if self.stopping_threshold is not None and s * value < s * self.stopping_threshold:
+            return f"value {value} reached the stopping threshold {self.stopping_threshold}"
+        if self.divergence_threshold is not None and s * value > s * self.divergence_threshold:
+            return f"value {value} crossed the divergence threshold {self.divergence_threshold}"
+        if self.best_loss is None:
+            self._improved(value)
+        elif s * value > s * self.best_loss - self.min_delta:  # the seed's test, for either mode
+            self.counter += 1
+            if self.counter >= self.patience:
+                return f"no improvement over {self.best_loss} by more than {self.min_delta} for {self.counter} epochs"
+        else:
+            self._improved(value)
+        return ""
+
+    def _improved(self, value: float) -> None:
+        self.best_loss = value
+        self.counter = 0
+        if self.restore_best_weights:
+            self.best_state_dict = {k: v.detach().to("cpu", copy=True) for k, v in self.model.state_dict().items()}
+
+    def __call__(self, val_loss: float | Tensor) -> bool:
+        value = float(val_loss)
+        epoch, self.epoch = self.epoch, self.epoch + 1
+        if self.early_stop or epoch < self.start_from_epoch:
+            return self.early_stop
+        reason = self._decide(value)
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            flag = torch.tensor([1.0 if reason else 0.0])
+            torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+            if flag.item() and not reason:
+                reason = "another rank decided to stop"
+        if reason:
+            self.early_stop, self.reason = True, reason
+            if self.restore_best_weights:
+                self.restore()
+        return self.early_stop
+
+    def restore(self) -> None:
+        """Loads the best weights seen into the model."""
+        if self.best_state_dict is not None:
+            self.model.load_state_dict(self.best_state_dict)
+
+    def state_dict(self) -> dict:
+        keys = ("counter", "best_loss", "early_stop", "reason", "epoch", "best_state_dict")
+        return {k: getattr(self, k) for k in keys}
+
+    def load_state_dict(self, state: dict) -> None:
+        for k, v in state.items():
+            setattr(self, k, v)
