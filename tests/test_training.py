@@ -186,3 +186,12 @@ def test_restore_best_weights_and_resume():
 
 def test_same_decision_on_every_rank():
     run_distributed("early_stopping")
+
+
+def test_demo_runs_end_to_end():
+    from fused_optim import demo
+
+    result = demo.main(["--epochs", "2", "--samples", "2048"])
+    assert set(result["accuracy"]) == {"single model", "EMA weights", "uniform soup (3)", "ensemble (3)"}
+    assert all(0.2 < a <= 1.0 for a in result["accuracy"].values())  # 5 classes: above chance
+    assert result["seconds_per_epoch"]["fused"] > 0 and result["seconds_per_epoch"]["plain"] > 0
