@@ -407,6 +407,83 @@ SUITES: dict[str, Callable[[Bench, str], list[Row]]] = {
 }
 
 
+# ---------------------------------------------------------------- speedup sweeps (--plot)
+
+# Each op's fused call and torch's best way, on a list of fp32 tensors (they are clones, so the
+# in-place ops of the two sides do not interfere).
+SWEEP_OPS: dict[str, tuple[Callable, Callable]] = {
+    "l1l2_penalty (vs _foreach_norm)": (
+        lambda ts, grads: fused_optim.l1l2_penalty(ts, L1, L2),
+        lambda ts, grads: foreach_penalty(ts),
+    ),
+    "clip_grad_norm_, no clip (vs foreach=True)": (
+        lambda ts, grads: fused_optim.clip_grad_norm_(grads[0], 1e30),
+        lambda ts, grads: torch.nn.utils.clip_grad_norm_(grads[1], 1e30, foreach=True),
+    ),
+    "clip_grad_value_ (vs foreach=True)": (
+        lambda ts, grads: fused_optim.clip_grad_value_(grads[0], 1e30),
+        lambda ts, grads: torch.nn.utils.clip_grad_value_(grads[1], 1e30, foreach=True),
+    ),
+    "ema_update_ (vs _foreach_lerp_)": (
+        lambda ts, grads: fused_optim.ema_update_([g.grad for g in grads[0]], ts, 0.999),
+        lambda ts, grads: torch._foreach_lerp_([g.grad for g in grads[1]], ts, 0.001),
+    ),
+}
+
+
+def sweep(bench: Bench, counts: list[int], total: int) -> dict[str, list[float]]:
+    """Speedup over torch's best of each SWEEP_OPS op, for `total` fp32 elements cut into each of
+    `counts` equal tensors."""
+    speedups: dict[str, list[float]] = {name: [] for name in SWEEP_OPS}
+    for count in counts:
+        ts = [torch.randn(max(1, total // count), device=bench.device) for _ in range(count)]
+        grads = (params_with_grads(ts), params_with_grads(ts))
+        for name, (fused, reference) in SWEEP_OPS.items():
+            times = bench.time({"fused": lambda: fused(ts, grads), "torch": lambda: reference(ts, grads)})
+            speedups[name].append(times["torch"] / times["fused"])
+    return speedups
+
+
+def plot_speedups(
+    bench: Bench,
+    path: str,
+    counts: tuple[int, ...] = (10, 100, 1000, 10000),
+    totals: tuple[int, ...] = (10**4, 10**5, 10**6, 10**7),
+) -> None:
+    """Draws, for each op, the speedup over torch's best as the number of tensors grows (8M
+    elements in all) and as the total size grows (in 100 tensors), into `path` (PNG)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    by_count = sweep(bench, list(counts), 8 * 2**20)
+    by_size = {name: [] for name in SWEEP_OPS}
+    for total in totals:
+        for name, values in sweep(bench, [100], total).items():
+            by_size[name] += values
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
+    for name in SWEEP_OPS:
+        axes[0].plot(list(counts), by_count[name], marker="o", label=name)
+        axes[1].plot(list(totals), by_size[name], marker="o", label=name)
+    for ax, xlabel, title in (
+        (axes[0], "number of tensors (8M fp32 elements in all)", "speedup vs number of tensors"),
+        (axes[1], "total fp32 elements (in 100 tensors)", "speedup vs total size"),
+    ):
+        ax.set_xscale("log")
+        ax.set_yscale("log")
+        ax.axhline(1.0, color="gray", linewidth=0.8)
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel("speedup over torch's best (x)")
+        ax.set_title(title)
+        ax.grid(True, which="both", alpha=0.3)
+    axes[0].legend(fontsize=8)
+    fig.suptitle(f"fused_optim vs torch, {bench.device}, torch {torch.__version__}")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    print(f"speedup plot written to {path}")
+
+
 # ---------------------------------------------------------------- report
 
 
@@ -435,6 +512,7 @@ def main(argv: list[str] | None = None) -> list[Row]:
     parser.add_argument("--cases", default=",".join(CASES), help=f"comma-separated, from {sorted(CASES)}")
     parser.add_argument("--suites", default=",".join(SUITES), help=f"comma-separated, from {sorted(SUITES)}")
     parser.add_argument("--plain", action="store_true", help="aligned text instead of a Markdown table")
+    parser.add_argument("--plot", metavar="FILE.png", help="draw the speedup sweeps into FILE.png (needs matplotlib)")
     args = parser.parse_args(argv)
 
     rounds = args.rounds or (3 if args.quick else 15)
@@ -443,6 +521,8 @@ def main(argv: list[str] | None = None) -> list[Row]:
     name = torch.cuda.get_device_name() if args.device.startswith("cuda") else f"CPU, {torch.get_num_threads()} threads"
     print(f"fused_optim benchmark: torch {torch.__version__}, {name}, rounds={rounds}, "
           f"extension {'loaded' if info['extension']['loaded'] else 'NOT loaded: ' + str(info['extension']['error'])}")
+    if args.plot:
+        plot_speedups(bench, args.plot)
     rows: list[Row] = []
     for suite in args.suites.split(","):
         for case in args.cases.split(","):

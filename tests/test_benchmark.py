@@ -1,0 +1,20 @@
+"""The benchmark module runs and reports (its numbers are not checked here: speed is claimed from
+benchmark runs only)."""
+
+from __future__ import annotations
+
+import fused_optim.benchmark as bm
+
+
+def test_quick_table_for_one_suite(capsys):
+    rows = bm.main(["--rounds", "1", "--suites", "clip", "--cases", "b"])
+    assert {r.op for r in rows} == {"clip_grad_norm_ clipping", "clip_grad_norm_ no clip", "clip_grad_value_"}
+    assert all(r.fused_ms > 0 and r.ref_ms > 0 for r in rows)
+    out = capsys.readouterr().out
+    assert "| op | case | reference |" in out and "of mul_" in out
+
+
+def test_plot_writes_a_png(tmp_path):
+    path = tmp_path / "speedup.png"
+    bm.plot_speedups(bm.Bench("cpu", rounds=1), str(path), counts=(10, 100), totals=(10**4, 10**5))
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
