@@ -453,3 +453,19 @@ def test_no_clip_writes_nothing_to_read_only_gradients(disable_ext):
     assert proc.returncode == 0, (proc.returncode, proc.stderr[-2000:])
     assert proc.stdout.startswith("no write")
     assert run(1e-3).returncode != 0  # the harness does catch writes: clipping must write
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA is not available")
+@pytest.mark.parametrize("clips", [True, False], ids=["clipping", "no-clip"])
+def test_cuda_clip_grad_norm_makes_no_host_sync(clips):
+    grads = make_grads(torch.float32, "cuda", sizes=[1000] * 500 + [100_003])
+    params = params_with(grads)
+    max_norm = 1.0 if clips else 1e9
+    fused_optim.clip_grad_norm_(params, max_norm)  # warm-up: allocator, kernels loaded
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        torch.ops.fused_optim.clip_grad_norm_.default([p.grad for p in params], max_norm, 2.0, False)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")

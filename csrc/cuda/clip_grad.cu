@@ -1,0 +1,272 @@
+// CUDA kernels of gradient clipping: multi-tensor norms (per-chunk partials, then per-tensor and
+// total norms in one cleanup kernel, in a fixed order), scaling by a coefficient read from device
+// memory (blocks exit without writing when it is 1), clamping in one pass. clip_grad_norm_ makes
+// no host synchronization unless error_if_nonfinite asks for the norm's value.
+#include "common/tensor_list.h"
+#include "cuda/multi_tensor_apply.cuh"
+
+#include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
+#include <ATen/ops/add.h>
+#include <ATen/ops/clamp_max.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/mul.h>
+#include <ATen/ops/reciprocal.h>
+#include <torch/library.h>
+
+#include <cmath>
+#include <sstream>
+
+namespace fused_optim::cuda {
+namespace {
+
+// Accumulator kinds, as on the CPU: sum |x|, sum x^2, sum |x|^p, count x != 0, max |x|, min |x|.
+enum Kind : int { kSumAbs, kSumSquares, kSumPow, kCount, kMax, kMin };
+
+Kind norm_kind(double p) {
+  if (p == 1.0) return kSumAbs;
+  if (p == 2.0) return kSumSquares;
+  if (p == 0.0) return kCount;
+  if (p == INFINITY) return kMax;
+  if (p == -INFINITY) return kMin;
+  return kSumPow;
+}
+
+__device__ __forceinline__ double identity(Kind kind) {
+  return kind == kMin ? INFINITY : 0.0;
+}
+
+// NaN-propagating combine of two accumulators.
+__device__ __forceinline__ double combine(Kind kind, double a, double b) {
+  if (kind == kMax) return (isnan(a) || a > b) ? a : b;
+  if (kind == kMin) return (isnan(a) || a < b) ? a : b;
+  return a + b;
+}
+
+// Combine over a block in a fixed order; the result is valid in every thread.
+__device__ double block_combine(Kind kind, double value) {
+  __shared__ double shared[kBlockSize];
+  __syncthreads();
+  shared[threadIdx.x] = value;
+  __syncthreads();
+  for (int stride = kBlockSize / 2; stride > 0; stride /= 2) {
+    if (threadIdx.x < stride) {
+      shared[threadIdx.x] = combine(kind, shared[threadIdx.x], shared[threadIdx.x + stride]);
+    }
+    __syncthreads();
+  }
+  return shared[0];
+}
+
+template <typename scalar_t>
+struct NormPartials {
+  __device__ void operator()(TensorListMetadata<1>& meta, Kind kind, double p, double* partials) const {
+    using T = at::opmath_type<scalar_t>;
+    const int tensor = meta.block_to_tensor[blockIdx.x];
+    const int64_t begin = static_cast<int64_t>(meta.block_to_chunk[blockIdx.x]) * kChunkSize;
+    const int64_t end = min(begin + kChunkSize, meta.sizes[tensor]);
+    const auto* x = static_cast<const scalar_t*>(meta.addresses[0][tensor]);
+    double acc = identity(kind);
+    for (int64_t i = begin + threadIdx.x; i < end; i += blockDim.x) {
+      const T v = static_cast<T>(x[i]);
+      const T a = ::fabs(v);
+      T term;
+      switch (kind) {
+        case kSumAbs: term = a; break;
+        case kSumSquares: term = v * v; break;
+        case kSumPow: term = ::pow(a, static_cast<T>(p)); break;
+        case kCount: term = static_cast<T>(v != T(0)); break;
+        default: term = a; break;  // kMax, kMin
+      }
+      acc = combine(kind, acc, static_cast<double>(term));
+    }
+    acc = block_combine(kind, acc);
+    if (threadIdx.x == 0) {
+      partials[meta.first_global_chunk + blockIdx.x] = acc;
+    }
+  }
+};
+
+__device__ double norm_from_acc(Kind kind, double acc, double p) {
+  if (kind == kSumSquares) return sqrt(acc);
+  if (kind == kSumPow) return pow(acc, 1.0 / p);
+  return acc;
+}
+
+// One block: per-tensor norms from the chunks of each tensor (chunks ranges[2t] to ranges[2t+1]),
+// then the total as torch defines it (the norm of the per-tensor norms), written as fp64.
+__global__ void __launch_bounds__(kBlockSize) norm_cleanup(
+    const double* partials, const int64_t* ranges, int64_t n, Kind kind, double p, double* per_tensor, double* total) {
+  double t_acc = identity(kind == kCount ? kSumAbs : kind);
+  for (int64_t t = threadIdx.x; t < n; t += blockDim.x) {
+    double acc = identity(kind);
+    for (int64_t c = ranges[2 * t]; c < ranges[2 * t + 1]; ++c) {
+      acc = combine(kind, acc, partials[c]);
+    }
+    const double norm = norm_from_acc(kind, acc, p);
+    if (per_tensor != nullptr) {
+      per_tensor[t] = norm;
+    }
+    double term = norm;
+    if (kind == kSumSquares) term = norm * norm;
+    if (kind == kSumPow) term = pow(norm, p);
+    if (kind == kCount) term = norm != 0.0;  // torch: the number of non-zero tensors
+    t_acc = combine(kind == kCount ? kSumAbs : kind, t_acc, term);
+  }
+  t_acc = block_combine(kind == kCount ? kSumAbs : kind, t_acc);
+  if (threadIdx.x == 0) {
+    *total = norm_from_acc(kind, t_acc, p);
+  }
+}
+
+at::ScalarType norm_dtype(at::TensorList tensors) {
+  at::ScalarType dtype = tensors.empty() ? at::kFloat : tensors[0].scalar_type();
+  for (const at::Tensor& t : tensors) {
+    dtype = c10::promoteTypes(dtype, t.scalar_type());
+  }
+  return dtype;
+}
+
+std::tuple<at::Tensor, at::Tensor> multi_tensor_norm_cuda(at::TensorList tensors, double norm_type, bool per_tensor) {
+  TORCH_CHECK_VALUE(!std::isnan(norm_type), "norm_type must be a number, got nan");
+  check_floating_list(tensors, "tensors", c10::kCUDA);
+  const Kind kind = norm_kind(norm_type);
+  const auto options = tensors[0].options();
+  // Chunks are numbered group by group; ranges maps each tensor (in input order) to its chunks.
+  const auto groups = group_by_dtype(tensors);
+  std::vector<std::vector<at::Tensor>> dense;
+  int64_t chunks = 0;
+  std::vector<int64_t> first_of(tensors.size(), 0);
+  for (const auto& [dtype, idx] : groups) {
+    dense.push_back(dense_subset(tensors, idx));
+    for (int64_t i : idx) {
+      first_of[i] = chunks;
+      chunks += (tensors[i].numel() + kChunkSize - 1) / kChunkSize;
+    }
+  }
+  std::vector<int64_t> bounds(2 * tensors.size());
+  for (size_t i = 0; i < tensors.size(); ++i) {
+    bounds[2 * i] = first_of[i];
+    bounds[2 * i + 1] = first_of[i] + (tensors[i].numel() + kChunkSize - 1) / kChunkSize;
+  }
+  at::Tensor partials = at::empty({std::max<int64_t>(chunks, 1)}, options.dtype(at::kDouble));
+  int64_t first = 0;
+  for (size_t g = 0; g < groups.size(); ++g) {
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, groups[g].first, "multi_tensor_norm_cuda", [&] {
+      multi_tensor_apply<1>({dense[g]}, first, NormPartials<scalar_t>{}, kind, norm_type, partials.data_ptr<double>());
+    });
+    first += num_chunks(dense[g]);
+  }
+  // Per-tensor chunk ranges, copied without a host synchronization (pinned, non-blocking).
+  at::Tensor ranges = at::empty({static_cast<int64_t>(bounds.size())}, at::TensorOptions().dtype(at::kLong).pinned_memory(true));
+  std::copy(bounds.begin(), bounds.end(), ranges.data_ptr<int64_t>());
+  ranges = ranges.to(options.device(), /*non_blocking=*/true);
+  at::Tensor per = at::empty({static_cast<int64_t>(tensors.size())}, options.dtype(at::kDouble));
+  at::Tensor total = at::empty({}, options.dtype(at::kDouble));
+  const c10::cuda::CUDAGuard guard(options.device());
+  norm_cleanup<<<1, kBlockSize, 0, c10::cuda::getCurrentCUDAStream()>>>(
+      partials.data_ptr<double>(), ranges.data_ptr<int64_t>(), static_cast<int64_t>(tensors.size()), kind, norm_type,
+      per.data_ptr<double>(), total.data_ptr<double>());
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  const auto dtype = norm_dtype(tensors);
+  return {total.to(dtype), per_tensor ? per.to(dtype) : at::empty({0}, options.dtype(dtype))};
+}
+
+// x *= *scale, skipped (no write) when *scale == 1: the coefficient stays in device memory.
+template <typename scalar_t>
+struct ScaleByDeviceCoefficient {
+  __device__ void operator()(TensorListMetadata<1>& meta, const float* scale_f, const double* scale_d) const {
+    using T = at::opmath_type<scalar_t>;
+    const T s = scale_d != nullptr ? static_cast<T>(*scale_d) : static_cast<T>(*scale_f);
+    if (s == T(1)) {
+      return;
+    }
+    const int tensor = meta.block_to_tensor[blockIdx.x];
+    const int64_t begin = static_cast<int64_t>(meta.block_to_chunk[blockIdx.x]) * kChunkSize;
+    const int64_t end = min(begin + kChunkSize, meta.sizes[tensor]);
+    auto* x = static_cast<scalar_t*>(meta.addresses[0][tensor]);
+    for (int64_t i = begin + threadIdx.x; i < end; i += blockDim.x) {
+      x[i] = static_cast<scalar_t>(static_cast<T>(x[i]) * s);
+    }
+  }
+};
+
+template <typename scalar_t>
+struct Clamp {
+  __device__ void operator()(TensorListMetadata<1>& meta, double clip_value) const {
+    using T = at::opmath_type<scalar_t>;
+    // torch's clamp rounds its bounds to the tensor's dtype first; nan stays nan.
+    const T hi = static_cast<T>(static_cast<scalar_t>(clip_value));
+    const T lo = static_cast<T>(static_cast<scalar_t>(-clip_value));
+    const int tensor = meta.block_to_tensor[blockIdx.x];
+    const int64_t begin = static_cast<int64_t>(meta.block_to_chunk[blockIdx.x]) * kChunkSize;
+    const int64_t end = min(begin + kChunkSize, meta.sizes[tensor]);
+    auto* x = static_cast<scalar_t*>(meta.addresses[0][tensor]);
+    for (int64_t i = begin + threadIdx.x; i < end; i += blockDim.x) {
+      const T v = static_cast<T>(x[i]);
+      x[i] = static_cast<scalar_t>(isnan(v) ? v : (v < lo ? lo : (v > hi ? hi : v)));
+    }
+  }
+};
+
+// Scales every tensor by the one-element tensor `scale` (fp32 or fp64, on the device).
+void scale_by(at::TensorList tensors, const at::Tensor& scale) {
+  const at::Tensor s = scale.scalar_type() == at::kDouble ? scale : scale.to(at::kFloat);
+  const float* s_f = s.scalar_type() == at::kFloat ? s.data_ptr<float>() : nullptr;
+  const double* s_d = s.scalar_type() == at::kDouble ? s.data_ptr<double>() : nullptr;
+  const DenseTargets targets(tensors);
+  for (const auto& [dtype, idx] : group_by_dtype(tensors)) {
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, "multi_tensor_scale_cuda", [&] {
+      multi_tensor_apply<1>({select(targets.dense(), idx)}, 0, ScaleByDeviceCoefficient<scalar_t>{}, s_f, s_d);
+    });
+  }
+  targets.write_back();
+}
+
+void multi_tensor_scale_cuda(at::TensorList tensors, const at::Tensor& scale) {
+  check_floating_list(tensors, "tensors", c10::kCUDA);
+  TORCH_CHECK(scale.numel() == 1, "scale must hold one element, got shape ", scale.sizes());
+  if (!tensors.empty()) {
+    scale_by(tensors, scale.to(tensors[0].device()));
+  }
+}
+
+at::Tensor clip_grad_norm_cuda(at::TensorList grads, double max_norm, double norm_type, bool error_if_nonfinite) {
+  TORCH_CHECK_VALUE(!std::isnan(norm_type), "norm_type must be a number, got nan");
+  check_floating_list(grads, "grads", c10::kCUDA);
+  at::Tensor total = std::get<0>(multi_tensor_norm_cuda(grads, norm_type, false));
+  if (error_if_nonfinite) {  // the one case that reads the norm on the host, as torch does
+    std::ostringstream p;
+    p << norm_type << (norm_type == std::floor(norm_type) && std::abs(norm_type) < 1e15 ? ".0" : "");
+    TORCH_CHECK(
+        std::isfinite(total.item<double>()), "The total norm of order ", p.str(),
+        " for gradients from `parameters` is non-finite, so it cannot be clipped. To disable this error and "
+        "scale the gradients by the non-finite norm anyway, set `error_if_nonfinite=False`");
+  }
+  // torch's arithmetic in the total's dtype, on the device: max_norm / (total + 1e-6), clamped to 1.
+  const at::Tensor coef = at::clamp_max(at::mul(at::reciprocal(at::add(total, 1e-6)), max_norm), 1.0);
+  scale_by(grads, coef);
+  return total;
+}
+
+void clip_grad_value_cuda(at::TensorList grads, double clip_value) {
+  check_floating_list(grads, "grads", c10::kCUDA);
+  const DenseTargets targets(grads);
+  for (const auto& [dtype, idx] : group_by_dtype(grads)) {
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, "clip_grad_value_cuda", [&] {
+      multi_tensor_apply<1>({select(targets.dense(), idx)}, 0, Clamp<scalar_t>{}, clip_value);
+    });
+  }
+  targets.write_back();
+}
+
+} // namespace
+
+TORCH_LIBRARY_IMPL(fused_optim, CUDA, m) {
+  m.impl("multi_tensor_norm", &multi_tensor_norm_cuda);
+  m.impl("multi_tensor_scale_", &multi_tensor_scale_cuda);
+  m.impl("clip_grad_norm_", &clip_grad_norm_cuda);
+  m.impl("clip_grad_value_", &clip_grad_value_cuda);
+}
+
+} // namespace fused_optim::cuda
