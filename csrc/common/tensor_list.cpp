@@ -6,6 +6,7 @@
 #include <c10/util/Exception.h>
 
 #include <algorithm>
+#include <sstream>
 
 #include <cmath>
 
@@ -112,6 +113,28 @@ at::ScalarType reduction_dtype(at::TensorList tensors) {
     dtype = c10::promoteTypes(dtype, at::toOpMathType(t.scalar_type()));
   }
   return dtype;
+}
+
+void check_norm_type(double norm_type) {
+  TORCH_CHECK_VALUE(!std::isnan(norm_type), "norm_type must be a number, got nan");
+}
+
+at::ScalarType norm_dtype(at::TensorList tensors) {
+  at::ScalarType dtype = tensors.empty() ? at::kFloat : tensors[0].scalar_type();
+  for (const at::Tensor& t : tensors) {
+    dtype = c10::promoteTypes(dtype, t.scalar_type());
+  }
+  return dtype;
+}
+
+void check_finite_norm(const at::Tensor& total, double norm_type) {
+  // Python prints integral floats as "2.0"; the message names the order as torch's does.
+  std::ostringstream p;
+  p << norm_type << (norm_type == std::floor(norm_type) && std::abs(norm_type) < 1e15 ? ".0" : "");
+  TORCH_CHECK(
+      std::isfinite(total.item<double>()), "The total norm of order ", p.str(),
+      " for gradients from `parameters` is non-finite, so it cannot be clipped. To disable this error and "
+      "scale the gradients by the non-finite norm anyway, set `error_if_nonfinite=False`");
 }
 
 } // namespace fused_optim

@@ -55,4 +55,13 @@ class DenseTargets {
 // fp32 when the list is empty.
 at::ScalarType reduction_dtype(at::TensorList tensors);
 
+// A norm order: any number but nan (inf and -inf included).
+void check_norm_type(double norm_type);
+
+// The dtype torch.nn.utils gives a norm over tensors: their promoted dtype (fp32 when empty).
+at::ScalarType norm_dtype(at::TensorList tensors);
+
+// torch.nn.utils' error when a total norm (a one-element tensor) is nan or inf; reads its value.
+void check_finite_norm(const at::Tensor& total, double norm_type);
+
 } // namespace fused_optim

@@ -13,7 +13,6 @@
 #include <torch/library.h>
 
 #include <cmath>
-#include <sstream>
 
 namespace fused_optim {
 
@@ -59,19 +58,6 @@ double total_norm(const std::vector<double>& norms, NormKind kind, double p) {
     }
   }
   return norm_from_acc(total, kind, p);
-}
-
-// The dtype torch returns for a norm over tensors: their promoted dtype (fp32 when empty).
-at::ScalarType norm_dtype(at::TensorList tensors) {
-  at::ScalarType dtype = tensors.empty() ? at::kFloat : tensors[0].scalar_type();
-  for (const at::Tensor& t : tensors) {
-    dtype = c10::promoteTypes(dtype, t.scalar_type());
-  }
-  return dtype;
-}
-
-void check_norm_type(double norm_type) {
-  TORCH_CHECK_VALUE(!std::isnan(norm_type), "norm_type must be a number, got nan");
 }
 
 // Per-tensor norms (fp64) of all tensors, one kernel call per dtype.
@@ -127,14 +113,7 @@ at::Tensor clip_grad_norm_cpu(at::TensorList grads, double max_norm, double norm
     return total;
   }
   if (error_if_nonfinite) {
-    // Same error as torch.nn.utils, raised before any gradient is touched.
-    // Python prints integral floats as "2.0"; the message names the order as torch's does.
-    std::ostringstream p;
-    p << norm_type << (norm_type == std::floor(norm_type) && std::abs(norm_type) < 1e15 ? ".0" : "");
-    TORCH_CHECK(
-        std::isfinite(total.item<double>()), "The total norm of order ", p.str(),
-        " for gradients from `parameters` is non-finite, so it cannot be clipped. To disable this error and "
-        "scale the gradients by the non-finite norm anyway, set `error_if_nonfinite=False`");
+    check_finite_norm(total, norm_type);  // before any gradient is touched
   }
   // torch's arithmetic, in the total's dtype: max_norm / (total + 1e-6), clamped to 1.
   const at::Tensor coef = at::clamp_max(at::mul(at::reciprocal(at::add(total, 1e-6)), max_norm), 1.0);

@@ -15,7 +15,6 @@
 #include <torch/library.h>
 
 #include <cmath>
-#include <sstream>
 
 namespace fused_optim::cuda {
 namespace {
@@ -119,16 +118,8 @@ __global__ void __launch_bounds__(kBlockSize) norm_cleanup(
   }
 }
 
-at::ScalarType norm_dtype(at::TensorList tensors) {
-  at::ScalarType dtype = tensors.empty() ? at::kFloat : tensors[0].scalar_type();
-  for (const at::Tensor& t : tensors) {
-    dtype = c10::promoteTypes(dtype, t.scalar_type());
-  }
-  return dtype;
-}
-
 std::tuple<at::Tensor, at::Tensor> multi_tensor_norm_cuda(at::TensorList tensors, double norm_type, bool per_tensor) {
-  TORCH_CHECK_VALUE(!std::isnan(norm_type), "norm_type must be a number, got nan");
+  check_norm_type(norm_type);
   check_floating_list(tensors, "tensors", c10::kCUDA);
   const Kind kind = norm_kind(norm_type);
   const auto options = tensors[0].options();
@@ -232,16 +223,11 @@ void multi_tensor_scale_cuda(at::TensorList tensors, const at::Tensor& scale) {
 }
 
 at::Tensor clip_grad_norm_cuda(at::TensorList grads, double max_norm, double norm_type, bool error_if_nonfinite) {
-  TORCH_CHECK_VALUE(!std::isnan(norm_type), "norm_type must be a number, got nan");
+  check_norm_type(norm_type);
   check_floating_list(grads, "grads", c10::kCUDA);
   at::Tensor total = std::get<0>(multi_tensor_norm_cuda(grads, norm_type, false));
   if (error_if_nonfinite) {  // the one case that reads the norm on the host, as torch does
-    std::ostringstream p;
-    p << norm_type << (norm_type == std::floor(norm_type) && std::abs(norm_type) < 1e15 ? ".0" : "");
-    TORCH_CHECK(
-        std::isfinite(total.item<double>()), "The total norm of order ", p.str(),
-        " for gradients from `parameters` is non-finite, so it cannot be clipped. To disable this error and "
-        "scale the gradients by the non-finite norm anyway, set `error_if_nonfinite=False`");
+    check_finite_norm(total, norm_type);
   }
   // torch's arithmetic in the total's dtype, on the device: max_norm / (total + 1e-6), clamped to 1.
   const at::Tensor coef = at::clamp_max(at::mul(at::reciprocal(at::add(total, 1e-6)), max_norm), 1.0);
