@@ -85,8 +85,14 @@ std::vector<at::Tensor> dense_subset(at::TensorList tensors, const std::vector<i
   return subset;
 }
 
-at::Tensor in_layout_of(const at::Tensor& src, const at::Tensor& target) {
-  return src.strides() == target.strides() ? src : at::empty_like(target).copy_(src);
+std::vector<at::Tensor> in_layout_of(at::TensorList srcs, const std::vector<at::Tensor>& targets) {
+  std::vector<at::Tensor> laid_out;
+  laid_out.reserve(srcs.size());
+  for (size_t i = 0; i < srcs.size(); ++i) {
+    const at::Tensor& target = targets[i];
+    laid_out.push_back(srcs[i].strides() == target.strides() ? srcs[i] : at::empty_like(target).copy_(srcs[i]));
+  }
+  return laid_out;
 }
 
 DenseTargets::DenseTargets(at::TensorList tensors) : originals_(tensors) {

@@ -32,9 +32,9 @@ std::vector<at::Tensor> select(const std::vector<at::Tensor>& tensors, const std
 // as_dense of tensors[i] for each i in idx.
 std::vector<at::Tensor> dense_subset(at::TensorList tensors, const std::vector<int64_t>& idx);
 
-// src laid out as target (a dense tensor of src's shape): src itself when their strides match,
-// else a copy, so that both can be walked through memory in step.
-at::Tensor in_layout_of(const at::Tensor& src, const at::Tensor& target);
+// srcs[i] laid out as targets[i] (a dense tensor of its shape): srcs[i] itself when their strides
+// match, else a copy, so that each pair can be walked through memory in step.
+std::vector<at::Tensor> in_layout_of(at::TensorList srcs, const std::vector<at::Tensor>& targets);
 
 // Dense stand-ins for tensors updated in place: each tensor itself when dense, else a contiguous
 // copy, which write_back() copies into the original once the kernel has run.

@@ -34,12 +34,14 @@ void multi_tensor_weighted_sum_inplace_cpu(at::TensorList inputs, at::ArrayRef<d
     check_paired_lists(out, "out", inputs.slice(m * out.size(), out.size()), name.c_str());
   }
   const DenseTargets targets(out);
+  std::vector<std::vector<at::Tensor>> laid_out;
+  for (size_t m = 0; m < k; ++m) {
+    laid_out.push_back(in_layout_of(inputs.slice(m * out.size(), out.size()), targets.dense()));
+  }
   for (const auto& [dtype, idx] : group_by_dtype(out)) {
-    std::vector<std::vector<at::Tensor>> lists(k);
-    for (size_t m = 0; m < k; ++m) {
-      for (int64_t i : idx) {
-        lists[m].push_back(in_layout_of(inputs[m * out.size() + i], targets.dense()[i]));
-      }
+    std::vector<std::vector<at::Tensor>> lists;
+    for (const auto& list : laid_out) {
+      lists.push_back(select(list, idx));
     }
     weighted_sum_stub(c10::kCPU, lists, weights.vec(), select(targets.dense(), idx));
   }
@@ -64,10 +66,7 @@ void multi_tensor_lerp_cpu(at::TensorList self, at::TensorList end, double weigh
   check_floating_list(self, "self", c10::kCPU);
   check_paired_lists(self, "self", end, "end");
   const DenseTargets targets(self);
-  std::vector<at::Tensor> ends;
-  for (size_t i = 0; i < self.size(); ++i) {
-    ends.push_back(in_layout_of(end[i], targets.dense()[i]));
-  }
+  const std::vector<at::Tensor> ends = in_layout_of(end, targets.dense());
   for (const auto& [dtype, idx] : group_by_dtype(self)) {
     lerp_stub(c10::kCPU, select(targets.dense(), idx), select(ends, idx), weight);
   }

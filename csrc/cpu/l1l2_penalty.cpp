@@ -62,10 +62,7 @@ void l1l2_grad_cpu(at::TensorList params, at::TensorList grads, double l1, doubl
   check_paired_lists(params, "params", grads, "grads");
   // Each pair is worked on as two dense tensors of one layout; other layouts go through a copy.
   const DenseTargets targets(grads);
-  std::vector<at::Tensor> dense_params;
-  for (size_t i = 0; i < params.size(); ++i) {
-    dense_params.push_back(in_layout_of(params[i], targets.dense()[i]));
-  }
+  const std::vector<at::Tensor> dense_params = in_layout_of(params, targets.dense());
   add_penalty_grad(dense_params, targets.dense(), l1, 2.0 * l2, /*accumulate=*/true);
   targets.write_back();
 }

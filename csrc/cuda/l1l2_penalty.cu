@@ -136,10 +136,7 @@ void l1l2_grad_cuda(at::TensorList params, at::TensorList grads, double l1, doub
   check_floating_list(params, "params", c10::kCUDA);
   check_paired_lists(params, "params", grads, "grads");
   const DenseTargets targets(grads);
-  std::vector<at::Tensor> dense_params;
-  for (size_t i = 0; i < params.size(); ++i) {
-    dense_params.push_back(in_layout_of(params[i], targets.dense()[i]));
-  }
+  const std::vector<at::Tensor> dense_params = in_layout_of(params, targets.dense());
   add_penalty_grad<true>(dense_params, targets.dense(), nullptr, l1, l2);
   targets.write_back();
 }
