@@ -24,7 +24,8 @@ SCHEMAS = {
     ),
     "l1l2_grad_": "l1l2_grad_(Tensor[] params, Tensor(a!)[] grads, float l1, float l2) -> ()",
     "multi_tensor_norm": (
-        "multi_tensor_norm(Tensor[] tensors, float norm_type, bool per_tensor) -> (Tensor, Tensor)"
+        "multi_tensor_norm(Tensor[] tensors, float norm_type, bool per_tensor, bool error_if_nonfinite=False)"
+        " -> (Tensor, Tensor)"
     ),
     "multi_tensor_scale_": "multi_tensor_scale_(Tensor(a!)[] tensors, Tensor scale) -> ()",
     "clip_grad_norm_": (
@@ -36,7 +37,7 @@ SCHEMAS = {
     "multi_tensor_weighted_sum_": (
         "multi_tensor_weighted_sum_(Tensor[] inputs, float[] weights, Tensor(a!)[] out) -> ()"
     ),
-    "multi_tensor_lerp_": "multi_tensor_lerp_(Tensor(a!)[] self, Tensor[] end, float weight) -> ()",
+    "multi_tensor_lerp_": "multi_tensor_lerp_(Tensor(a!)[] self, Tensor[] end, Tensor weight) -> ()",
     "dropout": "dropout(Tensor input, float p, Tensor seed_offset) -> Tensor",
     "dropout_": "dropout_(Tensor(a!) input, float p, Tensor seed_offset) -> ()",
     "dropout_mask": "dropout_mask(Tensor input, float p, Tensor seed_offset) -> Tensor",
@@ -87,7 +88,7 @@ def _load_extension():
 _C, EXTENSION_ERROR = _load_extension()
 
 @torch.library.register_fake("fused_optim::multi_tensor_norm", lib=_lib)
-def _(tensors: list[Tensor], norm_type: float, per_tensor: bool) -> tuple[Tensor, Tensor]:
+def _(tensors: list[Tensor], norm_type: float, per_tensor: bool, error_if_nonfinite: bool = False) -> tuple[Tensor, Tensor]:
     reference.check_norm_type(norm_type)
     reference.check_floating_list(tensors, "tensors")
     device = tensors[0].device if tensors else None
@@ -127,7 +128,7 @@ def _(inputs: list[Tensor], weights: list[float], out: list[Tensor]) -> None:
 
 
 @torch.library.register_fake("fused_optim::multi_tensor_lerp_", lib=_lib)
-def _(self: list[Tensor], end: list[Tensor], weight: float) -> None:
+def _(self: list[Tensor], end: list[Tensor], weight: Tensor) -> None:
     reference.check_lerp_args(self, end, weight)
 
 

@@ -10,6 +10,7 @@ from collections.abc import Callable, Mapping, Sequence
 import torch
 from torch import Tensor, nn
 
+from . import _distributed
 from ._utils import as_float
 
 
@@ -39,7 +40,10 @@ def average_tensors(
 
     Raises ValueError for lists of different lengths or bad weights, RuntimeError for tensors
     that differ in shape, dtype or device at the same position, TypeError for non-floating
-    tensors; nothing is written then."""
+    tensors; nothing is written then.
+
+    DTensors (e.g. FSDP2-sharded weights) are averaged shard by shard on each rank, with no
+    communication; new outputs are DTensors laid out as the first list's."""
     lists = [list(tl) for tl in tensor_lists]
     if not lists:
         raise ValueError("tensor_lists must hold at least one list")
@@ -48,11 +52,13 @@ def average_tensors(
         if len(tl) != n:
             raise ValueError(f"tensor_lists[{m}] holds {len(tl)} tensors, tensor_lists[0] holds {n}")
     w = _normalized(weights, len(lists))
-    inputs = [t for tl in lists for t in tl]
     if out is None:
-        return torch.ops.fused_optim.multi_tensor_weighted_sum.default(inputs, w)
+        inputs = [t for tl in _distributed.local_lists(*lists) for t in tl]
+        new = torch.ops.fused_optim.multi_tensor_weighted_sum.default(inputs, w)
+        return [_distributed.like(o, t) for o, t in zip(new, lists[0])]
     out = list(out)
-    torch.ops.fused_optim.multi_tensor_weighted_sum_.default(inputs, w, out)
+    *local, local_out = _distributed.local_lists(*lists, out)
+    torch.ops.fused_optim.multi_tensor_weighted_sum_.default([t for tl in local for t in tl], w, local_out)
     return out
 
 
@@ -107,28 +113,43 @@ def average_model_weights(models: Sequence[nn.Module], weights: Sequence[float] 
     return avg_model
 
 
-def _lerp_(averaged: Sequence[Tensor], current: Sequence[Tensor], weight: float) -> None:
-    torch.ops.fused_optim.multi_tensor_lerp_.default(list(averaged), list(current), weight)
+def _lerp_(averaged: Sequence[Tensor], current: Sequence[Tensor], weight: Tensor) -> None:
+    # DTensors (sharded weights): shard-local, no communication.
+    torch.ops.fused_optim.multi_tensor_lerp_.default(*_distributed.local_lists(averaged, current), weight)
 
 
 @torch.no_grad()
-def ema_update_(averaged: Sequence[Tensor], current: Sequence[Tensor], decay: float) -> None:
+def ema_update_(averaged: Sequence[Tensor], current: Sequence[Tensor], decay: float | Tensor) -> None:
     """``averaged[i] = decay * averaged[i] + (1 - decay) * current[i]`` in place, one pass over all
-    tensors, with torch.lerp's arithmetic (as ``torch.optim.swa_utils.get_ema_multi_avg_fn``)."""
-    decay = as_float(decay, "decay")
-    if not 0.0 <= decay <= 1.0:
-        raise ValueError(f"decay must be in [0, 1], got {decay}")
-    _lerp_(averaged, current, 1.0 - decay)
+    tensors, with torch.lerp's arithmetic (as ``torch.optim.swa_utils.get_ema_multi_avg_fn``).
+
+    ``decay``: a float in [0, 1] (ValueError otherwise), or a one-element tensor on the CPU or the
+    tensors' device, used as it is (never read on the host: no sync, no range check), e.g. a
+    warm-up decay computed on the GPU."""
+    if isinstance(decay, Tensor):
+        weight = 1.0 - decay.to(torch.float64)
+    else:
+        decay = as_float(decay, "decay")
+        if not 0.0 <= decay <= 1.0:
+            raise ValueError(f"decay must be in [0, 1], got {decay}")
+        weight = torch.tensor(1.0 - decay, dtype=torch.float64)
+    _lerp_(averaged, current, weight)
 
 
 @torch.no_grad()
 def swa_update_(averaged: Sequence[Tensor], current: Sequence[Tensor], num_averaged: int | Tensor) -> None:
     """``averaged[i] += (current[i] - averaged[i]) / (num_averaged + 1)`` in place, one pass (the
-    running mean of ``torch.optim.swa_utils.get_swa_multi_avg_fn``)."""
-    n = float(num_averaged)  # a tensor count is read once (a host sync on CUDA, as torch's .item())
-    if not math.isfinite(n) or n < 0:
-        raise ValueError(f"num_averaged must be >= 0, got {n}")
-    _lerp_(averaged, current, 1.0 / (n + 1.0))
+    running mean of ``torch.optim.swa_utils.get_swa_multi_avg_fn``). ``num_averaged``: an int >= 0
+    (ValueError otherwise), or a one-element tensor (``AveragedModel.n_averaged``) used as it is,
+    never read on the host (no sync, no range check)."""
+    if isinstance(num_averaged, Tensor):
+        weight = 1.0 / (num_averaged.to(torch.float64) + 1.0)
+    else:
+        n = as_float(num_averaged, "num_averaged")
+        if not math.isfinite(n) or n < 0:
+            raise ValueError(f"num_averaged must be >= 0, got {n}")
+        weight = torch.tensor(1.0 / (n + 1.0), dtype=torch.float64)
+    _lerp_(averaged, current, weight)
 
 
 def get_ema_multi_avg_fn(decay: float = 0.999) -> Callable[[list[Tensor], list[Tensor], Tensor | int], None]:
@@ -195,15 +216,21 @@ class ModelEMA(nn.Module):
 
     def get_decay(self, step: int | None = None) -> float:
         """The decay of update number `step` (default: the next one)."""
+        step = self.step if step is None else torch.tensor(step)
+        return float(self._decay(step))
+
+    def _decay(self, step: Tensor) -> float | Tensor:
+        """The decay at `step` as a tensor where `step` is (on the GPU: never read on the host, and
+        torch.compile keeps it in the graph)."""
         if not self.warmup:
             return self.decay
-        step = int(self.step) if step is None else step
-        decay = 1.0 - (1.0 + step / self.warmup_gamma) ** -self.warmup_power
-        return min(self.decay, max(self.min_decay, decay))
+        decay = 1.0 - (1.0 + step.to(torch.float64) / self.warmup_gamma) ** -self.warmup_power
+        # min(decay, max(min_decay, .)); clamp gives max when min > max, which is the same.
+        return decay.clamp(self.min_decay, self.decay)
 
     @torch.no_grad()
     def update(self, model: nn.Module) -> None:
-        decay = self.get_decay()
+        decay = self._decay(self.step)
         averaged, current, written = [], [], []
         for i, (ema_p, p, shadowed) in enumerate(zip(self.module.parameters(), model.parameters(), self._shadowed)):
             if shadowed:

@@ -9,9 +9,10 @@ import warnings
 from collections.abc import Iterable
 
 import torch
+import torch.distributed as dist
 from torch import Tensor, nn
 
-from . import reference
+from . import _distributed, reference
 from ._utils import as_float
 
 _TensorOrTensors = Tensor | Iterable[Tensor]
@@ -21,8 +22,9 @@ def _as_list(tensors: _TensorOrTensors) -> list[Tensor]:
 
 
 def _grads(parameters: list[Tensor]) -> list[Tensor]:
-    # One .grad read per parameter: each costs ~100 ns, a visible share for 2000 parameters.
-    return [g for p in parameters if (g := p.grad) is not None]
+    # One .grad read per parameter: each costs ~100 ns, a visible share for 2000 parameters. (Not
+    # a walrus in the comprehension: torch.compile cannot trace that.)
+    return [g for g in (p.grad for p in parameters) if g is not None]
 
 
 @torch.no_grad()
@@ -31,6 +33,8 @@ def get_total_norm(
     norm_type: float = 2.0,
     error_if_nonfinite: bool = False,
     foreach: bool | None = None,
+    *,
+    process_group: dist.ProcessGroup | None = None,
 ) -> Tensor:
     """The norm of order ``norm_type`` of all ``tensors`` viewed as one vector, as
     ``torch.nn.utils.get_total_norm``: 0-dim, in the tensors' promoted dtype (fp16 for fp16
@@ -41,14 +45,35 @@ def get_total_norm(
     Raises RuntimeError (torch's message) when ``error_if_nonfinite`` and the norm is nan or inf;
     TypeError/ValueError for a non-numeric or nan ``norm_type`` or non-floating tensors.
 
+    Sharded tensors (see README, "Scaling out"): DTensors (FSDP2, tensor parallel) and, with
+    ``process_group``, plain tensors that are each rank's shard of a larger vector (the others are
+    taken as replicated). The result is then the **global** norm, a plain tensor with the same
+    value on every rank (torch returns a DTensor there, to be ``.full_tensor()``-ed): the fused
+    kernel reduces each rank's local shards, then one all-reduce per sharded mesh dimension (and
+    per ``process_group``) combines the partial results. Every rank must call it.
+
     ``foreach`` is accepted for compatibility and ignored: the fused kernel always handles all
     tensors in one call.
     """
     norm_type = as_float(norm_type, "norm_type")
-    total, _ = torch.ops.fused_optim.multi_tensor_norm.default(_as_list(tensors), norm_type, False)
-    if error_if_nonfinite and not torch.isfinite(total):
+    tensors = _as_list(tensors)
+    if process_group is None and not _distributed.any_dtensor(tensors):
+        total, _ = torch.ops.fused_optim.multi_tensor_norm.default(tensors, norm_type, False, bool(error_if_nonfinite))
+        return total
+    reference.check_norm_type(norm_type)
+    total = _distributed.sharded_norm(tensors, norm_type, process_group).to(reference.norm_dtype(tensors))
+    if error_if_nonfinite and not torch.isfinite(total):  # a host read, as in torch
         raise RuntimeError(reference.nonfinite_norm_message(norm_type))
     return total
+
+
+def _scale_by_clip_coefficient(grads: list[Tensor], max_norm: float, total_norm: Tensor) -> None:
+    """grads *= min(1, max_norm / (total_norm + 1e-6)), local shards of DTensors included."""
+    if _distributed.is_dtensor(total_norm):
+        total_norm = total_norm.full_tensor()  # torch's get_total_norm returns one for DTensors
+    clip_coef = torch.clamp(max_norm / (total_norm + 1e-6), max=1.0)
+    local = [g.to_local() if _distributed.is_dtensor(g) else g for g in grads]
+    torch.ops.fused_optim.multi_tensor_scale_.default(local, clip_coef)
 
 
 @torch.no_grad()
@@ -63,10 +88,8 @@ def clip_grads_with_norm_(
     tensors in one call.
     """
     grads = _grads(_as_list(parameters))
-    if not grads:
-        return
-    clip_coef = torch.clamp(as_float(max_norm, "max_norm") / (total_norm + 1e-6), max=1.0)
-    torch.ops.fused_optim.multi_tensor_scale_.default(grads, clip_coef)
+    if grads:
+        _scale_by_clip_coefficient(grads, as_float(max_norm, "max_norm"), total_norm)
 
 
 @torch.no_grad()
@@ -76,6 +99,8 @@ def clip_grad_norm_(
     norm_type: float = 2.0,
     error_if_nonfinite: bool = False,
     foreach: bool | None = None,
+    *,
+    process_group: dist.ProcessGroup | None = None,
 ) -> Tensor:
     """Drop-in for ``torch.nn.utils.clip_grad_norm_``: computes the total norm of the gradients of
     ``parameters`` (see :func:`get_total_norm`), scales them by ``min(1, max_norm / (norm + 1e-6))``
@@ -87,6 +112,9 @@ def clip_grad_norm_(
     coefficient computed from the non-finite norm (nan for a nan norm: all gradients become nan;
     0 for an inf norm: finite entries become 0, infinite ones nan).
 
+    Sharded gradients (DTensors, or plain shards with ``process_group``): the global norm, as
+    :func:`get_total_norm`, and every rank scales its local shards by the same coefficient.
+
     ``foreach`` is accepted for compatibility and ignored: the fused kernel always handles all
     tensors in one call.
     """
@@ -94,12 +122,14 @@ def clip_grad_norm_(
     parameters = _as_list(parameters)
     if is_generator and not parameters:
         warnings.warn("`parameters` is an empty generator, no gradient clipping will occur.", stacklevel=3)
-    return torch.ops.fused_optim.clip_grad_norm_.default(
-        _grads(parameters),
-        as_float(max_norm, "max_norm"),
-        as_float(norm_type, "norm_type"),
-        bool(error_if_nonfinite),
-    )
+    grads = _grads(parameters)
+    max_norm, norm_type = as_float(max_norm, "max_norm"), as_float(norm_type, "norm_type")
+    if process_group is None and not _distributed.any_dtensor(grads):
+        return torch.ops.fused_optim.clip_grad_norm_.default(grads, max_norm, norm_type, bool(error_if_nonfinite))
+    total = get_total_norm(grads, norm_type, error_if_nonfinite, process_group=process_group)
+    if grads:
+        _scale_by_clip_coefficient(grads, max_norm, total)
+    return total
 
 
 @torch.no_grad()

@@ -8,7 +8,7 @@ from collections.abc import Sequence
 
 import torch
 from torch import Tensor, nn
-from torch.func import functional_call, stack_module_state, vmap
+from torch.func import functional_call, vmap
 
 REDUCE_MODES = ("mean", "softmax_mean", "vote")
 
@@ -23,7 +23,7 @@ class ModelEnsemble:
 
     ``vectorize`` (``"auto"``, True, False): models of one class with the same parameter and buffer
     names, shapes and dtypes run as one batched call, ``torch.func.vmap`` over their stacked
-    weights (``torch.func.stack_module_state``; re-stacked when a weight is updated in place; a
+    weights (stacked as ``torch.func.stack_module_state`` does; re-stacked when a weight is updated in place; a
     parameter replaced by a new object needs a new ensemble). ``"auto"``
     falls back to the plain loop when the architectures differ or the model cannot be vmapped;
     ``True`` raises instead. On CPU, vmap wins when per-call overhead dominates (small batches:
@@ -42,7 +42,7 @@ class ModelEnsemble:
         self.reduce = reduce
         self.vectorize = vectorize
         self._base = None  # the architecture on the meta device, for functional_call
-        self._stack_key, self._stack = None, None
+        self._stack_key, self._stack_cache = None, None
         if vectorize is not False and self._same_architecture():
             self._base = base = copy.deepcopy(self.models[0]).to("meta")
             base.eval()  # the models' own modes do not matter on this path: base is what runs
@@ -58,13 +58,27 @@ class ModelEnsemble:
         first = signature(self.models[0])
         return all(signature(m) == first for m in self.models[1:])
 
+    def _stack(self) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
+        """The models' parameters and buffers, each stacked along a new first dim (as
+        torch.func.stack_module_state, without marking them as requiring grad, which
+        torch.compile refuses for a returned tensor)."""
+        params = [dict(m.named_parameters()) for m in self.models]
+        buffers = [dict(m.named_buffers()) for m in self.models]
+        return (
+            {name: torch.stack([p[name] for p in params]) for name in params[0]},
+            {name: torch.stack([b[name] for b in buffers]) for name in buffers[0]},
+        )
+
     def _stacked_state(self) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
-        """The models' weights stacked, re-stacked only when a weight changed (tensor versions
-        count every in-place update: optimizer steps, load_state_dict)."""
+        """The stacked weights, re-stacked only when a weight changed (tensor versions count every
+        in-place update: optimizer steps, load_state_dict). Under torch.compile the stacking is
+        part of the graph (versions cannot be traced), so it is done on every call."""
+        if torch.compiler.is_compiling():
+            return self._stack()
         key = tuple(t._version for t in self._weights)
         if key != self._stack_key:
-            self._stack_key, self._stack = key, stack_module_state(self.models)
-        return self._stack
+            self._stack_key, self._stack_cache = key, self._stack()
+        return self._stack_cache
 
     def _outputs_in_eval_mode(self, x: Tensor) -> Tensor:
         if self._base is not None:

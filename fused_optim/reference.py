@@ -119,11 +119,15 @@ def nonfinite_norm_message(norm_type: float) -> str:
     )
 
 
-def multi_tensor_norm(tensors: list[Tensor], norm_type: float, per_tensor: bool) -> tuple[Tensor, Tensor]:
+def multi_tensor_norm(
+    tensors: list[Tensor], norm_type: float, per_tensor: bool, error_if_nonfinite: bool = False
+) -> tuple[Tensor, Tensor]:
     """(total, per-tensor norms) of order norm_type. The total is defined as torch.nn.utils'
     get_total_norm does: the norm of the vector of per-tensor norms (so for norm_type=0, the number
-    of tensors with a non-zero element); empty tensors contribute nothing. Computed in fp64 here; both results have the tensors'
-    promoted dtype; per-tensor norms are empty unless per_tensor."""
+    of tensors with a non-zero element); empty tensors contribute nothing. Computed in fp64 here;
+    both results have the tensors' promoted dtype; per-tensor norms are empty unless per_tensor.
+    RuntimeError (torch's message) for a nan or infinite total when error_if_nonfinite: inside the
+    op, so that torch.compile traces it without a data-dependent branch."""
     check_norm_type(norm_type)
     check_floating_list(tensors, "tensors")
     dtype = norm_dtype(tensors)
@@ -135,6 +139,8 @@ def multi_tensor_norm(tensors: list[Tensor], norm_type: float, per_tensor: bool)
         return torch.zeros((), dtype=dtype, device=device), torch.empty(0, dtype=dtype, device=device)
     stacked = torch.stack(norms)
     total = torch.linalg.vector_norm(stacked, norm_type).to(dtype)
+    if error_if_nonfinite and not math.isfinite(total.item()):
+        raise RuntimeError(nonfinite_norm_message(norm_type))
     return total, (stacked if per_tensor else stacked[:0]).to(dtype)
 
 
@@ -152,11 +158,9 @@ def multi_tensor_scale_(tensors: list[Tensor], scale: Tensor) -> None:
 def clip_grad_norm_(grads: list[Tensor], max_norm: float, norm_type: float, error_if_nonfinite: bool) -> Tensor:
     """Scales grads by min(1, max_norm / (total + 1e-6)), in the total's dtype as torch does;
     returns the total norm (before clipping)."""
-    total, _ = multi_tensor_norm(grads, norm_type, False)
+    total, _ = multi_tensor_norm(grads, norm_type, False, error_if_nonfinite)
     if not grads:
         return total
-    if error_if_nonfinite and not math.isfinite(total.item()):
-        raise RuntimeError(nonfinite_norm_message(norm_type))
     multi_tensor_scale_(grads, torch.clamp(max_norm / (total + 1e-6), max=1.0))
     return total
 
@@ -214,18 +218,27 @@ def multi_tensor_weighted_sum_(inputs: list[Tensor], weights: list[float], out: 
         o.copy_(acc)
 
 
-def check_lerp_args(self: list[Tensor], end: list[Tensor], weight: float) -> None:
-    if not math.isfinite(weight):
-        raise ValueError(f"weight must be finite, got {weight}")
+def check_lerp_args(self: list[Tensor], end: list[Tensor], weight: Tensor) -> None:
+    """weight: a one-element floating tensor on the CPU or on self's device (a weight computed on
+    the GPU spares a host sync). Its value is checked by the kernels, not here (fake tensors)."""
+    if weight.numel() != 1 or not weight.is_floating_point():
+        raise RuntimeError(f"weight must be a floating tensor of one element, got {weight.dtype}{list(weight.shape)}")
+    if self and weight.device.type != "cpu" and weight.device != self[0].device:
+        raise RuntimeError(f"weight must be on the CPU or on {self[0].device} (self's device), got {weight.device}")
     check_floating_list(self, "self")
     check_paired_lists(self, end, names=("self", "end"))
 
 
-def multi_tensor_lerp_(self: list[Tensor], end: list[Tensor], weight: float) -> None:
-    """self[i] = torch.lerp(self[i], end[i], weight), in place: the EMA and SWA update."""
+def multi_tensor_lerp_(self: list[Tensor], end: list[Tensor], weight: Tensor) -> None:
+    """self[i] = torch.lerp(self[i], end[i], weight), in place: the EMA and SWA update. The weight
+    is read as a Python float (a host sync for a GPU weight: the native kernel reads it on the
+    device), so fp16/bf16 tensors get torch.lerp's fp32 math with the unrounded weight."""
     check_lerp_args(self, end, weight)
+    w = weight.item()
+    if weight.device.type == "cpu" and not math.isfinite(w):  # the kernels read only a CPU weight on the host
+        raise ValueError(f"weight must be finite, got {w}")
     for s, e in zip(self, end):
-        s.lerp_(e, weight)
+        s.lerp_(e, w)
 
 
 # ---------------------------------------------------------------- dropout

@@ -8,6 +8,7 @@ from collections.abc import Iterable
 import torch
 from torch import Tensor, nn
 
+from . import _distributed
 from ._utils import as_float, as_tensor_list
 
 
@@ -31,9 +32,15 @@ def l1l2_penalty(tensors: Tensor | Iterable[Tensor], l1: float = 0.0, l2: float 
             floating; ``l1``/``l2`` is not a real number.
         ValueError: ``l1`` or ``l2`` is negative or not finite.
         RuntimeError: the tensors are on different devices.
+
+    DTensors (FSDP2, tensor parallel): the penalty of the whole (unsharded) tensors, the same on
+    every rank, from the local shards; gradients reach each rank's shards. Every rank must call it.
     """
     tensors = as_tensor_list(tensors, "tensors")
-    return torch.ops.fused_optim.l1l2_penalty.default(tensors, as_float(l1, "l1"), as_float(l2, "l2"))
+    l1, l2 = as_float(l1, "l1"), as_float(l2, "l2")
+    if _distributed.any_dtensor(tensors):
+        return _distributed.sharded_penalty(tensors, l1, l2)
+    return torch.ops.fused_optim.l1l2_penalty.default(tensors, l1, l2)
 
 
 @torch.no_grad()

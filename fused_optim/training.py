@@ -60,9 +60,10 @@ class GradientAccumulator:
       scaled by 1/2, not 1/4, and ``step`` returns True at micro-batch 10. Without
       ``total_steps``, call ``flush()`` at the end: it returns True if a partial window holds
       gradients and rescales them by ``accumulation_steps / filled`` so they are a mean too.
-    - ``with acc.accumulate(): acc.step(loss)`` skips DDP's gradient all-reduce on micro-steps that
-      do not end a window (``model.no_sync()`` when ``model`` is a ``DistributedDataParallel``;
-      nothing on a plain module).
+    - ``with acc.accumulate(): acc.step(loss)`` skips the gradient communication on micro-steps
+      that do not end a window: ``model.no_sync()`` for a ``DistributedDataParallel``,
+      ``model.set_requires_gradient_sync(False)`` for an FSDP2 (``fully_shard``) model; nothing on
+      a plain module.
     - ``step(loss, scaler=scaler)`` backpropagates ``scaler.scale(loss / window)`` for
       ``torch.amp.GradScaler`` users.
     - ``state_dict()`` / ``load_state_dict()`` resume mid-window.
@@ -118,13 +119,21 @@ class GradientAccumulator:
 
     @contextlib.contextmanager
     def accumulate(self):
-        """Skips DDP's all-reduce inside, unless the next micro-step ends a window."""
+        """Skips the gradient communication inside, unless the next micro-step ends a window:
+        DDP's all-reduce (``no_sync()``), FSDP2's reduce-scatter (``set_requires_gradient_sync``)."""
         no_sync = getattr(self.model, "no_sync", None)
-        if no_sync is None or self._ends_window():
+        set_sync = getattr(self.model, "set_requires_gradient_sync", None)
+        if self._ends_window() or (no_sync is None and set_sync is None):
             yield
-        else:
+        elif no_sync is not None:
             with no_sync():
                 yield
+        else:
+            set_sync(False)
+            try:
+                yield
+            finally:
+                set_sync(True)
 
     def state_dict(self) -> dict:
         return {"accumulation_steps": self.accumulation_steps, "total_steps": self.total_steps, "current_step": self.current_step}
@@ -133,6 +142,13 @@ class GradientAccumulator:
         self.accumulation_steps = state["accumulation_steps"]
         self.total_steps = state["total_steps"]
         self.current_step = state["current_step"]
+
+
+def _collective_device() -> torch.device:
+    """Where the default process group's backend takes tensors: the current GPU for NCCL."""
+    if torch.distributed.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
 
 
 class EarlyStopping:
@@ -151,8 +167,10 @@ class EarlyStopping:
     - ``restore_best_weights`` with ``model``: a CPU copy of the best weights is kept
       (``best_state_dict``) and loaded back into the model on stop, or by ``restore()``.
     - ``state_dict()`` / ``load_state_dict()`` to resume; ``reason`` says why it stopped.
-    - Under ``torch.distributed``, the stop decision is the same on every rank: a rank that
-      decides to stop makes all stop (one all-reduce per call).
+    - Under ``torch.distributed``, each call first averages the value over the ranks (one
+      all-reduce), so every rank takes the same decisions on the same value: all stop at the same
+      epoch, and ``restore_best_weights`` keeps the same epoch's weights everywhere (with FSDP2,
+      each rank its own shards). A nan on any rank makes the mean nan.
     """
 
     def __init__(
@@ -217,12 +235,11 @@ class EarlyStopping:
         epoch, self.epoch = self.epoch, self.epoch + 1
         if self.early_stop or epoch < self.start_from_epoch:
             return self.early_stop
-        reason = self._decide(value)
         if torch.distributed.is_available() and torch.distributed.is_initialized():
-            flag = torch.tensor([1.0 if reason else 0.0])
-            torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
-            if flag.item() and not reason:
-                reason = "another rank decided to stop"
+            mean = torch.tensor([value], dtype=torch.float64, device=_collective_device())
+            torch.distributed.all_reduce(mean)
+            value = mean.item() / torch.distributed.get_world_size()
+        reason = self._decide(value)
         if reason:
             self.early_stop, self.reason = True, reason
             if self.restore_best_weights:

@@ -73,3 +73,18 @@ def assert_close_to_fp64(actual, expected64, plain, dtype):
         assert err <= 2 * plain_err + floor, f"error {err} > 2 x plain {dtype} error {plain_err}"
     else:
         torch.testing.assert_close(actual, expected64.to(actual.dtype))
+
+
+# Every check opcheck has: schema, autograd registration, fake tensor, AOT dispatch static and
+# dynamic (its default leaves out the static one).
+OPCHECK_UTILS = (
+    "test_schema",
+    "test_autograd_registration",
+    "test_faketensor",
+    "test_aot_dispatch_static",
+    "test_aot_dispatch_dynamic",
+)
+
+
+def opcheck(op, args) -> None:
+    torch.library.opcheck(op, args, test_utils=OPCHECK_UTILS)

@@ -11,7 +11,7 @@ from torch import nn
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn, get_swa_multi_avg_fn
 
 import fused_optim
-from conftest import DTYPES, HALF_DTYPES, assert_close_to_fp64
+from conftest import DTYPES, HALF_DTYPES, assert_close_to_fp64, opcheck
 
 SIZES = (1000, 70001, 3, 1, 0)
 
@@ -54,9 +54,9 @@ def test_average_tensors_uniform_mixed_dtypes_views_and_aliasing(backend, device
 def test_ops_opcheck(backend, device):
     lists = make_lists(3, torch.float32, device, sizes=(7, 5))
     out = [torch.empty_like(t) for t in lists[0]]
-    torch.library.opcheck(torch.ops.fused_optim.multi_tensor_weighted_sum_, ([t for tl in lists for t in tl], [0.2, 0.3, 0.5], out))
-    torch.library.opcheck(torch.ops.fused_optim.multi_tensor_weighted_sum, ([t for tl in lists for t in tl], [0.2, 0.3, 0.5]))
-    torch.library.opcheck(torch.ops.fused_optim.multi_tensor_lerp_, ([t.clone() for t in lists[0]], lists[1], 0.1))
+    opcheck(torch.ops.fused_optim.multi_tensor_weighted_sum_, ([t for tl in lists for t in tl], [0.2, 0.3, 0.5], out))
+    opcheck(torch.ops.fused_optim.multi_tensor_weighted_sum, ([t for tl in lists for t in tl], [0.2, 0.3, 0.5]))
+    opcheck(torch.ops.fused_optim.multi_tensor_lerp_, ([t.clone() for t in lists[0]], lists[1], torch.tensor(0.1, device=device)))
 
 
 # ---------------------------------------------------------------- state dicts and models
@@ -203,6 +203,32 @@ def test_plugs_into_averaged_model(backend, kind):
         torch.testing.assert_close(a, b)
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_ema_update_tensor_decay_equals_float_decay(backend, device, dtype):
+    # A tensor decay (on the CPU or the device) is never read on the host; same bits as a float.
+    averaged, current = make_lists(2, dtype, device)
+    expected = [t.clone() for t in averaged]
+    fused_optim.ema_update_(expected, current, 0.97)
+    for where in ("cpu", device):
+        got = [t.clone() for t in averaged]
+        fused_optim.ema_update_(got, current, torch.tensor(0.97, dtype=torch.float64, device=where))
+        assert all(torch.equal(g, e) for g, e in zip(got, expected))
+
+
+@pytest.mark.parametrize(
+    "weight, exc, fragment",
+    [(torch.tensor([0.1, 0.2]), RuntimeError, "one element"), (torch.tensor(1), RuntimeError, "floating tensor"),
+     (torch.tensor(float("nan")), ValueError, "must be finite"), (torch.tensor(float("inf")), ValueError, "must be finite")],
+    ids=["two-elements", "integer", "nan", "inf"],
+)
+def test_lerp_op_rejects_bad_weight_and_writes_nothing(backend, weight, exc, fragment):
+    averaged, current = make_lists(2, torch.float32, "cpu", sizes=(4, 5))
+    before = [t.clone() for t in averaged]
+    with pytest.raises(exc, match=fragment):
+        torch.ops.fused_optim.multi_tensor_lerp_(averaged, current, weight)
+    assert all(torch.equal(a, b) for a, b in zip(averaged, before))
+
+
 def test_ema_bad_decay_and_mismatch_change_nothing(backend):
     averaged, current = make_lists(2, torch.float32, "cpu", sizes=(4, 5))
     before = [t.clone() for t in averaged]
@@ -247,6 +273,21 @@ def test_model_ema_warmup_decay_follows_timm_formula(backend):
         expected = min(0.999, max(0.1, 1 - (1 + step) ** (-2 / 3)))
         assert ema.get_decay(step) == pytest.approx(expected)
     assert fused_optim.ModelEMA(nn.Linear(2, 2), decay=0.9).get_decay(5) == 0.9
+
+
+def test_model_ema_warmup_updates_use_the_decay_of_each_step(backend):
+    torch.manual_seed(0)
+    model = nn.Linear(6, 3)
+    ema = fused_optim.ModelEMA(model, decay=0.99, warmup=True)
+    reference = [p.detach().double().clone() for p in model.parameters()]
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    for step in range(5):
+        _step(model, opt, torch.randn(8, 6))
+        ema.update(model)
+        d = min(0.99, 1 - (1 + step) ** (-2 / 3))
+        reference = [d * r + (1 - d) * p.detach().double() for r, p in zip(reference, model.parameters())]
+    for e, r in zip(ema.module.parameters(), reference):
+        torch.testing.assert_close(e.double(), r, rtol=1e-5, atol=1e-6)
 
 
 def test_model_ema_averages_buffers_on_request(backend):
@@ -349,7 +390,7 @@ def test_compile_fullgraph(backend):
     @torch.compile(fullgraph=True, backend="aot_eager")
     def step(inputs, avg, cur):
         out = torch.ops.fused_optim.multi_tensor_weighted_sum.default(inputs, [0.2, 0.3, 0.5])
-        torch.ops.fused_optim.multi_tensor_lerp_.default(avg, cur, 0.1)
+        torch.ops.fused_optim.multi_tensor_lerp_.default(avg, cur, torch.tensor(0.1))
         return out
 
     out = step([t for tl in lists for t in tl], averaged, lists[1])

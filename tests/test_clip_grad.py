@@ -16,7 +16,7 @@ from hypothesis import strategies as st
 from torch import nn
 
 import fused_optim
-from conftest import DTYPES, HALF_DTYPES
+from conftest import DTYPES, HALF_DTYPES, opcheck
 
 NORM_TYPES = [2.0, 1.0, 0.0, 3.5, 0.5, -1.5, math.inf, -math.inf]
 INF = math.inf
@@ -249,11 +249,11 @@ def test_opcheck(backend, device):
     ops = torch.ops.fused_optim
     mixed = [torch.randn(6, device=device, dtype=d) for d in DTYPES] + [torch.randn(4, 6, device=device).t()]
     for norm_type in (2.0, INF, 0.0, 3.0):
-        torch.library.opcheck(ops.multi_tensor_norm, (mixed, norm_type, True))
-    torch.library.opcheck(ops.multi_tensor_scale_, ([t.clone() for t in mixed], torch.tensor(0.5, device=device)))
-    torch.library.opcheck(ops.multi_tensor_scale_, ([t.clone() for t in mixed], torch.tensor(1.0, device=device)))
-    torch.library.opcheck(ops.clip_grad_norm_, ([t.clone() for t in mixed], 0.1, 2.0, False))
-    torch.library.opcheck(ops.clip_grad_value_, ([t.clone() for t in mixed], 0.1))
+        opcheck(ops.multi_tensor_norm, (mixed, norm_type, True))
+    opcheck(ops.multi_tensor_scale_, ([t.clone() for t in mixed], torch.tensor(0.5, device=device)))
+    opcheck(ops.multi_tensor_scale_, ([t.clone() for t in mixed], torch.tensor(1.0, device=device)))
+    opcheck(ops.clip_grad_norm_, ([t.clone() for t in mixed], 0.1, 2.0, False))
+    opcheck(ops.clip_grad_value_, ([t.clone() for t in mixed], 0.1))
 
 
 def test_compile_fullgraph(backend, device):

@@ -16,7 +16,7 @@ from torch.utils.checkpoint import checkpoint
 
 import fused_optim
 from fused_optim import reference
-from conftest import DTYPES, EXT_DISABLED
+from conftest import DTYPES, EXT_DISABLED, opcheck
 
 SEED_OFFSET = torch.tensor([1234567890123, 98765432101], dtype=torch.int64)
 
@@ -249,9 +249,9 @@ def test_custom_dropout_keeps_the_seed_constructor(backend):
 def test_opcheck(backend, device):
     x = torch.randn(5, 7, device=device, requires_grad=True)
     for op in (torch.ops.fused_optim.dropout, torch.ops.fused_optim.dropout_mask):
-        torch.library.opcheck(op, (x, 0.3, SEED_OFFSET))
-    torch.library.opcheck(torch.ops.fused_optim.dropout_, (x.detach().clone(), 0.3, SEED_OFFSET))
-    torch.library.opcheck(torch.ops.fused_optim.dropout, (x.detach().t(), 0.3, SEED_OFFSET))
+        opcheck(op, (x, 0.3, SEED_OFFSET))
+    opcheck(torch.ops.fused_optim.dropout_, (x.detach().clone(), 0.3, SEED_OFFSET))
+    opcheck(torch.ops.fused_optim.dropout, (x.detach().t(), 0.3, SEED_OFFSET))
 
 
 def test_compile_fullgraph_same_mask_as_eager(backend):

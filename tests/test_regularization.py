@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 import fused_optim
-from conftest import DTYPES, HALF_DTYPES, assert_close_to_fp64
+from conftest import DTYPES, HALF_DTYPES, assert_close_to_fp64, opcheck
 
 L1, L2 = 0.3, 0.7
 
@@ -174,11 +174,11 @@ def test_opcheck(backend, device):
     ts = [torch.randn(s, device=device, requires_grad=True) for s in [(4, 3), (5,)]]
     mixed = [torch.randn(6, device=device, dtype=d) for d in DTYPES] + [torch.randn(4, 6, device=device).t()]
     ops = torch.ops.fused_optim
-    torch.library.opcheck(ops.l1l2_penalty, (ts, L1, L2))
-    torch.library.opcheck(ops.l1l2_penalty, (mixed, L1, L2))
-    torch.library.opcheck(ops.l1l2_penalty_backward, (torch.tensor(2.0, device=device), mixed, L1, L2))
+    opcheck(ops.l1l2_penalty, (ts, L1, L2))
+    opcheck(ops.l1l2_penalty, (mixed, L1, L2))
+    opcheck(ops.l1l2_penalty_backward, (torch.tensor(2.0, device=device), mixed, L1, L2))
     grads = [torch.randn_like(t) for t in mixed]
-    torch.library.opcheck(ops.l1l2_grad_, (mixed, grads, L1, L2))
+    opcheck(ops.l1l2_grad_, (mixed, grads, L1, L2))
 
 
 def test_compile_fullgraph(backend, device):

@@ -18,10 +18,11 @@ import fused_optim
 HERE = os.path.dirname(os.path.abspath(__file__))
 
 
-def run_distributed(name: str) -> None:
+def run_distributed(*names: str, world: int = 2) -> None:
+    """Runs checks of tests/distributed_checks.py on `world` gloo processes (bounded in time)."""
     proc = subprocess.run(
-        [sys.executable, os.path.join(HERE, "distributed_checks.py"), name],
-        capture_output=True, text=True, timeout=240,
+        [sys.executable, os.path.join(HERE, "distributed_checks.py"), str(world), *names],
+        capture_output=True, text=True, timeout=300,
     )
     assert proc.returncode == 0 and proc.stdout.strip().endswith("ok"), proc.stderr[-3000:]
 

@@ -49,6 +49,21 @@ void check_coefficient(double value, const char* name) {
       std::isfinite(value) && value >= 0.0, name, " must be a finite number >= 0, got ", value);
 }
 
+std::optional<double> check_weight_tensor(const at::Tensor& weight, const char* name, c10::Device device) {
+  TORCH_CHECK(
+      weight.numel() == 1 && at::isFloatingType(weight.scalar_type()), name,
+      " must be a floating tensor of one element, got ", weight.scalar_type(), weight.sizes());
+  TORCH_CHECK(
+      weight.device().is_cpu() || weight.device() == device, name, " must be on the CPU or on ", device,
+      ", got ", weight.device());
+  if (!weight.device().is_cpu()) {
+    return std::nullopt;
+  }
+  const double value = weight.item<double>();
+  TORCH_CHECK_VALUE(std::isfinite(value), name, " must be finite, got ", value);
+  return value;
+}
+
 std::vector<std::pair<at::ScalarType, std::vector<int64_t>>> group_by_dtype(at::TensorList tensors) {
   std::vector<std::pair<at::ScalarType, std::vector<int64_t>>> groups;
   for (size_t i = 0; i < tensors.size(); ++i) {

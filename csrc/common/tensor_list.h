@@ -3,6 +3,7 @@
 
 #include <ATen/core/Tensor.h>
 
+#include <optional>
 #include <utility>
 #include <vector>
 
@@ -17,6 +18,10 @@ void check_paired_lists(
 
 // A penalty coefficient: finite and >= 0.
 void check_coefficient(double value, const char* name);
+
+// A one-element floating tensor on the CPU or on `device` (a value computed on the GPU is read
+// there, without a host sync). Returns its value when it is on the CPU (checked finite), else nullopt.
+std::optional<double> check_weight_tensor(const at::Tensor& weight, const char* name, c10::Device device);
 
 // Indices of `tensors` grouped by dtype, groups in order of first appearance, so that the order
 // in which group results are combined (and so the result) depends only on the input.

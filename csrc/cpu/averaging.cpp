@@ -61,8 +61,8 @@ std::vector<at::Tensor> multi_tensor_weighted_sum_cpu(at::TensorList inputs, at:
   return out;
 }
 
-void multi_tensor_lerp_cpu(at::TensorList self, at::TensorList end, double weight) {
-  TORCH_CHECK_VALUE(std::isfinite(weight), "weight must be finite, got ", weight);
+void multi_tensor_lerp_cpu(at::TensorList self, at::TensorList end, const at::Tensor& weight_tensor) {
+  const double weight = *check_weight_tensor(weight_tensor, "weight", c10::kCPU);
   check_floating_list(self, "self", c10::kCPU);
   check_paired_lists(self, "self", end, "end");
   const DenseTargets targets(self);

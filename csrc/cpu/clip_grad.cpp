@@ -74,12 +74,16 @@ std::vector<double> per_tensor_norms(at::TensorList tensors, double p) {
   return norms;
 }
 
-std::tuple<at::Tensor, at::Tensor> multi_tensor_norm_cpu(at::TensorList tensors, double norm_type, bool per_tensor) {
+std::tuple<at::Tensor, at::Tensor> multi_tensor_norm_cpu(
+    at::TensorList tensors, double norm_type, bool per_tensor, bool error_if_nonfinite) {
   check_norm_type(norm_type);
   check_floating_list(tensors, "tensors", c10::kCPU);
   const auto options = at::TensorOptions().dtype(norm_dtype(tensors));
   const std::vector<double> norms = per_tensor_norms(tensors, norm_type);
   at::Tensor total = at::scalar_tensor(total_norm(norms, norm_kind(norm_type), norm_type), options);
+  if (error_if_nonfinite) {
+    check_finite_norm(total, norm_type);
+  }
   at::Tensor each = at::empty({per_tensor ? static_cast<int64_t>(norms.size()) : 0}, options.dtype(at::kDouble));
   if (per_tensor) {
     std::copy(norms.begin(), norms.end(), each.mutable_data_ptr<double>());
@@ -108,12 +112,10 @@ void multi_tensor_scale_cpu(at::TensorList tensors, const at::Tensor& scale) {
 at::Tensor clip_grad_norm_cpu(at::TensorList grads, double max_norm, double norm_type, bool error_if_nonfinite) {
   check_norm_type(norm_type);
   check_floating_list(grads, "grads", c10::kCPU);
-  at::Tensor total = std::get<0>(multi_tensor_norm_cpu(grads, norm_type, false));
+  // A non-finite norm raises here, before any gradient is touched.
+  at::Tensor total = std::get<0>(multi_tensor_norm_cpu(grads, norm_type, false, error_if_nonfinite));
   if (grads.empty()) {
     return total;
-  }
-  if (error_if_nonfinite) {
-    check_finite_norm(total, norm_type);  // before any gradient is touched
   }
   // torch's arithmetic, in the total's dtype: max_norm / (total + 1e-6), clamped to 1.
   const at::Tensor coef = at::clamp_max(at::mul(at::reciprocal(at::add(total, 1e-6)), max_norm), 1.0);

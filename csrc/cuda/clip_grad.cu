@@ -118,7 +118,8 @@ __global__ void __launch_bounds__(kBlockSize) norm_cleanup(
   }
 }
 
-std::tuple<at::Tensor, at::Tensor> multi_tensor_norm_cuda(at::TensorList tensors, double norm_type, bool per_tensor) {
+std::tuple<at::Tensor, at::Tensor> multi_tensor_norm_cuda(
+    at::TensorList tensors, double norm_type, bool per_tensor, bool error_if_nonfinite) {
   check_norm_type(norm_type);
   check_floating_list(tensors, "tensors", c10::kCUDA);
   const Kind kind = norm_kind(norm_type);
@@ -160,6 +161,9 @@ std::tuple<at::Tensor, at::Tensor> multi_tensor_norm_cuda(at::TensorList tensors
       per.data_ptr<double>(), total.data_ptr<double>());
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   const auto dtype = norm_dtype(tensors);
+  if (error_if_nonfinite) {  // the one case that reads the norm on the host, as torch does
+    check_finite_norm(total.to(dtype), norm_type);
+  }
   return {total.to(dtype), per_tensor ? per.to(dtype) : at::empty({0}, options.dtype(dtype))};
 }
 
@@ -225,10 +229,8 @@ void multi_tensor_scale_cuda(at::TensorList tensors, const at::Tensor& scale) {
 at::Tensor clip_grad_norm_cuda(at::TensorList grads, double max_norm, double norm_type, bool error_if_nonfinite) {
   check_norm_type(norm_type);
   check_floating_list(grads, "grads", c10::kCUDA);
-  at::Tensor total = std::get<0>(multi_tensor_norm_cuda(grads, norm_type, false));
-  if (error_if_nonfinite) {  // the one case that reads the norm on the host, as torch does
-    check_finite_norm(total, norm_type);
-  }
+  // A non-finite norm raises here, before any gradient is touched.
+  at::Tensor total = std::get<0>(multi_tensor_norm_cuda(grads, norm_type, false, error_if_nonfinite));
   // torch's arithmetic in the total's dtype, on the device: max_norm / (total + 1e-6), clamped to 1.
   const at::Tensor coef = at::clamp_max(at::mul(at::reciprocal(at::add(total, 1e-6)), max_norm), 1.0);
   scale_by(grads, coef);

@@ -1,0 +1,29 @@
+"""Sharded training on 2 and 4 gloo processes (CPU, localhost), each compared with the unsharded
+computation on the same seed (the checks are in tests/distributed_checks.py): FSDP2 (penalty value
+and gradient, global norms of every order, clipping, shard-local EMA and averages, gradient
+accumulation, early stopping with best-weight restore), tensor-parallel DTensors on 1-D and 2x2
+meshes, and ZeRO-style flat shards with process_group=."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+from test_training import HERE, run_distributed
+
+
+@pytest.mark.parametrize("world", [2, 4])
+def test_sharded_training_matches_unsharded(world):
+    run_distributed("fsdp2", "tensor_parallel", "flat_shards", "fsdp2_early_stopping", "early_stopping", world=world)
+
+
+def test_scale_out_example_runs_under_torchrun():
+    example = os.path.join(os.path.dirname(HERE), "examples", "scale_out.py")
+    proc = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", example, "--epochs", "1"],
+        capture_output=True, text=True, timeout=300,
+    )
+    assert proc.returncode == 0 and "epoch 0: val loss" in proc.stdout, proc.stderr[-3000:]
