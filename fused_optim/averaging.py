@@ -114,8 +114,14 @@ def average_model_weights(models: Sequence[nn.Module], weights: Sequence[float] 
 
 
 def _lerp_(averaged: Sequence[Tensor], current: Sequence[Tensor], weight: Tensor) -> None:
-    # DTensors (sharded weights): shard-local, no communication.
-    torch.ops.fused_optim.multi_tensor_lerp_.default(*_distributed.local_lists(averaged, current), weight)
+    averaged, current = list(averaged), list(current)
+    try:
+        torch.ops.fused_optim.multi_tensor_lerp_.default(averaged, current, weight)
+    except _distributed.DTENSOR_REFUSAL as e:
+        if not _distributed.rejected(e, averaged, current):
+            raise
+        # DTensors (sharded weights): shard-local, no communication.
+        torch.ops.fused_optim.multi_tensor_lerp_.default(*_distributed.local_lists(averaged, current), weight)
 
 
 @torch.no_grad()
