@@ -82,7 +82,7 @@ def _extension():
         sources + _sources("csrc/cuda/*.cu"),
         include_dirs=[os.path.join(ROOT, "csrc")],
         define_macros=macros,
-        extra_compile_args={"cxx": cxx_flags, "nvcc": ["-O3", "-lineinfo", "--expt-relaxed-constexpr"]},
+        extra_compile_args={"cxx": cxx_flags, "nvcc": ["-O3", "-lineinfo", "--expt-relaxed-constexpr", "--extended-lambda"]},
         extra_link_args=openmp,
     )
 

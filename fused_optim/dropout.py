@@ -27,11 +27,13 @@ def _check(input: Tensor, p: float, generator: torch.Generator | None) -> float:
     return p
 
 
-def draw_seed_offset(generator: torch.Generator | None = None) -> Tensor:
-    """(seed, offset) for one dropout call, drawn from `generator` (torch's default CPU generator
-    when None, so torch.manual_seed reproduces the masks): a CPU int64 tensor of 2 elements."""
-    device = generator.device if generator is not None else "cpu"
-    return torch.randint(0, _SEED_BOUND, (2,), generator=generator, device=device, dtype=torch.int64).cpu()
+def draw_seed_offset(generator: torch.Generator | None = None, device: torch.device | str = "cpu") -> Tensor:
+    """(seed, offset) for one dropout call: an int64 tensor of 2 elements drawn from `generator`,
+    else from torch's default generator of `device` (torch.manual_seed reproduces the masks), and
+    left where it was drawn. On a GPU the kernel reads it from device memory: no host sync, and a
+    CUDA graph replays a new draw each time (torch's generators support capture)."""
+    device = generator.device if generator is not None else device
+    return torch.randint(0, _SEED_BOUND, (2,), generator=generator, device=device, dtype=torch.int64)
 
 
 class _DropoutInPlace(torch.autograd.Function):
@@ -64,8 +66,10 @@ def dropout(
     or ``p == 0``; zeros when ``p == 1`` (a dropped nan stays nan, as in torch).
 
     The keep/drop decision of each element depends only on (seed, offset, its index in row-major
-    order), with (seed, offset) drawn from ``generator`` (the default CPU generator when None):
-    ``torch.manual_seed`` reproduces a mask, whatever the thread count, layout or backend. Backward
+    order), with (seed, offset) drawn from ``generator`` (when None, the default generator of the
+    input's device, as torch's dropout): ``torch.manual_seed`` reproduces a mask, whatever the
+    thread count, layout or backend, and a given (seed, offset) gives the same mask on CPU and
+    CUDA. On CUDA the pair stays on the GPU (no host sync) and CUDA graph capture is supported. Backward
     regenerates the mask, so nothing the size of the input is saved for it. ``inplace=True``
     overwrites ``input`` in one pass (under autograd, torch's rules for in-place ops apply: not on
     a leaf that requires grad). fp32, fp64, fp16, bf16; any layout; scalars and empty tensors.
@@ -83,10 +87,10 @@ def dropout(
         raise RuntimeError("a leaf Variable that requires grad is being used in an in-place operation.")
     if not training or p == 0.0:
         out = input
-        seed_offset = torch.zeros(2, dtype=torch.int64)
+        seed_offset = torch.zeros(2, dtype=torch.int64, device=input.device)
         p = 0.0
     else:
-        seed_offset = draw_seed_offset(generator)
+        seed_offset = draw_seed_offset(generator, input.device)
         if not inplace:
             out = torch.ops.fused_optim.dropout.default(input, p, seed_offset)
         elif needs_graph:

@@ -280,15 +280,20 @@ def check_dropout_args(input: Tensor, p: float, seed_offset: Tensor) -> None:
         raise ValueError(f"dropout probability has to be between 0 and 1, but got {p}")
     if input.dtype not in _FLOATING:
         raise TypeError(f"input must be a real floating tensor (fp32, fp64, fp16 or bf16), got {input.dtype}")
-    if seed_offset.device.type != "cpu" or seed_offset.dtype != torch.int64 or seed_offset.numel() != 2:
+    if (
+        seed_offset.dtype != torch.int64
+        or seed_offset.numel() != 2
+        or seed_offset.device.type not in ("cpu", input.device.type)
+    ):
         raise RuntimeError(
-            f"seed_offset must be a CPU int64 tensor of 2 elements, got {seed_offset.dtype}{list(seed_offset.shape)}"
+            f"seed_offset must be an int64 tensor of 2 elements on the CPU or on {input.device}, got "
+            f"{seed_offset.dtype}{list(seed_offset.shape)} on {seed_offset.device}"
         )
 
 
 def dropout_keep(input: Tensor, p: float, seed_offset: Tensor) -> Tensor:
     """Bool tensor of input's shape: which elements the stream keeps."""
-    seed, offset = seed_offset.tolist()
+    seed, offset = seed_offset.tolist()  # a host sync for a GPU pair: the native kernel reads it there
     threshold = int((1.0 - p) * 4294967296.0)
     return (philox_words(input.numel(), seed, offset) < threshold).view(input.shape).to(input.device)
 

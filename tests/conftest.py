@@ -88,3 +88,11 @@ OPCHECK_UTILS = (
 
 def opcheck(op, args) -> None:
     torch.library.opcheck(op, args, test_utils=OPCHECK_UTILS)
+
+
+def native_cuda_test(test):
+    """Marks a test of the native CUDA kernels' own properties (no host sync, launch counts, graph
+    capture): skipped without CUDA or with the extension disabled (the reference has none of them)."""
+    test = pytest.mark.skipif(EXT_DISABLED, reason="a property of the native CUDA kernels")(test)
+    test = pytest.mark.skipif(not HAS_CUDA, reason="CUDA is not available")(test)
+    return pytest.mark.cuda(test)

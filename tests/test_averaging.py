@@ -11,7 +11,7 @@ from torch import nn
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn, get_swa_multi_avg_fn
 
 import fused_optim
-from conftest import DTYPES, HALF_DTYPES, assert_close_to_fp64, opcheck
+from conftest import DTYPES, HALF_DTYPES, assert_close_to_fp64, native_cuda_test, opcheck
 
 SIZES = (1000, 70001, 3, 1, 0)
 
@@ -26,7 +26,7 @@ def fp64_average(lists, weights):
     return [sum(w / total * tl[i].double() for w, tl in zip(weights, lists)) for i in range(len(lists[0]))]
 
 
-@pytest.mark.parametrize("k", [1, 2, 5, 8])
+@pytest.mark.parametrize("k", [1, 2, 5, 8, 11])  # 11: beyond one CUDA pass (8 inputs), folded
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_average_tensors_matches_fp64(backend, device, dtype, k):
     lists = make_lists(k, dtype, device)
@@ -49,6 +49,16 @@ def test_average_tensors_uniform_mixed_dtypes_views_and_aliasing(backend, device
         tol = {torch.float64: 1e-12, torch.float32: 1e-6, torch.bfloat16: 1e-2}[o.dtype]
         torch.testing.assert_close(o.double(), e, rtol=tol, atol=tol)
     assert torch.equal(base[0].t(), lists[0][0])  # the transposed view wrote through
+
+
+@pytest.mark.parametrize("k", [3, 10])
+def test_average_into_the_last_input_list(backend, device, k):
+    # The output aliases the list read last (in a later pass where CUDA folds K > 8 inputs).
+    lists = make_lists(k, torch.float64, device, sizes=(70001, 5))
+    expected = fp64_average(lists, [1.0] * k)
+    out = fused_optim.average_tensors(lists, out=lists[-1])
+    for o, e in zip(out, expected):
+        torch.testing.assert_close(o, e)
 
 
 def test_ops_opcheck(backend, device):
@@ -398,3 +408,17 @@ def test_compile_fullgraph(backend):
         torch.testing.assert_close(o.double(), e, rtol=1e-6, atol=1e-6)
     for a, s, c in zip(averaged, lists[0], lists[1]):
         torch.testing.assert_close(a, torch.lerp(s, c, 0.1))
+
+
+@native_cuda_test
+def test_cuda_model_ema_warmup_update_makes_no_host_sync():
+    model = nn.Sequential(nn.Linear(64, 64), nn.BatchNorm1d(64)).cuda().to(torch.bfloat16)
+    ema = fused_optim.ModelEMA(model, decay=0.999, warmup=True).cuda()  # step and shadows on the GPU
+    ema.update(model)  # warm-up
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        ema.update(model)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert int(ema.step) == 2

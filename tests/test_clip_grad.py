@@ -16,7 +16,7 @@ from hypothesis import strategies as st
 from torch import nn
 
 import fused_optim
-from conftest import DTYPES, HALF_DTYPES, opcheck
+from conftest import DTYPES, HALF_DTYPES, native_cuda_test, opcheck
 
 NORM_TYPES = [2.0, 1.0, 0.0, 3.5, 0.5, -1.5, math.inf, -math.inf]
 INF = math.inf
@@ -455,8 +455,7 @@ def test_no_clip_writes_nothing_to_read_only_gradients(disable_ext):
     assert run(1e-3).returncode != 0  # the harness does catch writes: clipping must write
 
 
-@pytest.mark.cuda
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA is not available")
+@native_cuda_test
 @pytest.mark.parametrize("clips", [True, False], ids=["clipping", "no-clip"])
 def test_cuda_clip_grad_norm_makes_no_host_sync(clips):
     grads = make_grads(torch.float32, "cuda", sizes=[1000] * 500 + [100_003])
@@ -469,3 +468,19 @@ def test_cuda_clip_grad_norm_makes_no_host_sync(clips):
         torch.ops.fused_optim.clip_grad_norm_.default([p.grad for p in params], max_norm, 2.0, False)
     finally:
         torch.cuda.set_sync_debug_mode("default")
+
+
+@native_cuda_test
+def test_cuda_clip_grad_norm_launches_do_not_grow_with_the_tensor_count():
+    def device_events(n):
+        grads = make_grads(torch.float32, "cuda", sizes=[1000] * n)
+        torch.ops.fused_optim.clip_grad_norm_.default(grads, 1e-3, 2.0, False)  # warm-up
+        torch.cuda.synchronize()
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+            torch.ops.fused_optim.clip_grad_norm_.default(grads, 1e-3, 2.0, False)
+            torch.cuda.synchronize()
+        return [e.name for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+
+    # 10 and 100 tensors both fit one launch of the launcher (110 tensors, 320 chunks).
+    few, many = device_events(10), device_events(100)
+    assert len(few) == len(many) and len(few) > 0, (few, many)

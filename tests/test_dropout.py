@@ -16,7 +16,7 @@ from torch.utils.checkpoint import checkpoint
 
 import fused_optim
 from fused_optim import reference
-from conftest import DTYPES, EXT_DISABLED, opcheck
+from conftest import DTYPES, EXT_DISABLED, HAS_CUDA, native_cuda_test, opcheck
 
 SEED_OFFSET = torch.tensor([1234567890123, 98765432101], dtype=torch.int64)
 
@@ -295,3 +295,74 @@ def test_non_floating_input_raises(backend):
     assert torch.equal(x, torch.arange(10))
     with pytest.raises(ValueError, match="between 0 and 1"):
         torch.ops.fused_optim.dropout_.default(torch.ones(3), 2.0, SEED_OFFSET)
+
+
+# ---------------------------------------------------------------- CUDA
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("so_device", ["cpu", "cuda"])
+@pytest.mark.usefixtures("backend")
+@pytest.mark.cuda
+@pytest.mark.skipif(not HAS_CUDA, reason="CUDA is not available")
+def test_cpu_and_cuda_give_the_same_masks_and_values(dtype, so_device):
+    # Also the unaligned (scalar) path of the CUDA kernel: views starting one element in.
+    so = SEED_OFFSET.to(so_device)
+    for shape in [(1,), (33,), (127,), (129,), (1000, 37), (4097,)]:
+        x = torch.randn(shape).to(dtype)
+        for view in (lambda t: t, lambda t: t.reshape(-1)[1:]):
+            cpu_in, gpu_in = view(x), view(x.cuda())
+            cpu = torch.ops.fused_optim.dropout.default(cpu_in, 0.3, SEED_OFFSET)
+            assert torch.equal(torch.ops.fused_optim.dropout.default(gpu_in, 0.3, so).cpu(), cpu), shape
+            assert torch.equal(
+                torch.ops.fused_optim.dropout_mask.default(gpu_in, 0.3, so).cpu(),
+                torch.ops.fused_optim.dropout_mask.default(cpu_in, 0.3, SEED_OFFSET),
+            )
+            in_place = gpu_in.clone()
+            torch.ops.fused_optim.dropout_.default(in_place, 0.3, so)
+            assert torch.equal(in_place.cpu(), cpu)
+
+
+@native_cuda_test
+def test_cuda_dropout_forward_and_backward_make_no_host_sync():
+    x = torch.randn(100_000, device="cuda", requires_grad=True)
+    fused_optim.dropout(x, 0.3).sum().backward()  # warm-up
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        out = fused_optim.dropout(x, 0.3)
+        out.backward(torch.ones_like(out))
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert torch.equal(x.grad != 0, (out != 0) | (x.grad != 0))
+
+
+@native_cuda_test
+def test_cuda_graph_replays_draw_new_masks():
+    n, p = 2**16, 0.5
+    x = torch.ones(n, device="cuda")
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):  # warm-up outside capture, as torch's docs do
+        fused_optim.dropout(x, p)
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = fused_optim.dropout(x, p)
+    masks = []
+    for _ in range(3):
+        graph.replay()
+        masks.append(out != 0)
+    assert not torch.equal(masks[0], masks[1]) and not torch.equal(masks[1], masks[2])
+    for m in masks:
+        assert abs(m.double().mean().item() - (1 - p)) < 5 * math.sqrt(p * (1 - p) / n)
+
+
+@native_cuda_test
+def test_cuda_graph_capture_refuses_a_cpu_seed_offset():
+    x = torch.ones(1024, device="cuda")
+    torch.ops.fused_optim.dropout.default(x, 0.5, SEED_OFFSET)  # warm-up
+    graph = torch.cuda.CUDAGraph()
+    with pytest.raises(RuntimeError) as info:
+        with torch.cuda.graph(graph):
+            torch.ops.fused_optim.dropout.default(x, 0.5, SEED_OFFSET)
+    assert "CUDA graph" in str(info.value) + str(info.value.__context__)

@@ -40,7 +40,7 @@ def main() -> int:
         with open(os.path.join(macros, "cuda_cmake_macros.h"), "w") as f:
             f.write("#pragma once\n")
         flags = [
-            "-std=c++20", "-c", f"-arch={args.arch}", "--expt-relaxed-constexpr",
+            "-std=c++20", "-c", f"-arch={args.arch}", "--expt-relaxed-constexpr", "--extended-lambda",
             f"-D_GLIBCXX_USE_CXX11_ABI={int(torch._C._GLIBCXX_USE_CXX11_ABI)}",
             "-DTORCH_EXTENSION_NAME=_C", "-DFUSED_OPTIM_WITH_CUDA=1",
             f"-I{os.path.join(tmp, 'include')}", f"-I{os.path.join(ROOT, 'csrc')}",

@@ -7,6 +7,7 @@
 
 #include <algorithm>
 #include <sstream>
+#include <string>
 
 #include <cmath>
 
@@ -47,6 +48,34 @@ void check_paired_lists(
 void check_coefficient(double value, const char* name) {
   TORCH_CHECK_VALUE(
       std::isfinite(value) && value >= 0.0, name, " must be a finite number >= 0, got ", value);
+}
+
+void check_weighted_sum_args(
+    at::TensorList inputs, at::ArrayRef<double> weights, at::TensorList out, c10::DeviceType device) {
+  const size_t k = weights.size();
+  TORCH_CHECK_VALUE(k >= 1, "weights must hold one weight per input list, got none");
+  for (size_t m = 0; m < k; ++m) {
+    TORCH_CHECK_VALUE(std::isfinite(weights[m]), "weights[", m, "] must be finite, got ", weights[m]);
+  }
+  TORCH_CHECK_VALUE(
+      inputs.size() == k * out.size(), "inputs must hold len(weights) * len(out) = ", k * out.size(),
+      " tensors (one list per weight, laid end to end), got ", inputs.size());
+  check_floating_list(out, "out", device);
+  for (size_t m = 0; m < k; ++m) {
+    const std::string name = "inputs (list " + std::to_string(m) + ")";
+    check_paired_lists(out, "out", inputs.slice(m * out.size(), out.size()), name.c_str());
+  }
+}
+
+std::vector<at::Tensor> weighted_sum_outputs(at::TensorList inputs, at::ArrayRef<double> weights) {
+  TORCH_CHECK_VALUE(
+      !weights.empty() && inputs.size() % weights.size() == 0, "inputs must hold len(weights) lists of equal length, got ",
+      inputs.size(), " tensors for ", weights.size(), " weights");
+  std::vector<at::Tensor> out;
+  for (size_t i = 0; i < inputs.size() / weights.size(); ++i) {
+    out.push_back(at::empty_like(inputs[i]));
+  }
+  return out;
 }
 
 std::optional<double> check_weight_tensor(const at::Tensor& weight, const char* name, c10::Device device) {

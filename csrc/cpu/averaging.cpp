@@ -4,11 +4,8 @@
 #include "common/tensor_list.h"
 #include "cpu/kernels.h"
 
-#include <ATen/ops/empty_like.h>
 #include <torch/library.h>
 
-#include <cmath>
-#include <string>
 
 namespace fused_optim {
 
@@ -20,19 +17,8 @@ REGISTER_AVX512_DISPATCH(lerp_stub, nullptr)
 namespace {
 
 void multi_tensor_weighted_sum_inplace_cpu(at::TensorList inputs, at::ArrayRef<double> weights, at::TensorList out) {
+  check_weighted_sum_args(inputs, weights, out, c10::kCPU);
   const size_t k = weights.size();
-  TORCH_CHECK_VALUE(k >= 1, "weights must hold one weight per input list, got none");
-  for (size_t m = 0; m < k; ++m) {
-    TORCH_CHECK_VALUE(std::isfinite(weights[m]), "weights[", m, "] must be finite, got ", weights[m]);
-  }
-  TORCH_CHECK_VALUE(
-      inputs.size() == k * out.size(), "inputs must hold len(weights) * len(out) = ", k * out.size(),
-      " tensors (one list per weight, laid end to end), got ", inputs.size());
-  check_floating_list(out, "out", c10::kCPU);
-  for (size_t m = 0; m < k; ++m) {
-    const std::string name = "inputs (list " + std::to_string(m) + ")";
-    check_paired_lists(out, "out", inputs.slice(m * out.size(), out.size()), name.c_str());
-  }
   const DenseTargets targets(out);
   std::vector<std::vector<at::Tensor>> laid_out;
   for (size_t m = 0; m < k; ++m) {
@@ -49,14 +35,7 @@ void multi_tensor_weighted_sum_inplace_cpu(at::TensorList inputs, at::ArrayRef<d
 }
 
 std::vector<at::Tensor> multi_tensor_weighted_sum_cpu(at::TensorList inputs, at::ArrayRef<double> weights) {
-  TORCH_CHECK_VALUE(
-      !weights.empty() && inputs.size() % weights.size() == 0, "inputs must hold len(weights) lists of equal length, got ",
-      inputs.size(), " tensors for ", weights.size(), " weights");
-  // Allocated here rather than in Python: ~1.5 us less per tensor.
-  std::vector<at::Tensor> out;
-  for (size_t i = 0; i < inputs.size() / weights.size(); ++i) {
-    out.push_back(at::empty_like(inputs[i]));
-  }
+  std::vector<at::Tensor> out = weighted_sum_outputs(inputs, weights);
   multi_tensor_weighted_sum_inplace_cpu(inputs, weights, out);
   return out;
 }

@@ -6,7 +6,6 @@
 #include <ATen/ops/empty_like.h>
 #include <torch/library.h>
 
-#include <cmath>
 #include <utility>
 
 namespace fused_optim {
@@ -17,19 +16,6 @@ REGISTER_AVX512_DISPATCH(dropout_stub, nullptr)
 REGISTER_AVX512_DISPATCH(dropout_mask_stub, nullptr)
 
 namespace {
-
-void check_dropout_args(const at::Tensor& input, double p) {
-  TORCH_CHECK_VALUE(p >= 0.0 && p <= 1.0, "dropout probability has to be between 0 and 1, but got ", p);
-  TORCH_CHECK_TYPE(
-      at::isFloatingType(input.scalar_type()),
-      "input must be a real floating tensor (fp32, fp64, fp16 or bf16), got ", input.scalar_type());
-}
-
-// Elements are kept iff their word < floor((1 - p) * 2^32); the Python reference computes the
-// same double expression.
-uint64_t keep_threshold(double p) {
-  return static_cast<uint64_t>((1.0 - p) * 4294967296.0);
-}
 
 // (seed, offset) from the two int64 elements of seed_offset.
 std::pair<uint64_t, uint64_t> unpack_seed_offset(const at::Tensor& seed_offset) {
@@ -48,9 +34,8 @@ void run_dropout(const at::Tensor& input, const at::Tensor& out, double p, const
     }
     return;
   }
-  const double scale = p == 1.0 ? 0.0 : 1.0 / (1.0 - p);
   const auto [seed, offset] = unpack_seed_offset(seed_offset);
-  dropout_stub(c10::kCPU, input, out, keep_threshold(p), scale, seed, offset);
+  dropout_stub(c10::kCPU, input, out, keep_threshold(p), keep_scale(p), seed, offset);
 }
 
 at::Tensor dropout_cpu(const at::Tensor& input, double p, const at::Tensor& seed_offset) {

@@ -4,6 +4,8 @@
 // Every kernel takes tensors already checked, grouped to one dtype, and dense (see as_dense).
 #pragma once
 
+#include "common/dropout.h"
+
 #include <ATen/core/Tensor.h>
 #include <ATen/native/DispatchStub.h>
 
@@ -51,14 +53,7 @@ DECLARE_DISPATCH(weighted_sum_fn, weighted_sum_stub)
 using lerp_fn = void (*)(const std::vector<at::Tensor>& selfs, const std::vector<at::Tensor>& ends, double weight);
 DECLARE_DISPATCH(lerp_fn, lerp_stub)
 
-// Dropout's random stream (shared by every backend, bit for bit): element i of a tensor, in
-// row-major logical order, takes the 32-bit word k = (i % 32) / 8 of Philox4x32-10 block
-// b = 8 * (i / 32) + i % 8, keyed by seed, with counter (lo32(b), hi32(b), lo32(offset),
-// hi32(offset)) (ATen's philox_engine(seed, offset, b)). Element i is kept iff word < threshold,
-// threshold = floor((1 - p) * 2^32). Groups of 32 elements are thus 8 blocks side by side, the
-// layout a SIMD or CUDA implementation makes without shuffles.
-constexpr int64_t kDropoutGroup = 32;
-
+// Dropout: the stream is defined in common/dropout.h.
 // out = in * (kept ? scale : 0) over contiguous in/out (which may alias) of numel elements.
 using dropout_fn = void (*)(const at::Tensor& in, const at::Tensor& out, uint64_t threshold, double scale,
                             uint64_t seed, uint64_t offset);

@@ -17,13 +17,16 @@ namespace fused_optim::cuda {
 
 constexpr int64_t kChunkSize = 65536;
 constexpr int kBlockSize = 512;
-// Tensors per launch for each list depth, and blocks per launch: apex's sizes, which keep the
-// kernel arguments under 4 KiB.
-constexpr int kMaxTensors[5] = {110, 64, 48, 36, 30};
+// Tensors per launch for each list depth (1 to 9), and blocks per launch: apex's sizes up to depth
+// 5, then sizes that keep the kernel arguments under 4 KiB (8 * tensors * (depth + 1) + 1608
+// bytes), as every architecture and CUDA version accepts.
+constexpr int kMaxDepth = 9;
+constexpr int kMaxTensors[kMaxDepth] = {110, 64, 48, 36, 30, 24, 20, 18, 16};
 constexpr int kMaxBlocks = 320;
 
 template <int kDepth>
 struct TensorListMetadata {
+  static_assert(kDepth >= 1 && kDepth <= kMaxDepth);
   void* addresses[kDepth][kMaxTensors[kDepth - 1]];
   int64_t sizes[kMaxTensors[kDepth - 1]];
   unsigned char block_to_tensor[kMaxBlocks];

@@ -1,0 +1,37 @@
+// Dropout's definitions shared by the CPU and CUDA kernels: the random stream, the keep
+// threshold, the argument checks.
+#pragma once
+
+#include <ATen/core/Tensor.h>
+#include <c10/util/Exception.h>
+
+#include <cstdint>
+
+namespace fused_optim {
+
+// Dropout's random stream (shared by every backend, bit for bit): element i of a tensor, in
+// row-major logical order, takes the 32-bit word k = (i % 32) / 8 of Philox4x32-10 block
+// b = 8 * (i / 32) + i % 8, keyed by seed, with counter (lo32(b), hi32(b), lo32(offset),
+// hi32(offset)) (ATen's philox_engine(seed, offset, b)). Element i is kept iff word < threshold,
+// threshold = floor((1 - p) * 2^32). Groups of 32 elements are thus 8 blocks side by side, the
+// layout a SIMD or CUDA implementation makes without shuffles.
+constexpr int64_t kDropoutGroup = 32;
+
+// floor((1 - p) * 2^32); the Python reference computes the same double expression.
+inline uint64_t keep_threshold(double p) {
+  return static_cast<uint64_t>((1.0 - p) * 4294967296.0);
+}
+
+// The factor of kept elements: 1 / (1 - p), and 0 for p == 1 (every element dropped).
+inline double keep_scale(double p) {
+  return p == 1.0 ? 0.0 : 1.0 / (1.0 - p);
+}
+
+inline void check_dropout_args(const at::Tensor& input, double p) {
+  TORCH_CHECK_VALUE(p >= 0.0 && p <= 1.0, "dropout probability has to be between 0 and 1, but got ", p);
+  TORCH_CHECK_TYPE(
+      at::isFloatingType(input.scalar_type()),
+      "input must be a real floating tensor (fp32, fp64, fp16 or bf16), got ", input.scalar_type());
+}
+
+} // namespace fused_optim

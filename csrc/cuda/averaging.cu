@@ -1,0 +1,156 @@
+// CUDA kernels of weight averaging: the K-input weighted sum (each input read once, each output
+// written once, in op-math precision) and the in-place lerp behind EMA and SWA updates, whose
+// weight may stay in device memory (no host synchronization).
+#include "common/tensor_list.h"
+#include "cuda/multi_tensor_apply.cuh"
+
+#include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
+#include <ATen/native/Lerp.h>
+#include <ATen/ops/empty_like.h>
+#include <torch/library.h>
+
+#include <array>
+
+namespace fused_optim::cuda {
+namespace {
+
+// The most inputs one pass takes: the launcher's depth less the output list.
+constexpr int kMaxInputs = kMaxDepth - 1;
+
+// out = (kAccumulate ? out : 0) + sum_m w[m] * in[m] over kInputs inputs (lists 0..kInputs-1;
+// out is list kInputs). Each input of a position is read before out is written: out may alias one.
+template <typename scalar_t, int kInputs, bool kAccumulate>
+struct WeightedSum {
+  __device__ void operator()(TensorListMetadata<kInputs + 1>& meta, std::array<double, kMaxInputs> w) const {
+    using T = at::opmath_type<scalar_t>;
+    const int tensor = meta.block_to_tensor[blockIdx.x];
+    const int64_t begin = static_cast<int64_t>(meta.block_to_chunk[blockIdx.x]) * kChunkSize;
+    const int64_t end = min(begin + kChunkSize, meta.sizes[tensor]);
+    auto* out = static_cast<scalar_t*>(meta.addresses[kInputs][tensor]);
+    for (int64_t i = begin + threadIdx.x; i < end; i += blockDim.x) {
+      T acc = kAccumulate ? static_cast<T>(out[i]) : T(0);
+#pragma unroll
+      for (int m = 0; m < kInputs; ++m) {
+        acc += static_cast<T>(w[m]) * static_cast<T>(static_cast<const scalar_t*>(meta.addresses[m][tensor])[i]);
+      }
+      out[i] = static_cast<scalar_t>(acc);
+    }
+  }
+};
+
+// One pass over lists[0..n) into out, n <= kMaxInputs (the template depth is chosen at run time).
+template <typename scalar_t, bool kAccumulate, int kInputs = 1>
+void weighted_sum_pass(std::vector<std::vector<at::Tensor>> lists, const std::array<double, kMaxInputs>& w, int n) {
+  if constexpr (kInputs < kMaxInputs) {
+    if (n > kInputs) {
+      weighted_sum_pass<scalar_t, kAccumulate, kInputs + 1>(std::move(lists), w, n);
+      return;
+    }
+  }
+  multi_tensor_apply<kInputs + 1>(lists, 0, WeightedSum<scalar_t, kInputs, kAccumulate>{}, w);
+}
+
+void multi_tensor_weighted_sum_inplace_cuda(at::TensorList inputs, at::ArrayRef<double> weights, at::TensorList out) {
+  check_weighted_sum_args(inputs, weights, out, c10::kCUDA);
+  const size_t k = weights.size();
+  const DenseTargets targets(out);
+  std::vector<std::vector<at::Tensor>> laid_out;
+  for (size_t m = 0; m < k; ++m) {
+    laid_out.push_back(in_layout_of(inputs.slice(m * out.size(), out.size()), targets.dense()));
+  }
+  // Up to kMaxInputs inputs in one pass. More are folded: the first pass writes the sum of
+  // kMaxInputs, each further pass adds up to kMaxInputs - 1 more (read back in the output's dtype:
+  // for fp16/bf16, one more rounding per pass), into temporaries (an output may alias an input
+  // that a later pass reads), copied into the outputs at the end.
+  const bool folded = k > static_cast<size_t>(kMaxInputs);
+  for (const auto& [dtype, idx] : group_by_dtype(out)) {
+    std::vector<at::Tensor> dst = select(targets.dense(), idx);
+    if (folded) {
+      for (at::Tensor& t : dst) {
+        t = at::empty_like(t);
+      }
+    }
+    for (size_t first = 0; first < k;) {
+      const bool accumulate = first > 0;
+      const int n = static_cast<int>(std::min<size_t>(k - first, accumulate ? kMaxInputs - 1 : kMaxInputs));
+      std::vector<std::vector<at::Tensor>> lists;
+      std::array<double, kMaxInputs> w{};
+      for (int m = 0; m < n; ++m) {
+        lists.push_back(select(laid_out[first + m], idx));
+        w[m] = weights[first + m];
+      }
+      lists.push_back(dst);
+      AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, "multi_tensor_weighted_sum_cuda", [&] {
+        if (accumulate) {
+          weighted_sum_pass<scalar_t, true>(lists, w, n);
+        } else {
+          weighted_sum_pass<scalar_t, false>(lists, w, n);
+        }
+      });
+      first += n;
+    }
+    if (folded) {
+      for (size_t i = 0; i < idx.size(); ++i) {
+        targets.dense()[idx[i]].copy_(dst[i]);
+      }
+    }
+  }
+  targets.write_back();
+}
+
+std::vector<at::Tensor> multi_tensor_weighted_sum_cuda(at::TensorList inputs, at::ArrayRef<double> weights) {
+  std::vector<at::Tensor> out = weighted_sum_outputs(inputs, weights);
+  multi_tensor_weighted_sum_inplace_cuda(inputs, weights, out);
+  return out;
+}
+
+// self = lerp(self, end, w) with torch's formula (at::native::lerp); w from device memory when
+// w_f or w_d is set, else the host value.
+template <typename scalar_t>
+struct Lerp {
+  __device__ void operator()(TensorListMetadata<2>& meta, const float* w_f, const double* w_d, double w_host) const {
+    using T = at::opmath_type<scalar_t>;
+    const T w = w_d != nullptr ? static_cast<T>(*w_d) : w_f != nullptr ? static_cast<T>(*w_f) : static_cast<T>(w_host);
+    const int tensor = meta.block_to_tensor[blockIdx.x];
+    const int64_t begin = static_cast<int64_t>(meta.block_to_chunk[blockIdx.x]) * kChunkSize;
+    const int64_t end = min(begin + kChunkSize, meta.sizes[tensor]);
+    auto* self = static_cast<scalar_t*>(meta.addresses[0][tensor]);
+    const auto* other = static_cast<const scalar_t*>(meta.addresses[1][tensor]);
+    for (int64_t i = begin + threadIdx.x; i < end; i += blockDim.x) {
+      self[i] = static_cast<scalar_t>(at::native::lerp(static_cast<T>(self[i]), static_cast<T>(other[i]), w));
+    }
+  }
+};
+
+void multi_tensor_lerp_cuda(at::TensorList self, at::TensorList end, const at::Tensor& weight) {
+  check_floating_list(self, "self", c10::kCUDA);
+  check_paired_lists(self, "self", end, "end");
+  if (self.empty()) {
+    return;
+  }
+  const std::optional<double> host_weight = check_weight_tensor(weight, "weight", self[0].device());
+  // A device weight is read by the kernel as fp32 or fp64 (the SWA count's 1 / (n + 1) is fp64).
+  const at::Tensor w = host_weight ? weight : (weight.scalar_type() == at::kDouble ? weight : weight.to(at::kFloat));
+  const float* w_f = !host_weight && w.scalar_type() == at::kFloat ? w.data_ptr<float>() : nullptr;
+  const double* w_d = !host_weight && w.scalar_type() == at::kDouble ? w.data_ptr<double>() : nullptr;
+  const DenseTargets targets(self);
+  const std::vector<at::Tensor> ends = in_layout_of(end, targets.dense());
+  for (const auto& [dtype, idx] : group_by_dtype(self)) {
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, "multi_tensor_lerp_cuda", [&] {
+      multi_tensor_apply<2>({select(targets.dense(), idx), select(ends, idx)}, 0, Lerp<scalar_t>{}, w_f, w_d,
+                            host_weight.value_or(0.0));
+    });
+  }
+  targets.write_back();
+}
+
+} // namespace
+
+TORCH_LIBRARY_IMPL(fused_optim, CUDA, m) {
+  m.impl("multi_tensor_weighted_sum", &multi_tensor_weighted_sum_cuda);
+  m.impl("multi_tensor_weighted_sum_", &multi_tensor_weighted_sum_inplace_cuda);
+  m.impl("multi_tensor_lerp_", &multi_tensor_lerp_cuda);
+}
+
+} // namespace fused_optim::cuda
