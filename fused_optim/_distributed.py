@@ -6,11 +6,14 @@ replicated dimension holds copies: it is not summed)."""
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from typing import TypeVar
 
 import torch
 import torch.distributed as dist
 from torch import Tensor
+
+T = TypeVar("T")
 
 try:
     from torch.distributed.tensor import DTensor, Partial, Replicate
@@ -24,7 +27,8 @@ def is_dtensor(t: Tensor) -> bool:
 
 def any_dtensor(tensors: Sequence[Tensor]) -> bool:
     # ~40 us for 2000 tensors: the per-step paths call the fused op first and ask this only when
-    # it fails (DTensor refuses ops it has no sharding rule for, before they run), see rejected().
+    # it fails (DTensor refuses ops it has no sharding rule for, before they run), see
+    # fused_or_sharded().
     return DTensor is not None and any(issubclass(cls, DTensor) for cls in set(map(type, tensors)))
 
 
@@ -33,10 +37,15 @@ def any_dtensor(tensors: Sequence[Tensor]) -> bool:
 DTENSOR_REFUSAL = (RuntimeError, NotImplementedError)
 
 
-def rejected(error: Exception, *lists: Sequence[Tensor]) -> bool:
-    """Whether a fused op failed because DTensors were among its inputs (then the caller takes the
-    sharded path; otherwise it re-raises the error)."""
-    return isinstance(error, DTENSOR_REFUSAL) and any(any_dtensor(ts) for ts in lists)
+def fused_or_sharded(fused: Callable[[], T], sharded: Callable[[], T], *lists: Sequence[Tensor]) -> T:
+    """fused(), or sharded() when DTensor refused the fused op because `lists` hold DTensors (the
+    per-call type check is paid only then); any other error is raised."""
+    try:
+        return fused()
+    except DTENSOR_REFUSAL:
+        if not any(any_dtensor(ts) for ts in lists):
+            raise
+    return sharded()
 
 
 def _sharded_dims(t: Tensor) -> tuple[int, ...]:

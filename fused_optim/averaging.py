@@ -52,13 +52,26 @@ def average_tensors(
         if len(tl) != n:
             raise ValueError(f"tensor_lists[{m}] holds {len(tl)} tensors, tensor_lists[0] holds {n}")
     w = _normalized(weights, len(lists))
+    inputs = [t for tl in lists for t in tl]
     if out is None:
-        inputs = [t for tl in _distributed.local_lists(*lists) for t in tl]
-        new = torch.ops.fused_optim.multi_tensor_weighted_sum.default(inputs, w)
-        return [_distributed.like(o, t) for o, t in zip(new, lists[0])]
+
+        def sharded_new() -> list[Tensor]:
+            local = [t for tl in _distributed.local_lists(*lists) for t in tl]
+            new = torch.ops.fused_optim.multi_tensor_weighted_sum.default(local, w)
+            return [_distributed.like(o, t) for o, t in zip(new, lists[0])]
+
+        return _distributed.fused_or_sharded(
+            lambda: torch.ops.fused_optim.multi_tensor_weighted_sum.default(inputs, w), sharded_new, inputs
+        )
     out = list(out)
-    *local, local_out = _distributed.local_lists(*lists, out)
-    torch.ops.fused_optim.multi_tensor_weighted_sum_.default([t for tl in local for t in tl], w, local_out)
+
+    def sharded_into_out() -> None:
+        *local, local_out = _distributed.local_lists(*lists, out)
+        torch.ops.fused_optim.multi_tensor_weighted_sum_.default([t for tl in local for t in tl], w, local_out)
+
+    _distributed.fused_or_sharded(
+        lambda: torch.ops.fused_optim.multi_tensor_weighted_sum_.default(inputs, w, out), sharded_into_out, inputs, out
+    )
     return out
 
 
@@ -115,13 +128,13 @@ def average_model_weights(models: Sequence[nn.Module], weights: Sequence[float] 
 
 def _lerp_(averaged: Sequence[Tensor], current: Sequence[Tensor], weight: Tensor) -> None:
     averaged, current = list(averaged), list(current)
-    try:
-        torch.ops.fused_optim.multi_tensor_lerp_.default(averaged, current, weight)
-    except _distributed.DTENSOR_REFUSAL as e:
-        if not _distributed.rejected(e, averaged, current):
-            raise
+    _distributed.fused_or_sharded(
+        lambda: torch.ops.fused_optim.multi_tensor_lerp_.default(averaged, current, weight),
         # DTensors (sharded weights): shard-local, no communication.
-        torch.ops.fused_optim.multi_tensor_lerp_.default(*_distributed.local_lists(averaged, current), weight)
+        lambda: torch.ops.fused_optim.multi_tensor_lerp_.default(*_distributed.local_lists(averaged, current), weight),
+        averaged,
+        current,
+    )
 
 
 @torch.no_grad()

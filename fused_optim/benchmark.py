@@ -42,7 +42,10 @@ def transformer_shapes(layers: int = 12, d: int = 768) -> list[tuple[int, ...]]:
 CASES = {
     "a": ("transformer 144 tensors / 85M", transformer_shapes),
     "b": ("2000 x 1000", lambda: [(1000,)] * 2000),
+    "c": ("one 1 GiB tensor", lambda: [(2**28,)]),
 }
+# The 1 GiB case is run by default on GPUs only (a CPU run of it takes minutes for little news).
+DEFAULT_CASES = {"cpu": "a,b", "cuda": "a,b,c"}
 
 
 def make_case(case: str, dtype=torch.float32, device="cpu", seed: int = 0) -> list[torch.Tensor]:
@@ -125,13 +128,21 @@ class Bench:
     def time(self, fns: dict[str, Callable[[], object]]) -> dict[str, float]:
         return time_side_by_side(fns, self.device, self.rounds)
 
-    def yardstick(self, kind: str, num_bytes: int) -> tuple[Callable[[], object], int]:
-        """The yardstick `kind` over one flat fp32 tensor of `num_bytes`, and the bytes it moves:
-        'sum' reads them; 'mul_' reads and writes them."""
+    @property
+    def on_gpu(self) -> bool:
+        return self.device.startswith("cuda")
+
+    def yardstick(self, kind: str, num_bytes: int) -> tuple[str, Callable[[], object], int]:
+        """The memory-speed yardstick over flat fp32 tensors of `num_bytes`: its name, callable and
+        the bytes it moves. On CPU, `kind`: 'sum' reads them, 'mul_' reads and writes them; on a
+        GPU always a device-to-device copy (read + write), the bandwidth GPU kernels are held to."""
         if num_bytes not in self._flat:
             self._flat[num_bytes] = torch.randn(num_bytes // 4, device=self.device)
         flat = self._flat[num_bytes]
-        return ((lambda: flat.sum()), num_bytes) if kind == "sum" else ((lambda: flat.mul_(1.0)), 2 * num_bytes)
+        if self.on_gpu:
+            dst = torch.empty_like(flat)
+            return "D2D copy", (lambda: dst.copy_(flat)), 2 * num_bytes
+        return (kind, (lambda: flat.sum()), num_bytes) if kind == "sum" else (kind, (lambda: flat.mul_(1.0)), 2 * num_bytes)
 
     def rows(self, op: str, case: str, fused: Callable, references: dict[str, Callable],
              bytes_moved: int | None = None, yardstick: str = "", yardstick_bytes: int = 0) -> list[Row]:
@@ -139,7 +150,8 @@ class Bench:
         all see the same machine); one row per reference."""
         fns = {"fused": fused, **references}
         if yardstick:
-            fns[yardstick], moved = self.yardstick(yardstick, yardstick_bytes)
+            yardstick, measure, moved = self.yardstick(yardstick, yardstick_bytes)
+            fns[yardstick] = measure
         times = self.time(fns)
         rate = moved / times[yardstick] / 1e6 if yardstick else None
         return [
@@ -319,7 +331,9 @@ def averaging_rows(bench: Bench, case: str) -> list[Row]:
 
 def ensemble_rows(bench: Bench, case: str) -> list[Row]:
     """ModelEnsemble.predict of 8 small MLPs (64 -> 256 -> 10): the loop vs the vmap path; the
-    suite's cases are batch sizes, 32 for (a) and 1024 for (b)."""
+    suite's cases are batch sizes, 32 for (a) and 1024 for (b); none for (c)."""
+    if case not in ("a", "b"):
+        return []
     batch = {"a": 32, "b": 1024}[case]
     torch.manual_seed(0)
     models = [
@@ -356,11 +370,15 @@ def saved_bytes(fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor) -> 
 
 
 def dropout_rows(bench: Bench, case: str) -> list[Row]:
-    """Dropout on 16M elements; the suite's own cases replace (a) and (b): fp32 for (a), bf16 for (b)."""
+    """Dropout on 16M elements (256M on a GPU); the suite's own cases replace (a) and (b): fp32 for
+    (a), bf16 for (b); none for (c)."""
+    if case not in ("a", "b"):
+        return []
     dtype = {"a": torch.float32, "b": torch.bfloat16}[case]
-    label = f"16M {'fp32' if dtype == torch.float32 else 'bf16'}"
+    millions = 256 if bench.on_gpu else 16
+    label = f"{millions}M {'fp32' if dtype == torch.float32 else 'bf16'}"
     p = 0.5
-    x = torch.randn(16 * 2**20, device=bench.device).to(dtype)
+    x = torch.randn(millions * 2**20, device=bench.device).to(dtype)
     size = nbytes([x])
     rows = bench.rows(
         "dropout fwd", label,
@@ -509,13 +527,16 @@ def main(argv: list[str] | None = None) -> list[Row]:
     parser.add_argument("--quick", action="store_true", help="few rounds: a short, noisier run")
     parser.add_argument("--rounds", type=int, default=None, help="timed rounds per callable (default 15, 3 with --quick)")
     parser.add_argument("--device", default="cpu")
-    parser.add_argument("--cases", default=",".join(CASES), help=f"comma-separated, from {sorted(CASES)}")
+    parser.add_argument(
+        "--cases", default=None, help=f"comma-separated, from {sorted(CASES)} (default: {DEFAULT_CASES})"
+    )
     parser.add_argument("--suites", default=",".join(SUITES), help=f"comma-separated, from {sorted(SUITES)}")
     parser.add_argument("--plain", action="store_true", help="aligned text instead of a Markdown table")
     parser.add_argument("--plot", metavar="FILE.png", help="draw the speedup sweeps into FILE.png (needs matplotlib)")
     args = parser.parse_args(argv)
 
     rounds = args.rounds or (3 if args.quick else 15)
+    cases = args.cases or DEFAULT_CASES["cuda" if args.device.startswith("cuda") else "cpu"]
     bench = Bench(args.device, rounds)
     info = fused_optim.backend_info()
     name = torch.cuda.get_device_name() if args.device.startswith("cuda") else f"CPU, {torch.get_num_threads()} threads"
@@ -525,11 +546,12 @@ def main(argv: list[str] | None = None) -> list[Row]:
         plot_speedups(bench, args.plot)
     rows: list[Row] = []
     for suite in args.suites.split(","):
-        for case in args.cases.split(","):
+        for case in cases.split(","):
             print(f"  running {suite} on case {case} ...", flush=True)
             rows += SUITES[suite](bench, case)
     print()
-    print("cases: " + "; ".join(f"({k}) {v[0]}" for k, v in CASES.items()) + "; dropout: 16M fp32 / bf16")
+    dropout_size = "256M" if bench.on_gpu else "16M"
+    print("cases: " + "; ".join(f"({k}) {v[0]}" for k, v in CASES.items()) + f"; dropout: {dropout_size} fp32 / bf16")
     print(format_table(rows, markdown=not args.plain))
     for note in bench.notes:
         print(note)

@@ -57,18 +57,21 @@ def get_total_norm(
     """
     norm_type = as_float(norm_type, "norm_type")
     tensors = _as_list(tensors)
-    if process_group is None:
-        try:
-            total, _ = torch.ops.fused_optim.multi_tensor_norm.default(tensors, norm_type, False, bool(error_if_nonfinite))
-            return total
-        except _distributed.DTENSOR_REFUSAL as e:
-            if not _distributed.rejected(e, tensors):
-                raise
-    reference.check_norm_type(norm_type)
-    total = _distributed.sharded_norm(tensors, norm_type, process_group).to(reference.norm_dtype(tensors))
-    if error_if_nonfinite and not torch.isfinite(total):  # a host read, as in torch
-        raise RuntimeError(reference.nonfinite_norm_message(norm_type))
-    return total
+
+    def sharded() -> Tensor:
+        reference.check_norm_type(norm_type)
+        total = _distributed.sharded_norm(tensors, norm_type, process_group).to(reference.norm_dtype(tensors))
+        if error_if_nonfinite and not torch.isfinite(total):  # a host read, as in torch
+            raise RuntimeError(reference.nonfinite_norm_message(norm_type))
+        return total
+
+    if process_group is not None:
+        return sharded()
+    return _distributed.fused_or_sharded(
+        lambda: torch.ops.fused_optim.multi_tensor_norm.default(tensors, norm_type, False, bool(error_if_nonfinite))[0],
+        sharded,
+        tensors,
+    )
 
 
 def _scale_by_clip_coefficient(grads: list[Tensor], max_norm: float, total_norm: Tensor) -> None:
@@ -128,16 +131,20 @@ def clip_grad_norm_(
         warnings.warn("`parameters` is an empty generator, no gradient clipping will occur.", stacklevel=3)
     grads = _grads(parameters)
     max_norm, norm_type = as_float(max_norm, "max_norm"), as_float(norm_type, "norm_type")
-    if process_group is None:
-        try:
-            return torch.ops.fused_optim.clip_grad_norm_.default(grads, max_norm, norm_type, bool(error_if_nonfinite))
-        except _distributed.DTENSOR_REFUSAL as e:
-            if not _distributed.rejected(e, grads):
-                raise
-    total = get_total_norm(grads, norm_type, error_if_nonfinite, process_group=process_group)
-    if grads:
-        _scale_by_clip_coefficient(grads, max_norm, total)
-    return total
+
+    def sharded() -> Tensor:
+        total = get_total_norm(grads, norm_type, error_if_nonfinite, process_group=process_group)
+        if grads:
+            _scale_by_clip_coefficient(grads, max_norm, total)
+        return total
+
+    if process_group is not None:
+        return sharded()
+    return _distributed.fused_or_sharded(
+        lambda: torch.ops.fused_optim.clip_grad_norm_.default(grads, max_norm, norm_type, bool(error_if_nonfinite)),
+        sharded,
+        grads,
+    )
 
 
 @torch.no_grad()

@@ -38,12 +38,11 @@ def l1l2_penalty(tensors: Tensor | Iterable[Tensor], l1: float = 0.0, l2: float 
     """
     tensors = as_tensor_list(tensors, "tensors")
     l1, l2 = as_float(l1, "l1"), as_float(l2, "l2")
-    try:
-        return torch.ops.fused_optim.l1l2_penalty.default(tensors, l1, l2)
-    except _distributed.DTENSOR_REFUSAL as e:
-        if not _distributed.rejected(e, tensors):
-            raise
-    return _distributed.sharded_penalty(tensors, l1, l2)
+    return _distributed.fused_or_sharded(
+        lambda: torch.ops.fused_optim.l1l2_penalty.default(tensors, l1, l2),
+        lambda: _distributed.sharded_penalty(tensors, l1, l2),
+        tensors,
+    )
 
 
 @torch.no_grad()
