@@ -22,9 +22,14 @@ def _as_list(tensors: _TensorOrTensors) -> list[Tensor]:
 
 
 def _grads(parameters: list[Tensor]) -> list[Tensor]:
-    # One .grad read per parameter: each costs ~100 ns, a visible share for 2000 parameters. (Not
-    # a walrus in the comprehension: torch.compile cannot trace that.)
-    return [g for g in (p.grad for p in parameters) if g is not None]
+    # One .grad read per parameter: each costs ~100 ns, a visible share for 2000 parameters. A
+    # plain loop: as fast as a comprehension with a walrus, which torch.compile cannot trace.
+    grads = []
+    for p in parameters:
+        g = p.grad
+        if g is not None:
+            grads.append(g)
+    return grads
 
 
 @torch.no_grad()
