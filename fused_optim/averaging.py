@@ -221,6 +221,11 @@ class ModelEMA(nn.Module):
             raise ValueError(f"decay must be in [0, 1], got {decay}")
         if buffers not in ("copy", "average"):
             raise ValueError(f"buffers must be 'copy' or 'average', got {buffers!r}")
+        if _distributed.any_dtensor(list(model.parameters())):
+            raise ValueError(
+                "ModelEMA deep-copies the model, which FSDP2 refuses: build ModelEMA(model) before "
+                "fully_shard(model), then shard ema.module the same way (README, Scaling out)"
+            )
         self.module = copy.deepcopy(model).eval().requires_grad_(False)
         self.decay, self.warmup, self.min_decay = decay, warmup, min_decay
         self.warmup_gamma, self.warmup_power, self.buffers = warmup_gamma, warmup_power, buffers

@@ -137,6 +137,28 @@ def fsdp2(rank: int, world: int) -> None:
         torch.testing.assert_close(a.full_tensor(), 0.25 * r + 0.75 * p.detach())
 
 
+def fsdp2_model_ema(rank: int, world: int) -> None:
+    """ModelEMA of an FSDP2 model: built before sharding (FSDP2 refuses deepcopy, with a clear
+    error here), its module sharded the same way, then updated shard-local."""
+    model = _mlp()
+    ema = fused_optim.ModelEMA(model, decay=0.5)
+    _fsdp2(model, world)
+    _fsdp2(ema.module, world)
+    try:
+        fused_optim.ModelEMA(model)
+        raise AssertionError("ModelEMA of a sharded model did not raise")
+    except ValueError as e:
+        assert "before fully_shard" in str(e), e
+    with torch.no_grad():
+        for p in model.parameters():
+            p.to_local().add_(1.0)
+    ema.update(model)
+    for e, r in zip(ema.module.parameters(), _mlp().parameters()):
+        torch.testing.assert_close(e.full_tensor(), r.detach() + 0.5)
+    x = torch.randn(4, 6)
+    torch.testing.assert_close(ema(x), ema.module(x))
+
+
 def tensor_parallel(rank: int, world: int) -> None:
     """DTensors of every placement on a 1-D mesh (2 ranks) or a 2x2 mesh (4 ranks, replicated
     dims included): global norms, clipping, the penalty and its gradient, EMA."""
