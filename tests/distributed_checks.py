@@ -19,7 +19,7 @@ import torch.multiprocessing as mp
 from torch import nn
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import fully_shard
-from torch.distributed.tensor import Replicate, Shard, distribute_tensor
+from torch.distributed.tensor import DTensor, Partial, Replicate, Shard, distribute_tensor
 
 import fused_optim
 
@@ -197,6 +197,29 @@ def tensor_parallel(rank: int, world: int) -> None:
     fused_optim.ema_update_(ema, [p.detach() * 2 for p in params], 0.75)
     for e, f in zip(ema, full):
         torch.testing.assert_close(e.full_tensor(), torch.lerp(f, 2 * f, 0.25))
+
+
+def bad_sharded_input(rank: int, world: int) -> None:
+    """Sharded inputs that cannot be handled raise before anything is written."""
+    mesh = init_device_mesh("cpu", (world,))
+    full = torch.randn(8, 3, generator=torch.Generator().manual_seed(4))
+    partial = DTensor.from_local(full.clone(), mesh, [Partial()])
+    param = nn.Parameter(distribute_tensor(full, mesh, [Shard(0)]))
+    param.grad = partial
+    try:
+        fused_optim.clip_grad_norm_([param], 0.1)
+        raise AssertionError("a Partial gradient was accepted")
+    except ValueError as e:
+        assert "Partial" in str(e) or "partial" in str(e), e
+    assert torch.equal(partial.to_local(), full)
+    averaged = [distribute_tensor(full, mesh, [Shard(0)])]
+    before = averaged[0].to_local().clone()
+    try:
+        fused_optim.ema_update_(averaged, [full.clone()], 0.9)
+        raise AssertionError("a DTensor was averaged with a plain tensor")
+    except RuntimeError as e:
+        assert "same mesh and placements" in str(e), e
+    assert torch.equal(averaged[0].to_local(), before)
 
 
 def _as_params(values, grads):

@@ -18,7 +18,8 @@ from test_training import HERE, run_distributed
 @pytest.mark.parametrize("world", [2, 4])
 def test_sharded_training_matches_unsharded(world):
     run_distributed(
-        "fsdp2", "fsdp2_model_ema", "tensor_parallel", "flat_shards", "fsdp2_early_stopping", "early_stopping", world=world
+        "fsdp2", "fsdp2_model_ema", "tensor_parallel", "flat_shards", "fsdp2_early_stopping", "early_stopping",
+        "bad_sharded_input", world=world,
     )
 
 
