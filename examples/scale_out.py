@@ -9,6 +9,7 @@ global-norm clipping, a shard-local EMA, gradient accumulation and early stoppin
 from __future__ import annotations
 
 import argparse
+import gc
 import os
 
 import torch
@@ -26,12 +27,20 @@ def main() -> None:
     parser.add_argument("--ddp", action="store_true")
     parser.add_argument("--epochs", type=int, default=5)
     args = parser.parse_args()
-    rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
     device = torch.device("cuda", int(os.environ["LOCAL_RANK"])) if args.cuda else torch.device("cpu")
     if args.cuda:
         torch.cuda.set_device(device)
     dist.init_process_group("nccl" if args.cuda else "gloo")
+    train(args, device)
+    # The model, optimizer and their pending communication are gone (train returned) before the
+    # process group is torn down: gloo can abort at exit when they outlive it.
+    gc.collect()
+    dist.barrier()
+    dist.destroy_process_group()
 
+
+def train(args: argparse.Namespace, device: torch.device) -> None:
+    rank, world = dist.get_rank(), dist.get_world_size()
     torch.manual_seed(0)  # the same initial weights on every rank
     model = nn.Sequential(nn.Linear(32, 256), nn.ReLU(), fused_optim.Dropout(0.1), nn.Linear(256, 10)).to(device)
     if args.ddp:
@@ -72,8 +81,6 @@ def main() -> None:
             print(f"epoch {epoch}: val loss {val:.4f} (rank 0), grad norm {float(norm):.3f}, stop={stop}")
         if stop:
             break
-    dist.barrier()
-    dist.destroy_process_group()
 
 
 if __name__ == "__main__":

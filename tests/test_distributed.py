@@ -23,10 +23,19 @@ def test_sharded_training_matches_unsharded(world):
     )
 
 
+# gloo sometimes aborts a process at exit, after its work is done (a known c10d teardown problem,
+# seen here about once in 30 runs, with this message): such a run is repeated once.
+GLOO_EXIT_ABORT = "terminate called without an active exception"
+
+
 def test_scale_out_example_runs_under_torchrun():
     example = os.path.join(os.path.dirname(HERE), "examples", "scale_out.py")
-    proc = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", example, "--epochs", "1"],
-        capture_output=True, text=True, timeout=300,
-    )
-    assert proc.returncode == 0 and "epoch 0: val loss" in proc.stdout, proc.stderr[-3000:]
+    for attempt in range(2):
+        proc = subprocess.run(
+            [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", example, "--epochs", "1"],
+            capture_output=True, text=True, timeout=300,
+        )
+        finished = "epoch 0: val loss" in proc.stdout
+        if proc.returncode == 0 or not (finished and GLOO_EXIT_ABORT in proc.stderr):
+            break
+    assert proc.returncode == 0 and finished, proc.stderr[-3000:]
