@@ -8,7 +8,6 @@ from __future__ import annotations
 import numbers
 from collections.abc import Iterable
 
-import torch
 from torch import Tensor
 
 

@@ -71,11 +71,10 @@ def train(model, train_data, val_data, args, fused: bool, seed: int, progress):
             idx = order[b * args.batch : (b + 1) * args.batch]
             for m in range(steps):
                 xi, yi = x[idx[m * micro : (m + 1) * micro]], y[idx[m * micro : (m + 1) * micro]]
-                if fused:
-                    ends = accumulator.step(F.cross_entropy(model(xi), yi) + regularizer(model))
+                if fused:  # the window is the whole batch: the optimizer steps after it
+                    accumulator.step(F.cross_entropy(model(xi), yi) + regularizer(model))
                 else:
                     (F.cross_entropy(model(xi), yi) + seed_penalty(model, 1e-6, 1e-5)).div(steps).backward()
-                    ends = m == steps - 1
             if fused:
                 fused_optim.clip_grad_norm_(model.parameters(), 1.0)
             else:

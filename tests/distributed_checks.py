@@ -7,7 +7,6 @@ seed gives every rank the full tensors): a single-process run of the same model 
 
 from __future__ import annotations
 
-import copy
 import math
 import os
 import socket
