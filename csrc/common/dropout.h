@@ -3,6 +3,7 @@
 #pragma once
 
 #include <ATen/core/Tensor.h>
+#include <ATen/ops/empty_like.h>
 #include <c10/util/Exception.h>
 
 #include <cstdint>
@@ -32,6 +33,27 @@ inline void check_dropout_args(const at::Tensor& input, double p) {
   TORCH_CHECK_TYPE(
       at::isFloatingType(input.scalar_type()),
       "input must be a real floating tensor (fp32, fp64, fp16 or bf16), got ", input.scalar_type());
+}
+
+// Out of place and in place over a backend's run(in, out), which takes contiguous tensors (the
+// stream follows logical row-major order) and may be given out == in.
+template <typename Run>
+at::Tensor dropout_out_of_place(const at::Tensor& input, const Run& run) {
+  const at::Tensor in = input.contiguous();
+  at::Tensor out = at::empty_like(in, at::MemoryFormat::Contiguous);
+  run(in, out);
+  return out;
+}
+
+template <typename Run>
+void dropout_in_place(const at::Tensor& input, const Run& run) {
+  if (input.is_contiguous()) {
+    run(input, input);
+    return;
+  }
+  const at::Tensor tmp = input.contiguous();
+  run(tmp, tmp);
+  input.copy_(tmp);
 }
 
 } // namespace fused_optim

@@ -3,7 +3,6 @@
 #include "cpu/kernels.h"
 
 #include <ATen/ops/empty.h>
-#include <ATen/ops/empty_like.h>
 #include <torch/library.h>
 
 #include <utility>
@@ -40,22 +39,14 @@ void run_dropout(const at::Tensor& input, const at::Tensor& out, double p, const
 
 at::Tensor dropout_cpu(const at::Tensor& input, double p, const at::Tensor& seed_offset) {
   check_dropout_args(input, p);
-  const at::Tensor in = input.contiguous();  // the stream follows logical (row-major) order
-  at::Tensor out = at::empty_like(in, at::MemoryFormat::Contiguous);
-  run_dropout(in, out, p, seed_offset);
-  return out;
+  return dropout_out_of_place(
+      input, [&](const at::Tensor& in, const at::Tensor& out) { run_dropout(in, out, p, seed_offset); });
 }
 
 void dropout_inplace_cpu(const at::Tensor& input, double p, const at::Tensor& seed_offset) {
   check_dropout_args(input, p);
   unpack_seed_offset(seed_offset);  // checked before anything is written
-  if (input.is_contiguous()) {
-    run_dropout(input, input, p, seed_offset);
-    return;
-  }
-  const at::Tensor tmp = input.contiguous();
-  run_dropout(tmp, tmp, p, seed_offset);
-  input.copy_(tmp);
+  dropout_in_place(input, [&](const at::Tensor& in, const at::Tensor& out) { run_dropout(in, out, p, seed_offset); });
 }
 
 at::Tensor dropout_mask_cpu(const at::Tensor& input, double p, const at::Tensor& seed_offset) {

@@ -18,7 +18,6 @@
 #include <ATen/core/PhiloxRNGEngine.h>
 #include <ATen/native/cuda/MemoryAccess.cuh>
 #include <ATen/ops/empty.h>
-#include <ATen/ops/empty_like.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGraphsC10Utils.h>
 #include <c10/cuda/CUDAGuard.h>
@@ -160,23 +159,15 @@ void run_dropout(const at::Tensor& input, const at::Tensor& out, double p, const
 
 at::Tensor dropout_cuda(const at::Tensor& input, double p, const at::Tensor& seed_offset) {
   check_dropout_args(input, p);
-  const at::Tensor in = input.contiguous();  // the stream follows logical (row-major) order
-  at::Tensor out = at::empty_like(in, at::MemoryFormat::Contiguous);
-  run_dropout(in, out, p, seed_offset);
-  return out;
+  return dropout_out_of_place(
+      input, [&](const at::Tensor& in, const at::Tensor& out) { run_dropout(in, out, p, seed_offset); });
 }
 
 void dropout_inplace_cuda(const at::Tensor& input, double p, const at::Tensor& seed_offset) {
   check_dropout_args(input, p);
   at::Tensor holder;
   seed_offset_arg(seed_offset, input, holder);  // checked before anything is written
-  if (input.is_contiguous()) {
-    run_dropout(input, input, p, seed_offset);
-    return;
-  }
-  const at::Tensor tmp = input.contiguous();
-  run_dropout(tmp, tmp, p, seed_offset);
-  input.copy_(tmp);
+  dropout_in_place(input, [&](const at::Tensor& in, const at::Tensor& out) { run_dropout(in, out, p, seed_offset); });
 }
 
 at::Tensor dropout_mask_cuda(const at::Tensor& input, double p, const at::Tensor& seed_offset) {
