@@ -84,8 +84,11 @@ def _scale_by_clip_coefficient(grads: list[Tensor], max_norm: float, total_norm:
     if _distributed.is_dtensor(total_norm):
         total_norm = total_norm.full_tensor()  # torch's get_total_norm returns one for DTensors
     clip_coef = torch.clamp(max_norm / (total_norm + 1e-6), max=1.0)
-    local = [g.to_local() if _distributed.is_dtensor(g) else g for g in grads]
-    torch.ops.fused_optim.multi_tensor_scale_.default(local, clip_coef)
+    _distributed.fused_or_sharded(
+        lambda: torch.ops.fused_optim.multi_tensor_scale_.default(grads, clip_coef),
+        lambda: torch.ops.fused_optim.multi_tensor_scale_.default(_distributed.local_lists(grads)[0], clip_coef),
+        grads,
+    )
 
 
 @torch.no_grad()
