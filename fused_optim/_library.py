@@ -11,6 +11,7 @@ import warnings
 
 import torch
 from torch import Tensor
+from torch.utils import _pytree as pytree
 
 from . import reference
 
@@ -91,6 +92,7 @@ _C, EXTENSION_ERROR = _load_extension()
 def _(tensors: list[Tensor], norm_type: float, per_tensor: bool, error_if_nonfinite: bool = False) -> tuple[Tensor, Tensor]:
     reference.check_norm_type(norm_type)
     reference.check_floating_list(tensors, "tensors")
+    reference.check_norm_defined(tensors, norm_type)
     device = tensors[0].device if tensors else None
     dtype = reference.norm_dtype(tensors)
     total = torch.empty((), dtype=dtype, device=device)
@@ -106,6 +108,7 @@ def _(tensors: list[Tensor], scale: Tensor) -> None:
 def _(grads: list[Tensor], max_norm: float, norm_type: float, error_if_nonfinite: bool) -> Tensor:
     reference.check_norm_type(norm_type)
     reference.check_floating_list(grads, "grads")
+    reference.check_norm_defined(grads, norm_type)
     device = grads[0].device if grads else None
     return torch.empty((), dtype=reference.norm_dtype(grads), device=device)
 
@@ -113,6 +116,7 @@ def _(grads: list[Tensor], max_norm: float, norm_type: float, error_if_nonfinite
 @torch.library.register_fake("fused_optim::clip_grad_value_", lib=_lib)
 def _(grads: list[Tensor], clip_value: float) -> None:
     reference.check_floating_list(grads, "grads")
+    reference.check_clip_value(grads, clip_value)
 
 
 @torch.library.register_fake("fused_optim::multi_tensor_weighted_sum", lib=_lib)
@@ -135,7 +139,7 @@ def _(self: list[Tensor], end: list[Tensor], weight: Tensor) -> None:
 @torch.library.register_fake("fused_optim::dropout", lib=_lib)
 def _(input: Tensor, p: float, seed_offset: Tensor) -> Tensor:
     reference.check_dropout_args(input, p, seed_offset)
-    return torch.empty_like(input, memory_format=torch.contiguous_format)
+    return torch.empty_like(input)
 
 
 @torch.library.register_fake("fused_optim::dropout_", lib=_lib)
@@ -166,26 +170,143 @@ torch.library.register_autograd(
 )
 
 
-# Autograd: the native extension registers it in C++ (a Python autograd kernel converts a Tensor[]
-# to Python and back on each call: ~290 us for 2000 tensors); without it, the same rule in Python.
-# Both call the l1l2_penalty_backward op, which holds the formula.
+# Autograd and version counters (csrc/autograd.cpp, which says why, registers the same rules in C++
+# when the extension is loaded; these Python kernels fill the keys it left empty):
+# - l1l2_penalty's derivative calls the l1l2_penalty_backward op, which holds the formula; under
+#   create_graph the reference formula (differentiable torch ops) runs, so higher orders are right;
+# - ops that write a tensor refuse, with grad mode on, to write one that requires grad, and bump the
+#   version of what they wrote once their kernel has succeeded;
+# - other ops without a derivative give outputs whose backward raises (torch's NotImplemented).
 def _l1l2_penalty_setup_context(ctx, inputs, output) -> None:
     tensors, ctx.l1, ctx.l2 = inputs
     ctx.save_for_backward(*tensors)
 
 
 def _l1l2_penalty_backward(ctx, grad: Tensor):
-    grads = torch.ops.fused_optim.l1l2_penalty_backward(grad, list(ctx.saved_tensors), ctx.l1, ctx.l2)
-    return grads, None, None
+    tensors = list(ctx.saved_tensors)
+    if torch.is_grad_enabled():  # create_graph
+        return reference.l1l2_penalty_backward(grad, tensors, ctx.l1, ctx.l2), None, None
+    return torch.ops.fused_optim.l1l2_penalty_backward(grad, tensors, ctx.l1, ctx.l2), None, None
 
 
-if not torch._C._dispatch_has_kernel_for_dispatch_key("fused_optim::l1l2_penalty", "Autograd"):
+def _has_kernel(name: str, key: str) -> bool:
+    return torch._C._dispatch_has_kernel_for_dispatch_key(f"fused_optim::{name}", key)
+
+
+def _written(schema, args) -> list[tuple[str, int | None, Tensor]]:
+    """(argument name, index in its list or None, tensor) of every tensor the op writes."""
+    written = []
+    for a, value in zip(schema.arguments, args):
+        if a.alias_info is not None and a.alias_info.is_write:
+            if isinstance(value, Tensor):
+                written.append((a.name, None, value))
+            else:
+                written.extend((a.name, i, t) for i, t in enumerate(value))
+    return written
+
+
+def _describe(name: str, arg: str, i: int | None) -> str:
+    return f"fused_optim::{name}: {arg}" + ("" if i is None else f"[{i}]")
+
+
+def _refuse_grad_requiring_writes(name: str, op):
+    def kernel(keyset, *args):
+        if torch.is_grad_enabled():
+            for arg, i, t in _written(op._schema, args):
+                if not t.requires_grad:
+                    continue
+                what = _describe(name, arg, i)
+                if t.is_leaf:
+                    raise RuntimeError(f"{what}: a leaf Variable that requires grad is being used in an in-place operation.")
+                if t._base is not None and t._base.is_leaf:
+                    raise RuntimeError(
+                        f"{what}: a view of a leaf Variable that requires grad is being used in an in-place operation."
+                    )
+                raise RuntimeError(
+                    f"{what} requires grad, and this op writes it in place without a derivative: call it under "
+                    "torch.no_grad() or on a detached tensor"
+                )
+        with torch._C._AutoDispatchBelowAutograd():
+            return op.redispatch(keyset & torch._C._after_autograd_keyset, *args)
+
+    return kernel
+
+
+def _bump_written_versions(name: str, op):
+    def kernel(keyset, *args):
+        written = _written(op._schema, args)
+        for arg, i, t in written:
+            if t.is_inference():
+                raise RuntimeError(
+                    f"{_describe(name, arg, i)}: Inplace update to inference tensor outside InferenceMode is not "
+                    "allowed. Make a clone to get a normal tensor before the in-place update"
+                )
+        with torch._C._AutoDispatchBelowADInplaceOrView():
+            result = op.redispatch(keyset & torch._C._after_ADInplaceOrView_keyset, *args)
+        torch.autograd.graph.increment_version([t for _, _, t in written])
+        return result
+
+    return kernel
+
+
+class _NoDerivative(torch.autograd.Function):
+    """Runs an op without a derivative on tensors that require grad: its floating outputs join
+    the graph with a backward that raises, as torch's NotImplemented node does."""
+
+    @staticmethod
+    def forward(ctx, name, run, *inputs):
+        ctx.name = name
+        outputs = tuple(run())
+        ctx.mark_non_differentiable(*(o for o in outputs if not o.is_floating_point()))
+        return outputs
+
+    @staticmethod
+    def backward(ctx, *grads):
+        raise RuntimeError(f"derivative for fused_optim::{ctx.name} is not implemented")
+
+
+def _no_derivative(name: str, op):
+    def kernel(keyset, *args):
+        def run():
+            with torch._C._AutoDispatchBelowAutograd():
+                return op.redispatch(keyset & torch._C._after_autograd_keyset, *args)
+
+        inputs = [t for t in pytree.tree_leaves(args) if isinstance(t, Tensor) and t.requires_grad]
+        if not (torch.is_grad_enabled() and inputs):
+            return run()
+        spec = []
+
+        def run_flat():
+            flat, out_spec = pytree.tree_flatten(run())
+            spec.append(out_spec)
+            return flat
+
+        return pytree.tree_unflatten(list(_NoDerivative.apply(name, run_flat, *inputs)), spec[0])
+
+    return kernel
+
+
+DIFFERENTIABLE = {"l1l2_penalty", "dropout"}  # the ops with a derivative (registered above and below)
+
+if not _has_kernel("l1l2_penalty", "Autograd"):
     torch.library.register_autograd(
         "fused_optim::l1l2_penalty",
         _l1l2_penalty_backward,
         setup_context=_l1l2_penalty_setup_context,
         lib=_lib,
     )
+
+with warnings.catch_warnings():
+    warnings.filterwarnings("ignore", message=".*Warning only once for all operators.*")
+    for _name in SCHEMAS:
+        _op = getattr(torch.ops.fused_optim, _name).default
+        if _name in DIFFERENTIABLE:
+            continue
+        if not _has_kernel(_name, "Autograd"):
+            _make = _refuse_grad_requiring_writes if _op._schema.is_mutable else _no_derivative
+            _lib.impl(_name, _make(_name, _op), "Autograd", with_keyset=True)
+        if _op._schema.is_mutable and not _has_kernel(_name, "ADInplaceOrView"):
+            _lib.impl(_name, _bump_written_versions(_name, _op), "ADInplaceOrView", with_keyset=True)
 
 DEVICES = ("cpu", "cuda")
 

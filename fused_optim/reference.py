@@ -59,6 +59,54 @@ def check_paired_lists(params: list[Tensor], grads: list[Tensor], names=("params
             )
 
 
+def check_writable(tensors: list[Tensor], name: str) -> None:
+    """No two elements of a written tensor share memory (an expanded tensor, say), as torch
+    requires of the target of an in-place op (ATen's has_internal_overlap == YES)."""
+    for i, t in enumerate(tensors):
+        if any(stride == 0 and size > 1 for size, stride in zip(t.shape, t.stride())):
+            raise RuntimeError(
+                f"{name}[{i}]: unsupported operation: more than one element of the written-to tensor refers to a "
+                "single memory location. Please clone() the tensor before performing the operation."
+            )
+
+
+def _non_overlapping_and_dense(t: Tensor) -> bool:
+    """Whether t's elements fill one block of memory in some order of its dims (ATen's rule)."""
+    expected = 1
+    for size, stride in sorted(((n, s) for n, s in zip(t.shape, t.stride()) if n != 1), key=lambda d: (d[1], d[0])):
+        if stride != expected:
+            return False
+        expected *= size
+    return True
+
+
+def _partially_overlap(a: Tensor, b: Tensor) -> bool:
+    """ATen's get_overlap_status(a, b) == PARTIAL: dense tensors of one storage whose byte ranges
+    meet without being the same memory laid out the same way (other layouts are not decided)."""
+    if a is b or not a.numel() or not b.numel():
+        return False
+    if not (_non_overlapping_and_dense(a) and _non_overlapping_and_dense(b)):
+        return False
+    if a.untyped_storage().data_ptr() != b.untyped_storage().data_ptr():
+        return False
+    a_begin, b_begin = a.data_ptr(), b.data_ptr()
+    a_end, b_end = a_begin + a.numel() * a.element_size(), b_begin + b.numel() * b.element_size()
+    if (a_begin, a_end) == (b_begin, b_end):
+        return a.stride() != b.stride()
+    return a_begin < b_end and b_begin < a_end
+
+
+def check_same_or_disjoint(written: list[Tensor], written_name: str, read: list[Tensor], read_name: str) -> None:
+    """Each read[i] that written[i] is computed from is the same memory or disjoint from it."""
+    for i, (w, r) in enumerate(zip(written, read)):
+        if _partially_overlap(w, r):
+            raise RuntimeError(
+                f"{written_name}[{i}] and {read_name}[{i}]: unsupported operation: some elements of the input "
+                "tensor and the written-to tensor refer to a single memory location. Please clone() the tensor "
+                "before performing the operation."
+            )
+
+
 def l1l2_penalty(tensors: list[Tensor], l1: float, l2: float) -> Tensor:
     """l1 * sum|p| + l2 * sum p^2 over every element of every tensor (0-dim)."""
     check_coefficient(l1, "l1")
@@ -91,6 +139,8 @@ def l1l2_grad_(params: list[Tensor], grads: list[Tensor], l1: float, l2: float) 
     check_coefficient(l2, "l2")
     check_floating_list(params, "params")
     check_paired_lists(params, grads)
+    check_writable(grads, "grads")
+    check_same_or_disjoint(grads, "grads", params, "params")
     for p, g in zip(params, grads):
         x = p.to(opmath_dtype(p.dtype))
         g.copy_(g.to(x.dtype) + l1 * torch.sign(x) + (2.0 * l2) * x)
@@ -108,6 +158,18 @@ def norm_dtype(tensors: list[Tensor]) -> torch.dtype:
 def check_norm_type(norm_type: float) -> None:
     if math.isnan(norm_type):
         raise ValueError("norm_type must be a number, got nan")
+
+
+def check_norm_defined(tensors: list[Tensor], norm_type: float) -> None:
+    """inf, -inf and p < 0 (a max, a min, a sum of 1/|x|^|p|) have no identity: an empty tensor has
+    no such norm, and torch.linalg.vector_norm refuses it."""
+    if norm_type < 0 or norm_type == math.inf:
+        for i, t in enumerate(tensors):
+            if t.numel() == 0:
+                raise RuntimeError(
+                    f"tensors[{i}] is empty: linalg.vector_norm cannot compute the {norm_type:g} norm on an empty "
+                    "tensor because the operation does not have an identity"
+                )
 
 
 def nonfinite_norm_message(norm_type: float) -> str:
@@ -130,11 +192,10 @@ def multi_tensor_norm(
     op, so that torch.compile traces it without a data-dependent branch."""
     check_norm_type(norm_type)
     check_floating_list(tensors, "tensors")
+    check_norm_defined(tensors, norm_type)
     dtype = norm_dtype(tensors)
     device = tensors[0].device if tensors else None
-    # An empty tensor adds nothing: its max |x| is 0 and its min |x| is inf (torch raises for both).
-    empty = torch.tensor(math.inf if norm_type == -math.inf else 0.0, dtype=torch.float64, device=device)
-    norms = [torch.linalg.vector_norm(t, norm_type, dtype=torch.float64) if t.numel() else empty for t in tensors]
+    norms = [torch.linalg.vector_norm(t, norm_type, dtype=torch.float64) for t in tensors]
     if not norms:
         return torch.zeros((), dtype=dtype, device=device), torch.empty(0, dtype=dtype, device=device)
     stacked = torch.stack(norms)
@@ -147,6 +208,7 @@ def multi_tensor_norm(
 def multi_tensor_scale_(tensors: list[Tensor], scale: Tensor) -> None:
     """tensors[i] *= scale (a one-element tensor); nothing is written when scale is 1."""
     check_floating_list(tensors, "tensors")
+    check_writable(tensors, "tensors")
     if scale.numel() != 1:
         raise RuntimeError(f"scale must hold one element, got shape {list(scale.shape)}")
     if scale.item() == 1.0:
@@ -158,6 +220,8 @@ def multi_tensor_scale_(tensors: list[Tensor], scale: Tensor) -> None:
 def clip_grad_norm_(grads: list[Tensor], max_norm: float, norm_type: float, error_if_nonfinite: bool) -> Tensor:
     """Scales grads by min(1, max_norm / (total + 1e-6)), in the total's dtype as torch does;
     returns the total norm (before clipping)."""
+    check_floating_list(grads, "grads")
+    check_writable(grads, "grads")
     total, _ = multi_tensor_norm(grads, norm_type, False, error_if_nonfinite)
     if not grads:
         return total
@@ -165,9 +229,23 @@ def clip_grad_norm_(grads: list[Tensor], max_norm: float, norm_type: float, erro
     return total
 
 
+def check_clip_value(grads: list[Tensor], clip_value: float) -> None:
+    """clip_value converts to every gradient's dtype, as torch.clamp_'s scalar bounds must (nan and
+    +-inf do; a finite value beyond the dtype's range does not)."""
+    for i, g in enumerate(grads):
+        if math.isfinite(clip_value) and abs(clip_value) > torch.finfo(g.dtype).max:
+            raise RuntimeError(
+                f"clip_value {clip_value} cannot be converted to type {g.dtype} of grads[{i}] without overflow"
+            )
+
+
 def clip_grad_value_(grads: list[Tensor], clip_value: float) -> None:
-    """grads[i] = clamp(grads[i], -clip_value, clip_value), NaN kept."""
+    """grads[i] = clamp(grads[i], -clip_value, clip_value) as torch.clamp_: min(max(g, lo), hi), so
+    -|clip_value| everywhere for a negative one; a NaN element stays NaN; a NaN clip_value makes
+    every element NaN."""
     check_floating_list(grads, "grads")
+    check_writable(grads, "grads")
+    check_clip_value(grads, clip_value)
     for g in grads:
         g.clamp_(min=-clip_value, max=clip_value)
 
@@ -213,6 +291,9 @@ def multi_tensor_weighted_sum_(inputs: list[Tensor], weights: list[float], out: 
     of its own inputs."""
     check_weighted_sum_args(inputs, weights, out)
     n = len(out)
+    check_writable(out, "out")
+    for m in range(len(weights)):
+        check_same_or_disjoint(out, "out", inputs[m * n : (m + 1) * n], f"inputs (list {m})")
     for i, o in enumerate(out):
         acc = sum(w * inputs[m * n + i].to(opmath_dtype(o.dtype)) for m, w in enumerate(weights))
         o.copy_(acc)
@@ -234,6 +315,8 @@ def multi_tensor_lerp_(self: list[Tensor], end: list[Tensor], weight: Tensor) ->
     is read as a Python float (a host sync for a GPU weight: the native kernel reads it on the
     device), so fp16/bf16 tensors get torch.lerp's fp32 math with the unrounded weight."""
     check_lerp_args(self, end, weight)
+    check_writable(self, "self")
+    check_same_or_disjoint(self, "self", end, "end")
     w = weight.item()
     if weight.device.type == "cpu" and not math.isfinite(w):  # the kernels read only a CPU weight on the host
         raise ValueError(f"weight must be finite, got {w}")
@@ -300,18 +383,17 @@ def dropout_keep(input: Tensor, p: float, seed_offset: Tensor) -> Tensor:
 
 def dropout(input: Tensor, p: float, seed_offset: Tensor) -> Tensor:
     """input * keep / (1 - p), in the op-math type; dropped elements are multiplied by 0 (a nan
-    stays nan, as in torch). The result is contiguous."""
+    stays nan, as in torch). The result has the input's layout (torch.empty_like's), as torch's."""
     check_dropout_args(input, p, seed_offset)
-    if p == 0.0:
-        return input.clone(memory_format=torch.contiguous_format)
     x = input.to(opmath_dtype(input.dtype))
     scale = 0.0 if p == 1.0 else 1.0 / (1.0 - p)
     multiplier = dropout_keep(input, p, seed_offset).to(x.dtype) * scale
-    return (x * multiplier).to(input.dtype).contiguous()
+    return torch.empty_like(input).copy_(x * multiplier)
 
 
 def dropout_(input: Tensor, p: float, seed_offset: Tensor) -> None:
     check_dropout_args(input, p, seed_offset)
+    check_writable([input], "input")
     input.copy_(dropout(input, p, seed_offset))
 
 

@@ -95,13 +95,24 @@ def test_total_norm_empty_and_single_tensor(backend, device):
 
 def test_per_tensor_norms_match_foreach_norm(backend, device):
     grads = make_grads(torch.float32, device) + [torch.empty(0, device=device)]
-    for norm_type in (2.0, 1.0, INF, 3.0):
+    for norm_type in (2.0, 1.0, 3.0, 0.5):
         total, each = torch.ops.fused_optim.multi_tensor_norm(grads, norm_type, True)
         expected = torch.stack([torch.linalg.vector_norm(g.double(), norm_type) for g in grads[:-1]])
         torch.testing.assert_close(each[:-1], expected.float())
-        assert each[-1].item() == 0.0  # an empty tensor's norm (torch raises for inf)
+        assert each[-1].item() == 0.0  # an empty tensor's norm
         _, none = torch.ops.fused_optim.multi_tensor_norm(grads, norm_type, False)
         assert none.shape == (0,)
+
+
+@pytest.mark.parametrize("norm_type", [INF, -INF, -1.0, -0.5])
+def test_norms_without_identity_refuse_an_empty_tensor(backend, device, norm_type):
+    # As torch.linalg.vector_norm (and so torch.nn.utils.get_total_norm): no max, min or negative
+    # order of no elements.
+    grads = [torch.ones(3, device=device), torch.empty(0, device=device)]
+    with pytest.raises(RuntimeError, match=r"tensors\[1\] is empty: .*cannot compute the .* norm on an empty tensor"):
+        torch.ops.fused_optim.multi_tensor_norm(grads, norm_type, False)
+    with pytest.raises(RuntimeError, match="on an empty tensor"):
+        torch.nn.utils.get_total_norm(grads, norm_type)
 
 
 # ---------------------------------------------------------------- clip by norm

@@ -2,6 +2,8 @@
 // threshold, the argument checks.
 #pragma once
 
+#include "common/tensor_list.h"
+
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty_like.h>
 #include <c10/util/Exception.h>
@@ -23,6 +25,12 @@ inline uint64_t keep_threshold(double p) {
   return static_cast<uint64_t>((1.0 - p) * 4294967296.0);
 }
 
+// Whether every element is kept: p == 0, and any p so small that 1 - p rounds to 1 (then the
+// threshold is 2^32, above every word, and the scale is exactly 1, as for torch's dropout).
+inline bool keeps_all(double p) {
+  return keep_threshold(p) > UINT32_MAX;
+}
+
 // The factor of kept elements: 1 / (1 - p), and 0 for p == 1 (every element dropped).
 inline double keep_scale(double p) {
   return p == 1.0 ? 0.0 : 1.0 / (1.0 - p);
@@ -36,17 +44,26 @@ inline void check_dropout_args(const at::Tensor& input, double p) {
 }
 
 // Out of place and in place over a backend's run(in, out), which takes contiguous tensors (the
-// stream follows logical row-major order) and may be given out == in.
+// stream follows logical row-major order) and may be given out == in. The out-of-place result has
+// the input's layout, as torch's dropout gives (channels_last stays channels_last); a layout other
+// than the contiguous one costs a copy in and a copy out.
 template <typename Run>
 at::Tensor dropout_out_of_place(const at::Tensor& input, const Run& run) {
-  const at::Tensor in = input.contiguous();
-  at::Tensor out = at::empty_like(in, at::MemoryFormat::Contiguous);
-  run(in, out);
-  return out;
+  at::Tensor out = at::empty_like(input);
+  if (out.is_contiguous()) {
+    run(input.contiguous(), out);
+    return out;
+  }
+  const at::Tensor tmp = input.contiguous();  // a copy: input is not contiguous
+  run(tmp, tmp);
+  return out.copy_(tmp);
 }
 
+// The in-place form refuses an input whose elements share memory (an expanded tensor), as torch's
+// in-place ops do, before anything is written.
 template <typename Run>
 void dropout_in_place(const at::Tensor& input, const Run& run) {
+  check_writable(input, "input");
   if (input.is_contiguous()) {
     run(input, input);
     return;

@@ -1,15 +1,19 @@
 #include "common/tensor_list.h"
 
+#include <ATen/Dispatch.h>
+#include <ATen/MemoryOverlap.h>
 #include <ATen/OpMathType.h>
 #include <ATen/ops/empty_like.h>
+#include <ATen/ops/scalar_tensor.h>
 #include <c10/core/ScalarType.h>
 #include <c10/util/Exception.h>
 
 #include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <limits>
 #include <sstream>
 #include <string>
-
-#include <cmath>
 
 namespace fused_optim {
 
@@ -65,6 +69,26 @@ void check_weighted_sum_args(
     const std::string name = "inputs (list " + std::to_string(m) + ")";
     check_paired_lists(out, "out", inputs.slice(m * out.size(), out.size()), name.c_str());
   }
+  check_writable(out, "out");
+  for (size_t m = 0; m < k; ++m) {
+    const std::string name = "inputs (list " + std::to_string(m) + ")";
+    check_same_or_disjoint(out, "out", inputs.slice(m * out.size(), out.size()), name.c_str());
+  }
+}
+
+std::vector<at::TensorList> weighted_sum_lists(at::TensorList inputs, at::ArrayRef<double> weights, at::TensorList out) {
+  std::vector<at::TensorList> lists{out};
+  for (size_t m = 0; m < weights.size(); ++m) {
+    lists.push_back(inputs.slice(m * out.size(), out.size()));
+  }
+  return lists;
+}
+
+void check_lerp_lists(at::TensorList self, at::TensorList end, c10::DeviceType device) {
+  check_floating_list(self, "self", device);
+  check_paired_lists(self, "self", end, "end");
+  check_writable(self, "self");
+  check_same_or_disjoint(self, "self", end, "end");
 }
 
 std::vector<at::Tensor> weighted_sum_outputs(at::TensorList inputs, at::ArrayRef<double> weights) {
@@ -111,7 +135,7 @@ at::Tensor as_dense(const at::Tensor& t) {
   return t.is_non_overlapping_and_dense() ? t : t.contiguous();
 }
 
-std::vector<at::Tensor> select(const std::vector<at::Tensor>& tensors, const std::vector<int64_t>& idx) {
+std::vector<at::Tensor> select(at::TensorList tensors, const std::vector<int64_t>& idx) {
   std::vector<at::Tensor> subset;
   subset.reserve(idx.size());
   for (int64_t i : idx) {
@@ -154,6 +178,119 @@ void DenseTargets::write_back() const {
   }
 }
 
+void check_writable(at::TensorList written, const char* name) {
+  for (size_t i = 0; i < written.size(); ++i) {
+    TORCH_CHECK(
+        at::has_internal_overlap(written[i]) != at::MemOverlap::Yes, name, "[", i,
+        "]: unsupported operation: more than one element of the written-to tensor refers to a single memory "
+        "location. Please clone() the tensor before performing the operation.");
+  }
+}
+
+void check_same_or_disjoint(at::TensorList written, const char* written_name, at::TensorList read, const char* read_name) {
+  for (size_t i = 0; i < written.size(); ++i) {
+    TORCH_CHECK(
+        at::get_overlap_status(written[i], read[i]) != at::MemOverlapStatus::Partial, written_name, "[", i, "] and ",
+        read_name, "[", i, "]: unsupported operation: some elements of the input tensor and the written-to tensor "
+        "refer to a single memory location. Please clone() the tensor before performing the operation.");
+  }
+}
+
+namespace {
+
+// The bytes from a tensor's first element to one past its last, and whose it is.
+struct Extent {
+  uintptr_t begin, end;
+  int64_t position;
+  bool written;
+};
+
+void add_extent(const at::Tensor& t, int64_t position, bool written, std::vector<Extent>& extents) {
+  if (t.numel() == 0) {
+    return;
+  }
+  int64_t span = 1;  // torch's strides are >= 0
+  for (int64_t d = 0; d < t.dim(); ++d) {
+    span += (t.size(d) - 1) * t.stride(d);
+  }
+  const auto begin = reinterpret_cast<uintptr_t>(t.const_data_ptr());
+  extents.push_back({begin, begin + static_cast<uintptr_t>(span * t.element_size()), position, written});
+}
+
+} // namespace
+
+std::vector<std::vector<int64_t>> sequential_passes(const std::vector<at::TensorList>& lists, size_t num_written) {
+  const size_t n = lists.empty() ? 0 : lists[0].size();
+  std::vector<Extent> extents;
+  extents.reserve(lists.size() * n);
+  for (size_t l = 0; l < lists.size(); ++l) {
+    for (size_t i = 0; i < n; ++i) {
+      add_extent(lists[l][i], static_cast<int64_t>(i), l < num_written, extents);
+    }
+  }
+  std::sort(extents.begin(), extents.end(), [](const Extent& a, const Extent& b) { return a.begin < b.begin; });
+  // Extents are swept in address order in clusters of mutually reachable overlaps; pairs are
+  // compared only inside a cluster (usually of one extent). Byte ranges are a conservative test:
+  // interleaved strided views count as overlapping, which only costs a pass.
+  std::vector<std::vector<int64_t>> earlier(n);  // earlier[j]: positions i < j that position j overlaps
+  bool any = false;
+  for (size_t a = 0; a < extents.size();) {
+    size_t b = a + 1;
+    uintptr_t end = extents[a].end;
+    for (; b < extents.size() && extents[b].begin < end; ++b) {
+      end = std::max(end, extents[b].end);
+    }
+    for (size_t x = a; x < b; ++x) {
+      for (size_t y = x + 1; y < b; ++y) {
+        const Extent& e = extents[x];
+        const Extent& f = extents[y];
+        if (e.position != f.position && (e.written || f.written) && f.begin < e.end) {
+          earlier[std::max(e.position, f.position)].push_back(std::min(e.position, f.position));
+          any = true;
+        }
+      }
+    }
+    a = b;
+  }
+  if (!any) {
+    return {};
+  }
+  std::vector<int64_t> pass(n, 0);
+  int64_t num_passes = 1;
+  for (size_t j = 0; j < n; ++j) {
+    for (int64_t i : earlier[j]) {
+      pass[j] = std::max(pass[j], pass[i] + 1);
+    }
+    num_passes = std::max(num_passes, pass[j] + 1);
+  }
+  std::vector<std::vector<int64_t>> passes(num_passes);
+  for (size_t j = 0; j < n; ++j) {
+    passes[pass[j]].push_back(static_cast<int64_t>(j));
+  }
+  return passes;
+}
+
+void run_in_sequential_passes(
+    const std::vector<at::TensorList>& lists, size_t num_written,
+    const std::function<void(const std::vector<at::TensorList>&)>& f) {
+  const auto passes = sequential_passes(lists, num_written);
+  if (passes.empty()) {
+    f(lists);
+    return;
+  }
+  for (const auto& pass : passes) {
+    std::vector<std::vector<at::Tensor>> cut;
+    for (const at::TensorList& list : lists) {
+      cut.push_back(select(list, pass));
+    }
+    f(std::vector<at::TensorList>(cut.begin(), cut.end()));
+  }
+}
+
+at::Tensor scalar_result(double value, const at::TensorOptions& options) {
+  return at::scalar_tensor(value, options.dtype(at::kDouble)).to(options.dtype());
+}
+
 at::ScalarType reduction_dtype(at::TensorList tensors) {
   if (tensors.empty()) {
     return at::kFloat;
@@ -167,6 +304,28 @@ at::ScalarType reduction_dtype(at::TensorList tensors) {
 
 void check_norm_type(double norm_type) {
   TORCH_CHECK_VALUE(!std::isnan(norm_type), "norm_type must be a number, got nan");
+}
+
+void check_norm_defined(at::TensorList tensors, double norm_type) {
+  if (!(norm_type < 0.0 || norm_type == INFINITY)) {
+    return;
+  }
+  for (size_t i = 0; i < tensors.size(); ++i) {
+    TORCH_CHECK(
+        tensors[i].numel() > 0, "tensors[", i, "] is empty: linalg.vector_norm cannot compute the ", norm_type,
+        " norm on an empty tensor because the operation does not have an identity");
+  }
+}
+
+void check_clip_value(at::TensorList grads, double clip_value) {
+  for (size_t i = 0; i < grads.size(); ++i) {
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, grads[i].scalar_type(), "check_clip_value", [&] {
+      const double largest = static_cast<double>(std::numeric_limits<scalar_t>::max());
+      TORCH_CHECK(
+          !std::isfinite(clip_value) || std::abs(clip_value) <= largest, "clip_value ", clip_value,
+          " cannot be converted to type ", grads[i].scalar_type(), " of grads[", i, "] without overflow");
+    });
+  }
 }
 
 at::ScalarType norm_dtype(at::TensorList tensors) {

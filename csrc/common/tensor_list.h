@@ -3,6 +3,7 @@
 
 #include <ATen/core/Tensor.h>
 
+#include <functional>
 #include <optional>
 #include <utility>
 #include <vector>
@@ -20,9 +21,16 @@ void check_paired_lists(
 void check_coefficient(double value, const char* name);
 
 // The weighted sum's arguments: len(weights) finite weights, and inputs holding len(weights)
-// lists laid end to end, each matching out (floating, on one `device`) position by position.
+// lists laid end to end, each matching out (floating, on one `device`, writable) position by
+// position, each input either out[i] itself or disjoint from it.
 void check_weighted_sum_args(
     at::TensorList inputs, at::ArrayRef<double> weights, at::TensorList out, c10::DeviceType device);
+
+// The weighted sum's lists position-aligned for run_in_sequential_passes: out, then each input list.
+std::vector<at::TensorList> weighted_sum_lists(at::TensorList inputs, at::ArrayRef<double> weights, at::TensorList out);
+
+// The lerp's lists: floating, on one `device`, paired, self writable and each end[i] self[i] or disjoint from it.
+void check_lerp_lists(at::TensorList self, at::TensorList end, c10::DeviceType device);
 
 // New outputs of the out-of-place weighted sum, like the first input list (allocated in C++
 // rather than in Python: ~1.5 us less per tensor).
@@ -41,7 +49,7 @@ std::vector<std::pair<at::ScalarType, std::vector<int64_t>>> group_by_dtype(at::
 at::Tensor as_dense(const at::Tensor& t);
 
 // tensors[i] for each i in idx.
-std::vector<at::Tensor> select(const std::vector<at::Tensor>& tensors, const std::vector<int64_t>& idx);
+std::vector<at::Tensor> select(at::TensorList tensors, const std::vector<int64_t>& idx);
 
 // as_dense of tensors[i] for each i in idx.
 std::vector<at::Tensor> dense_subset(at::TensorList tensors, const std::vector<int64_t>& idx);
@@ -65,12 +73,44 @@ class DenseTargets {
   std::vector<at::Tensor> dense_;
 };
 
+// What torch checks before writing a tensor in place, for every written tensor `name`[i], before
+// anything is written: no two of its elements share memory (an expanded tensor, say), and
+// `read`[i], which it is computed from, is either the very same memory (same strides) or disjoint
+// from it (ATen's has_internal_overlap and get_overlap_status rules).
+void check_writable(at::TensorList written, const char* name);
+void check_same_or_disjoint(at::TensorList written, const char* written_name, at::TensorList read, const char* read_name);
+
+// Position-aligned lists (the first `num_written` of them written, the others read) are processed
+// as torch's foreach ops process them, position after position, when positions share memory (the
+// same tensor listed twice, an output that is another position's input): f(lists) runs once when
+// no tensor written at one position overlaps a tensor of another (the usual case), else once per
+// pass of positions that do not overlap, on the lists cut to that pass, passes in position order.
+void run_in_sequential_passes(
+    const std::vector<at::TensorList>& lists, size_t num_written,
+    const std::function<void(const std::vector<at::TensorList>&)>& f);
+
+// The passes themselves (exposed for tests): empty when one pass holds every position, else the
+// positions of each pass; position j is in a later pass than every earlier position it overlaps.
+std::vector<std::vector<int64_t>> sequential_passes(const std::vector<at::TensorList>& lists, size_t num_written);
+
+// A 0-dim tensor of `options` holding `value`, converted as torch converts tensors (a finite double
+// beyond fp32's range becomes inf, as torch's own fp32 reductions give, instead of an error).
+at::Tensor scalar_result(double value, const at::TensorOptions& options);
+
 // The result dtype of a reduction over `tensors`: the promoted math type (fp32 for half types),
 // fp32 when the list is empty.
 at::ScalarType reduction_dtype(at::TensorList tensors);
 
 // A norm order: any number but nan (inf and -inf included).
 void check_norm_type(double norm_type);
+
+// For the orders that have no identity (inf, -inf and p < 0: a max, a min, or a sum of 1/|x|^|p|),
+// an empty tensor has no norm: RuntimeError naming it, as torch.linalg.vector_norm refuses it.
+void check_norm_defined(at::TensorList tensors, double norm_type);
+
+// clip_value converts to the dtype of every tensor, as torch.clamp_'s scalar bounds must: NaN and
+// +-inf do, a finite value beyond the dtype's range does not (RuntimeError, torch's wording).
+void check_clip_value(at::TensorList grads, double clip_value);
 
 // The dtype torch.nn.utils gives a norm over tensors: their promoted dtype (fp32 when empty).
 at::ScalarType norm_dtype(at::TensorList tensors);

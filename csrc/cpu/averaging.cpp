@@ -18,20 +18,22 @@ namespace {
 
 void multi_tensor_weighted_sum_inplace_cpu(at::TensorList inputs, at::ArrayRef<double> weights, at::TensorList out) {
   check_weighted_sum_args(inputs, weights, out, c10::kCPU);
-  const size_t k = weights.size();
-  const DenseTargets targets(out);
-  std::vector<std::vector<at::Tensor>> laid_out;
-  for (size_t m = 0; m < k; ++m) {
-    laid_out.push_back(in_layout_of(inputs.slice(m * out.size(), out.size()), targets.dense()));
-  }
-  for (const auto& [dtype, idx] : group_by_dtype(out)) {
-    std::vector<std::vector<at::Tensor>> lists;
-    for (const auto& list : laid_out) {
-      lists.push_back(select(list, idx));
+  // lists: out, then the K input lists, position-aligned.
+  run_in_sequential_passes(weighted_sum_lists(inputs, weights, out), 1, [&](const std::vector<at::TensorList>& lists) {
+    const DenseTargets targets(lists[0]);
+    std::vector<std::vector<at::Tensor>> laid_out;
+    for (size_t m = 1; m < lists.size(); ++m) {
+      laid_out.push_back(in_layout_of(lists[m], targets.dense()));
     }
-    weighted_sum_stub(c10::kCPU, lists, weights.vec(), select(targets.dense(), idx));
-  }
-  targets.write_back();
+    for (const auto& [dtype, idx] : group_by_dtype(lists[0])) {
+      std::vector<std::vector<at::Tensor>> selected;
+      for (const auto& list : laid_out) {
+        selected.push_back(select(list, idx));
+      }
+      weighted_sum_stub(c10::kCPU, selected, weights.vec(), select(targets.dense(), idx));
+    }
+    targets.write_back();
+  });
 }
 
 std::vector<at::Tensor> multi_tensor_weighted_sum_cpu(at::TensorList inputs, at::ArrayRef<double> weights) {
@@ -42,14 +44,15 @@ std::vector<at::Tensor> multi_tensor_weighted_sum_cpu(at::TensorList inputs, at:
 
 void multi_tensor_lerp_cpu(at::TensorList self, at::TensorList end, const at::Tensor& weight_tensor) {
   const double weight = *check_weight_tensor(weight_tensor, "weight", c10::kCPU);
-  check_floating_list(self, "self", c10::kCPU);
-  check_paired_lists(self, "self", end, "end");
-  const DenseTargets targets(self);
-  const std::vector<at::Tensor> ends = in_layout_of(end, targets.dense());
-  for (const auto& [dtype, idx] : group_by_dtype(self)) {
-    lerp_stub(c10::kCPU, select(targets.dense(), idx), select(ends, idx), weight);
-  }
-  targets.write_back();
+  check_lerp_lists(self, end, c10::kCPU);
+  run_in_sequential_passes({self, end}, 1, [&](const std::vector<at::TensorList>& lists) {
+    const DenseTargets targets(lists[0]);
+    const std::vector<at::Tensor> ends = in_layout_of(lists[1], targets.dense());
+    for (const auto& [dtype, idx] : group_by_dtype(lists[0])) {
+      lerp_stub(c10::kCPU, select(targets.dense(), idx), select(ends, idx), weight);
+    }
+    targets.write_back();
+  });
 }
 
 } // namespace

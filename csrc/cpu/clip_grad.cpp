@@ -9,7 +9,6 @@
 #include <ATen/ops/empty.h>
 #include <ATen/ops/mul.h>
 #include <ATen/ops/reciprocal.h>
-#include <ATen/ops/scalar_tensor.h>
 #include <torch/library.h>
 
 #include <cmath>
@@ -78,9 +77,10 @@ std::tuple<at::Tensor, at::Tensor> multi_tensor_norm_cpu(
     at::TensorList tensors, double norm_type, bool per_tensor, bool error_if_nonfinite) {
   check_norm_type(norm_type);
   check_floating_list(tensors, "tensors", c10::kCPU);
+  check_norm_defined(tensors, norm_type);
   const auto options = at::TensorOptions().dtype(norm_dtype(tensors));
   const std::vector<double> norms = per_tensor_norms(tensors, norm_type);
-  at::Tensor total = at::scalar_tensor(total_norm(norms, norm_kind(norm_type), norm_type), options);
+  at::Tensor total = scalar_result(total_norm(norms, norm_kind(norm_type), norm_type), options);
   if (error_if_nonfinite) {
     check_finite_norm(total, norm_type);
   }
@@ -91,20 +91,24 @@ std::tuple<at::Tensor, at::Tensor> multi_tensor_norm_cpu(
   return {total, each.to(options.dtype())};
 }
 
-// Multiplies every tensor by scale, writing nothing when scale is 1.
+// Multiplies every tensor by scale (a tensor listed twice is scaled twice, as by torch's foreach
+// ops), writing nothing when scale is 1.
 void scale_in_place(at::TensorList tensors, double scale) {
   if (scale == 1.0) {
     return;
   }
-  const DenseTargets targets(tensors);
-  for (const auto& [dtype, idx] : group_by_dtype(tensors)) {
-    scale_stub(c10::kCPU, select(targets.dense(), idx), scale);
-  }
-  targets.write_back();
+  run_in_sequential_passes({tensors}, 1, [&](const std::vector<at::TensorList>& lists) {
+    const DenseTargets targets(lists[0]);
+    for (const auto& [dtype, idx] : group_by_dtype(lists[0])) {
+      scale_stub(c10::kCPU, select(targets.dense(), idx), scale);
+    }
+    targets.write_back();
+  });
 }
 
 void multi_tensor_scale_cpu(at::TensorList tensors, const at::Tensor& scale) {
   check_floating_list(tensors, "tensors", c10::kCPU);
+  check_writable(tensors, "tensors");
   TORCH_CHECK(scale.numel() == 1, "scale must hold one element, got shape ", scale.sizes());
   scale_in_place(tensors, scale.item<double>());
 }
@@ -112,6 +116,7 @@ void multi_tensor_scale_cpu(at::TensorList tensors, const at::Tensor& scale) {
 at::Tensor clip_grad_norm_cpu(at::TensorList grads, double max_norm, double norm_type, bool error_if_nonfinite) {
   check_norm_type(norm_type);
   check_floating_list(grads, "grads", c10::kCPU);
+  check_writable(grads, "grads");
   // A non-finite norm raises here, before any gradient is touched.
   at::Tensor total = std::get<0>(multi_tensor_norm_cpu(grads, norm_type, false, error_if_nonfinite));
   if (grads.empty()) {
@@ -125,11 +130,15 @@ at::Tensor clip_grad_norm_cpu(at::TensorList grads, double max_norm, double norm
 
 void clip_grad_value_cpu(at::TensorList grads, double clip_value) {
   check_floating_list(grads, "grads", c10::kCPU);
-  const DenseTargets targets(grads);
-  for (const auto& [dtype, idx] : group_by_dtype(grads)) {
-    clamp_stub(c10::kCPU, select(targets.dense(), idx), clip_value);
-  }
-  targets.write_back();
+  check_writable(grads, "grads");
+  check_clip_value(grads, clip_value);
+  run_in_sequential_passes({grads}, 1, [&](const std::vector<at::TensorList>& lists) {
+    const DenseTargets targets(lists[0]);
+    for (const auto& [dtype, idx] : group_by_dtype(lists[0])) {
+      clamp_stub(c10::kCPU, select(targets.dense(), idx), clip_value);
+    }
+    targets.write_back();
+  });
 }
 
 } // namespace

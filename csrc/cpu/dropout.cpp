@@ -27,7 +27,7 @@ std::pair<uint64_t, uint64_t> unpack_seed_offset(const at::Tensor& seed_offset) 
 
 // Writes dropout(input) into out; both contiguous, possibly the same tensor.
 void run_dropout(const at::Tensor& input, const at::Tensor& out, double p, const at::Tensor& seed_offset) {
-  if (p == 0.0) {
+  if (keeps_all(p)) {
     if (!out.is_same(input)) {
       out.copy_(input);
     }

@@ -5,7 +5,6 @@
 #include "cpu/kernels.h"
 
 #include <ATen/ops/empty_like.h>
-#include <ATen/ops/scalar_tensor.h>
 #include <torch/library.h>
 
 namespace fused_optim {
@@ -27,7 +26,7 @@ at::Tensor l1l2_penalty_cpu(at::TensorList tensors, double l1, double l2) {
     const auto sums = l1l2_sums_stub(c10::kCPU, dense_subset(tensors, idx));
     total += l1 * sums[0] + l2 * sums[1];
   }
-  return at::scalar_tensor(total, at::TensorOptions().dtype(reduction_dtype(tensors)));
+  return scalar_result(total, at::TensorOptions().dtype(reduction_dtype(tensors)));
 }
 
 // Runs the gradient kernel once per dtype group of params.
@@ -60,11 +59,15 @@ void l1l2_grad_cpu(at::TensorList params, at::TensorList grads, double l1, doubl
   check_coefficient(l2, "l2");
   check_floating_list(params, "params", c10::kCPU);
   check_paired_lists(params, "params", grads, "grads");
-  // Each pair is worked on as two dense tensors of one layout; other layouts go through a copy.
-  const DenseTargets targets(grads);
-  const std::vector<at::Tensor> dense_params = in_layout_of(params, targets.dense());
-  add_penalty_grad(dense_params, targets.dense(), l1, 2.0 * l2, /*accumulate=*/true);
-  targets.write_back();
+  check_writable(grads, "grads");
+  check_same_or_disjoint(grads, "grads", params, "params");
+  run_in_sequential_passes({grads, params}, 1, [&](const std::vector<at::TensorList>& lists) {
+    // Each pair is worked on as two dense tensors of one layout; other layouts go through a copy.
+    const DenseTargets targets(lists[0]);
+    const std::vector<at::Tensor> dense_params = in_layout_of(lists[1], targets.dense());
+    add_penalty_grad(dense_params, targets.dense(), l1, 2.0 * l2, /*accumulate=*/true);
+    targets.write_back();
+  });
 }
 
 } // namespace

@@ -51,20 +51,20 @@ void weighted_sum_pass(std::vector<std::vector<at::Tensor>> lists, const std::ar
   multi_tensor_apply<kInputs + 1>(lists, 0, WeightedSum<scalar_t, kInputs, kAccumulate>{}, w);
 }
 
-void multi_tensor_weighted_sum_inplace_cuda(at::TensorList inputs, at::ArrayRef<double> weights, at::TensorList out) {
-  check_weighted_sum_args(inputs, weights, out, c10::kCUDA);
+// out = lists[0], the K input lists lists[1..K], position-aligned.
+void weighted_sum_into(const std::vector<at::TensorList>& lists, at::ArrayRef<double> weights) {
   const size_t k = weights.size();
-  const DenseTargets targets(out);
+  const DenseTargets targets(lists[0]);
   std::vector<std::vector<at::Tensor>> laid_out;
   for (size_t m = 0; m < k; ++m) {
-    laid_out.push_back(in_layout_of(inputs.slice(m * out.size(), out.size()), targets.dense()));
+    laid_out.push_back(in_layout_of(lists[m + 1], targets.dense()));
   }
   // Up to kMaxInputs inputs in one pass. More are folded: the first pass writes the sum of
   // kMaxInputs, each further pass adds up to kMaxInputs - 1 more (read back in the output's dtype:
   // for fp16/bf16, one more rounding per pass), into temporaries (an output may alias an input
   // that a later pass reads), copied into the outputs at the end.
   const bool folded = k > static_cast<size_t>(kMaxInputs);
-  for (const auto& [dtype, idx] : group_by_dtype(out)) {
+  for (const auto& [dtype, idx] : group_by_dtype(lists[0])) {
     std::vector<at::Tensor> dst = select(targets.dense(), idx);
     if (folded) {
       for (at::Tensor& t : dst) {
@@ -74,18 +74,18 @@ void multi_tensor_weighted_sum_inplace_cuda(at::TensorList inputs, at::ArrayRef<
     for (size_t first = 0; first < k;) {
       const bool accumulate = first > 0;
       const int n = static_cast<int>(std::min<size_t>(k - first, accumulate ? kMaxInputs - 1 : kMaxInputs));
-      std::vector<std::vector<at::Tensor>> lists;
+      std::vector<std::vector<at::Tensor>> launch;
       std::array<double, kMaxInputs> w{};
       for (int m = 0; m < n; ++m) {
-        lists.push_back(select(laid_out[first + m], idx));
+        launch.push_back(select(laid_out[first + m], idx));
         w[m] = weights[first + m];
       }
-      lists.push_back(dst);
+      launch.push_back(dst);
       AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, "multi_tensor_weighted_sum_cuda", [&] {
         if (accumulate) {
-          weighted_sum_pass<scalar_t, true>(lists, w, n);
+          weighted_sum_pass<scalar_t, true>(launch, w, n);
         } else {
-          weighted_sum_pass<scalar_t, false>(lists, w, n);
+          weighted_sum_pass<scalar_t, false>(launch, w, n);
         }
       });
       first += n;
@@ -97,6 +97,13 @@ void multi_tensor_weighted_sum_inplace_cuda(at::TensorList inputs, at::ArrayRef<
     }
   }
   targets.write_back();
+}
+
+void multi_tensor_weighted_sum_inplace_cuda(at::TensorList inputs, at::ArrayRef<double> weights, at::TensorList out) {
+  check_weighted_sum_args(inputs, weights, out, c10::kCUDA);
+  run_in_sequential_passes(weighted_sum_lists(inputs, weights, out), 1, [&](const std::vector<at::TensorList>& lists) {
+    weighted_sum_into(lists, weights);
+  });
 }
 
 std::vector<at::Tensor> multi_tensor_weighted_sum_cuda(at::TensorList inputs, at::ArrayRef<double> weights) {
@@ -124,8 +131,7 @@ struct Lerp {
 };
 
 void multi_tensor_lerp_cuda(at::TensorList self, at::TensorList end, const at::Tensor& weight) {
-  check_floating_list(self, "self", c10::kCUDA);
-  check_paired_lists(self, "self", end, "end");
+  check_lerp_lists(self, end, c10::kCUDA);
   if (self.empty()) {
     return;
   }
@@ -134,15 +140,17 @@ void multi_tensor_lerp_cuda(at::TensorList self, at::TensorList end, const at::T
   const at::Tensor w = host_weight ? weight : (weight.scalar_type() == at::kDouble ? weight : weight.to(at::kFloat));
   const float* w_f = !host_weight && w.scalar_type() == at::kFloat ? w.data_ptr<float>() : nullptr;
   const double* w_d = !host_weight && w.scalar_type() == at::kDouble ? w.data_ptr<double>() : nullptr;
-  const DenseTargets targets(self);
-  const std::vector<at::Tensor> ends = in_layout_of(end, targets.dense());
-  for (const auto& [dtype, idx] : group_by_dtype(self)) {
-    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, "multi_tensor_lerp_cuda", [&] {
-      multi_tensor_apply<2>({select(targets.dense(), idx), select(ends, idx)}, 0, Lerp<scalar_t>{}, w_f, w_d,
-                            host_weight.value_or(0.0));
-    });
-  }
-  targets.write_back();
+  run_in_sequential_passes({self, end}, 1, [&](const std::vector<at::TensorList>& lists) {
+    const DenseTargets targets(lists[0]);
+    const std::vector<at::Tensor> ends = in_layout_of(lists[1], targets.dense());
+    for (const auto& [dtype, idx] : group_by_dtype(lists[0])) {
+      AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, "multi_tensor_lerp_cuda", [&] {
+        multi_tensor_apply<2>({select(targets.dense(), idx), select(ends, idx)}, 0, Lerp<scalar_t>{}, w_f, w_d,
+                              host_weight.value_or(0.0));
+      });
+    }
+    targets.write_back();
+  });
 }
 
 } // namespace

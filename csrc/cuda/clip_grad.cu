@@ -2,6 +2,7 @@
 // total norms in one cleanup kernel, in a fixed order), scaling by a coefficient read from device
 // memory (blocks exit without writing when it is 1), clamping in one pass. clip_grad_norm_ makes
 // no host synchronization unless error_if_nonfinite asks for the norm's value.
+#include "common/elementwise.h"
 #include "common/tensor_list.h"
 #include "cuda/multi_tensor_apply.cuh"
 
@@ -122,6 +123,7 @@ std::tuple<at::Tensor, at::Tensor> multi_tensor_norm_cuda(
     at::TensorList tensors, double norm_type, bool per_tensor, bool error_if_nonfinite) {
   check_norm_type(norm_type);
   check_floating_list(tensors, "tensors", c10::kCUDA);
+  check_norm_defined(tensors, norm_type);
   const Kind kind = norm_kind(norm_type);
   const auto options = tensors[0].options();
   // Chunks are numbered group by group; ranges maps each tensor (in input order) to its chunks.
@@ -190,7 +192,7 @@ template <typename scalar_t>
 struct Clamp {
   __device__ void operator()(TensorListMetadata<1>& meta, double clip_value) const {
     using T = at::opmath_type<scalar_t>;
-    // torch's clamp rounds its bounds to the tensor's dtype first; nan stays nan.
+    // torch's clamp rounds its bounds to the tensor's dtype first.
     const T hi = static_cast<T>(static_cast<scalar_t>(clip_value));
     const T lo = static_cast<T>(static_cast<scalar_t>(-clip_value));
     const int tensor = meta.block_to_tensor[blockIdx.x];
@@ -198,8 +200,7 @@ struct Clamp {
     const int64_t end = min(begin + kChunkSize, meta.sizes[tensor]);
     auto* x = static_cast<scalar_t*>(meta.addresses[0][tensor]);
     for (int64_t i = begin + threadIdx.x; i < end; i += blockDim.x) {
-      const T v = static_cast<T>(x[i]);
-      x[i] = static_cast<scalar_t>(isnan(v) ? v : (v < lo ? lo : (v > hi ? hi : v)));
+      x[i] = static_cast<scalar_t>(clamp_like_torch(static_cast<T>(x[i]), lo, hi));
     }
   }
 };
@@ -209,17 +210,20 @@ void scale_by(at::TensorList tensors, const at::Tensor& scale) {
   const at::Tensor s = scale.scalar_type() == at::kDouble ? scale : scale.to(at::kFloat);
   const float* s_f = s.scalar_type() == at::kFloat ? s.data_ptr<float>() : nullptr;
   const double* s_d = s.scalar_type() == at::kDouble ? s.data_ptr<double>() : nullptr;
-  const DenseTargets targets(tensors);
-  for (const auto& [dtype, idx] : group_by_dtype(tensors)) {
-    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, "multi_tensor_scale_cuda", [&] {
-      multi_tensor_apply<1>({select(targets.dense(), idx)}, 0, ScaleByDeviceCoefficient<scalar_t>{}, s_f, s_d);
-    });
-  }
-  targets.write_back();
+  run_in_sequential_passes({tensors}, 1, [&](const std::vector<at::TensorList>& lists) {
+    const DenseTargets targets(lists[0]);
+    for (const auto& [dtype, idx] : group_by_dtype(lists[0])) {
+      AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, "multi_tensor_scale_cuda", [&] {
+        multi_tensor_apply<1>({select(targets.dense(), idx)}, 0, ScaleByDeviceCoefficient<scalar_t>{}, s_f, s_d);
+      });
+    }
+    targets.write_back();
+  });
 }
 
 void multi_tensor_scale_cuda(at::TensorList tensors, const at::Tensor& scale) {
   check_floating_list(tensors, "tensors", c10::kCUDA);
+  check_writable(tensors, "tensors");
   TORCH_CHECK(scale.numel() == 1, "scale must hold one element, got shape ", scale.sizes());
   if (!tensors.empty()) {
     scale_by(tensors, scale.to(tensors[0].device()));
@@ -229,6 +233,7 @@ void multi_tensor_scale_cuda(at::TensorList tensors, const at::Tensor& scale) {
 at::Tensor clip_grad_norm_cuda(at::TensorList grads, double max_norm, double norm_type, bool error_if_nonfinite) {
   check_norm_type(norm_type);
   check_floating_list(grads, "grads", c10::kCUDA);
+  check_writable(grads, "grads");
   // A non-finite norm raises here, before any gradient is touched.
   at::Tensor total = std::get<0>(multi_tensor_norm_cuda(grads, norm_type, false, error_if_nonfinite));
   // torch's arithmetic in the total's dtype, on the device: max_norm / (total + 1e-6), clamped to 1.
@@ -239,13 +244,23 @@ at::Tensor clip_grad_norm_cuda(at::TensorList grads, double max_norm, double nor
 
 void clip_grad_value_cuda(at::TensorList grads, double clip_value) {
   check_floating_list(grads, "grads", c10::kCUDA);
-  const DenseTargets targets(grads);
-  for (const auto& [dtype, idx] : group_by_dtype(grads)) {
-    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, "clip_grad_value_cuda", [&] {
-      multi_tensor_apply<1>({select(targets.dense(), idx)}, 0, Clamp<scalar_t>{}, clip_value);
-    });
+  check_writable(grads, "grads");
+  check_clip_value(grads, clip_value);
+  if (std::isnan(clip_value)) {  // torch.clamp with a NaN bound gives NaN everywhere
+    for (const at::Tensor& g : grads) {
+      g.fill_(NAN);
+    }
+    return;
   }
-  targets.write_back();
+  run_in_sequential_passes({grads}, 1, [&](const std::vector<at::TensorList>& lists) {
+    const DenseTargets targets(lists[0]);
+    for (const auto& [dtype, idx] : group_by_dtype(lists[0])) {
+      AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, "clip_grad_value_cuda", [&] {
+        multi_tensor_apply<1>({select(targets.dense(), idx)}, 0, Clamp<scalar_t>{}, clip_value);
+      });
+    }
+    targets.write_back();
+  });
 }
 
 } // namespace

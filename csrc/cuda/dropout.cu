@@ -133,7 +133,7 @@ int64_t num_blocks(int64_t numel) {
 void run_dropout(const at::Tensor& input, const at::Tensor& out, double p, const at::Tensor& seed_offset) {
   at::Tensor holder;
   const SeedOffset so = seed_offset_arg(seed_offset, input, holder);
-  if (p == 0.0 || input.numel() == 0) {
+  if (keeps_all(p) || input.numel() == 0) {
     if (!out.is_same(input)) {
       out.copy_(input);
     }

@@ -135,10 +135,14 @@ void l1l2_grad_cuda(at::TensorList params, at::TensorList grads, double l1, doub
   check_coefficient(l2, "l2");
   check_floating_list(params, "params", c10::kCUDA);
   check_paired_lists(params, "params", grads, "grads");
-  const DenseTargets targets(grads);
-  const std::vector<at::Tensor> dense_params = in_layout_of(params, targets.dense());
-  add_penalty_grad<true>(dense_params, targets.dense(), nullptr, l1, l2);
-  targets.write_back();
+  check_writable(grads, "grads");
+  check_same_or_disjoint(grads, "grads", params, "params");
+  run_in_sequential_passes({grads, params}, 1, [&](const std::vector<at::TensorList>& lists) {
+    const DenseTargets targets(lists[0]);
+    const std::vector<at::Tensor> dense_params = in_layout_of(lists[1], targets.dense());
+    add_penalty_grad<true>(dense_params, targets.dense(), nullptr, l1, l2);
+    targets.write_back();
+  });
 }
 
 } // namespace

@@ -1,5 +1,6 @@
 // Inner loops of multi-tensor norms, scaling and clamping, compiled once per CPU capability.
 #include "common/chunking.h"
+#include "common/elementwise.h"
 #include "common/vec.h"
 #include "cpu/kernels.h"
 
@@ -153,15 +154,19 @@ void scale_kernel(const std::vector<at::Tensor>& tensors, double scale) {
 void clamp_kernel(const std::vector<at::Tensor>& tensors, double clip_value) {
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, tensors[0].scalar_type(), "clip_grad_value_", [&] {
     using T = opmath_t<scalar_t>;
+    if (std::isnan(clip_value)) {  // torch.clamp with a NaN bound gives NaN everywhere
+      update_in_place<scalar_t>(tensors, [](auto v) { return decltype(v)(std::numeric_limits<T>::quiet_NaN()); });
+      return;
+    }
     // torch's clamp rounds its bounds to the tensor's dtype first.
     const T hi = static_cast<T>(static_cast<scalar_t>(clip_value));
     const T lo = static_cast<T>(static_cast<scalar_t>(-clip_value));
     update_in_place<scalar_t>(tensors, [&](auto v) {
       using V = decltype(v);
       if constexpr (std::is_floating_point_v<V>) {
-        return std::isnan(v) ? v : std::min(std::max(v, lo), hi);
+        return clamp_like_torch(v, lo, hi);
       } else {
-        return at::vec::clamp(v, V(lo), V(hi));
+        return at::vec::clamp(v, V(lo), V(hi));  // the same, NaN elements included
       }
     });
   });

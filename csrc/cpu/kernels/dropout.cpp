@@ -131,7 +131,7 @@ void dropout_kernel(const at::Tensor& in, const at::Tensor& out, uint64_t thresh
     const scalar_t* x = in.const_data_ptr<scalar_t>();
     scalar_t* y = out.mutable_data_ptr<scalar_t>();
     const T s = static_cast<T>(scale);
-    TORCH_INTERNAL_ASSERT(threshold <= UINT32_MAX, "p == 0 never reaches the kernel");
+    TORCH_INTERNAL_ASSERT(threshold <= UINT32_MAX, "keeps_all(p) never reaches the kernel");
     for_each_group(in.numel(), static_cast<uint32_t>(threshold), seed, offset, [&](int64_t first, int64_t n, const int32_t* keep) {
       // Multiplying by 0 (not selecting 0) keeps torch's semantics: a dropped nan stays nan.
       alignas(64) T multiplier[kDropoutGroup];
@@ -150,7 +150,7 @@ void dropout_kernel(const at::Tensor& in, const at::Tensor& out, uint64_t thresh
 }
 
 void dropout_mask_kernel(uint8_t* mask, int64_t numel, uint64_t threshold, uint64_t seed, uint64_t offset) {
-  if (threshold > UINT32_MAX) {  // p == 0: every element kept; bits past numel stay 0
+  if (threshold > UINT32_MAX) {  // keeps_all(p): every element kept; bits past numel stay 0
     for (int64_t byte = 0; byte < (numel + 7) / 8; ++byte) {
       mask[byte] = static_cast<uint8_t>(numel - 8 * byte >= 8 ? 0xFF : (1u << (numel - 8 * byte)) - 1);
     }

@@ -1,0 +1,20 @@
+// Elementwise formulas shared by the CPU and CUDA kernels, so that the two cannot differ.
+#pragma once
+
+#include <c10/macros/Macros.h>
+
+namespace fused_optim {
+
+// torch.clamp(v, lo, hi): min(max(v, lo), hi), so hi when lo > hi (a negative clip_value gives
+// every element -|clip_value|), and a NaN element stays NaN. NaN bounds never reach the kernels:
+// torch fills the tensor with NaN then, and so do the ops.
+template <typename T>
+C10_HOST_DEVICE inline T clamp_like_torch(T v, T lo, T hi) {
+  if (v != v) {
+    return v;
+  }
+  const T at_least_lo = v < lo ? lo : v;
+  return at_least_lo > hi ? hi : at_least_lo;
+}
+
+} // namespace fused_optim
