@@ -31,3 +31,21 @@ def as_float(value: float, name: str) -> float:
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
     return float(value)
+
+
+def to_float(value, name: str) -> float:
+    """float(value), as torch.nn.utils converts its numeric arguments (so the string 'inf', an int
+    or a one-element tensor are accepted), with an error naming the argument."""
+    try:
+        return float(value)
+    except (TypeError, ValueError) as e:
+        raise type(e)(f"{name} must be a number, got {value!r}") from None
+
+
+def as_int(value, name: str, minimum: int) -> int:
+    """An integer (not bool) >= minimum: TypeError or ValueError naming the argument otherwise."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"{name} must be an int, got {type(value).__name__} {value!r}")
+    if value < minimum:
+        raise ValueError(f"{name} must be >= {minimum}, got {value}")
+    return int(value)

@@ -21,10 +21,13 @@ def _normalized(weights: Sequence[float] | None, k: int) -> list[float]:
     weights = [as_float(w, f"weights[{i}]") for i, w in enumerate(weights)]
     if len(weights) != k:
         raise ValueError(f"weights must hold one weight per model ({k}), got {len(weights)}")
-    if any(not math.isfinite(w) or w < 0 for w in weights) or sum(weights) <= 0:
+    if any(not math.isfinite(w) or w < 0 for w in weights) or max(weights, default=0.0) <= 0:
         raise ValueError(f"weights must be finite, >= 0 and not all 0, got {weights}")
-    total = sum(weights)
-    return [w / total for w in weights]
+    # Scaled by the largest first, so that huge finite weights do not overflow their sum.
+    largest = max(weights)
+    scaled = [w / largest for w in weights]
+    total = sum(scaled)
+    return [w / total for w in scaled]
 
 
 @torch.no_grad()
@@ -83,17 +86,23 @@ def average_state_dicts(
     Floating tensors are averaged (fp32 math for half types). Integer and bool entries (e.g.
     BatchNorm's ``num_batches_tracked``) are copied from the first state dict. Entries that are
     one tensor in the first state dict (tied weights) are averaged once and share the result.
-    Mismatched keys, shapes or dtypes raise ValueError naming the first offending key, before
-    anything is computed."""
+    Keys may come in any order (the first state dict's order is kept). Mismatched keys, shapes or
+    dtypes raise ValueError naming the first offending key, and a value that is not a tensor
+    TypeError naming it, before anything is computed."""
     if not state_dicts:
         raise ValueError("state_dicts must hold at least one state dict")
     first = state_dicts[0]
+    for m, sd in enumerate(state_dicts):
+        for key, t in sd.items():
+            if not isinstance(t, Tensor):
+                raise TypeError(f"state_dicts[{m}][{key!r}] is a {type(t).__name__}, not a tensor: only tensors are averaged")
     for m, sd in enumerate(state_dicts[1:], start=1):
-        if list(sd.keys()) != list(first.keys()):
-            missing = next((k for k in first if k not in sd), None)
-            extra = next((k for k in sd if k not in first), None)
-            key = missing if missing is not None else extra
-            raise ValueError(f"state_dicts[{m}] does not match state_dicts[0]: first differing key {key!r}")
+        if sd.keys() != first.keys():  # the same keys in another order are the same state dict
+            missing = [k for k in first if k not in sd]
+            if missing:
+                raise ValueError(f"state_dicts[{m}] lacks the key {missing[0]!r} of state_dicts[0]")
+            extra = next(k for k in sd if k not in first)
+            raise ValueError(f"state_dicts[{m}] has the key {extra!r}, which state_dicts[0] lacks")
         for key, t in first.items():
             other = sd[key]
             if other.shape != t.shape or other.dtype != t.dtype:
@@ -146,6 +155,8 @@ def ema_update_(averaged: Sequence[Tensor], current: Sequence[Tensor], decay: fl
     tensors' device, used as it is (never read on the host: no sync, no range check), e.g. a
     warm-up decay computed on the GPU."""
     if isinstance(decay, Tensor):
+        if decay.numel() != 1:
+            raise ValueError(f"decay must be a number or a one-element tensor, got shape {list(decay.shape)}")
         weight = 1.0 - decay.to(torch.float64)
     else:
         decay = as_float(decay, "decay")
@@ -162,6 +173,8 @@ def swa_update_(averaged: Sequence[Tensor], current: Sequence[Tensor], num_avera
     (ValueError otherwise), or a one-element tensor (``AveragedModel.n_averaged``) used as it is,
     never read on the host (no sync, no range check)."""
     if isinstance(num_averaged, Tensor):
+        if num_averaged.numel() != 1:
+            raise ValueError(f"num_averaged must be an int or a one-element tensor, got shape {list(num_averaged.shape)}")
         weight = 1.0 / (num_averaged.to(torch.float64) + 1.0)
     else:
         n = as_float(num_averaged, "num_averaged")
@@ -172,10 +185,27 @@ def swa_update_(averaged: Sequence[Tensor], current: Sequence[Tensor], num_avera
 
 
 def get_ema_multi_avg_fn(decay: float = 0.999) -> Callable[[list[Tensor], list[Tensor], Tensor | int], None]:
-    """A ``multi_avg_fn`` for ``torch.optim.swa_utils.AveragedModel`` running :func:`ema_update_`."""
+    """A ``multi_avg_fn`` for ``torch.optim.swa_utils.AveragedModel`` running :func:`ema_update_`
+    on floating tensors. Others (``num_batches_tracked`` under ``use_buffers=True``) get torch's
+    own formula, ``decay * averaged + (1 - decay) * current`` truncated to their dtype, as
+    ``torch.optim.swa_utils.get_ema_multi_avg_fn`` gives them."""
+    decay = as_float(decay, "decay")
+    if not 0.0 <= decay <= 1.0:
+        raise ValueError(f"decay must be in [0, 1], got {decay}")
 
+    @torch.no_grad()
     def ema_update(averaged: list[Tensor], current: list[Tensor], num_averaged: Tensor | int) -> None:
-        ema_update_(averaged, current, decay)
+        averaged, current = list(averaged), list(current)
+        if len(averaged) != len(current):
+            raise ValueError(f"averaged and current must have the same length, got {len(averaged)} and {len(current)}")
+        floating = [i for i, t in enumerate(averaged) if t.is_floating_point()]
+        if len(floating) == len(averaged):
+            ema_update_(averaged, current, decay)
+            return
+        ema_update_([averaged[i] for i in floating], [current[i] for i in floating], decay)
+        for a, c in zip(averaged, current):
+            if not a.is_floating_point():
+                a.copy_(a * decay + c * (1 - decay))
 
     return ema_update
 
@@ -217,8 +247,13 @@ class ModelEMA(nn.Module):
         fp32_shadow: bool | None = None,
     ) -> None:
         super().__init__()
+        decay = as_float(decay, "decay")
         if not 0.0 <= decay <= 1.0:
             raise ValueError(f"decay must be in [0, 1], got {decay}")
+        min_decay = as_float(min_decay, "min_decay")
+        warmup_gamma, warmup_power = as_float(warmup_gamma, "warmup_gamma"), as_float(warmup_power, "warmup_power")
+        if not (math.isfinite(warmup_gamma) and warmup_gamma > 0):
+            raise ValueError(f"warmup_gamma must be a finite number > 0, got {warmup_gamma}")
         if buffers not in ("copy", "average"):
             raise ValueError(f"buffers must be 'copy' or 'average', got {buffers!r}")
         if _distributed.any_dtensor(list(model.parameters())):
@@ -228,7 +263,8 @@ class ModelEMA(nn.Module):
             )
         self.module = copy.deepcopy(model).eval().requires_grad_(False)
         self.decay, self.warmup, self.min_decay = decay, warmup, min_decay
-        self.warmup_gamma, self.warmup_power, self.buffers = warmup_gamma, warmup_power, buffers
+        # Not `self.buffers`: that is nn.Module's method, which .to(), AveragedModel and others call.
+        self.warmup_gamma, self.warmup_power, self.buffer_mode = warmup_gamma, warmup_power, buffers
         half = (torch.float16, torch.bfloat16)
         if fp32_shadow is None:
             fp32_shadow = any(p.dtype in half for p in self.module.parameters())
@@ -252,11 +288,33 @@ class ModelEMA(nn.Module):
         # min(decay, max(min_decay, .)); clamp gives max when min > max, which is the same.
         return decay.clamp(self.min_decay, self.decay)
 
+    def _check_matches(self, model: nn.Module) -> tuple[list[Tensor], list[Tensor], list[Tensor], list[Tensor]]:
+        """The EMA's and the model's parameters and buffers, once checked to pair up (ValueError
+        naming the first mismatch otherwise: an update then writes nothing)."""
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+        pairs = []
+        for kind, named in (("parameter", nn.Module.named_parameters), ("buffer", nn.Module.named_buffers)):
+            ours, theirs = list(named(self.module)), list(named(model))
+            if len(ours) != len(theirs):
+                raise ValueError(f"model has {len(theirs)} {kind}s, the EMA {len(ours)}: update it with the model it was built from")
+            for (name, a), (_, b) in zip(ours, theirs):
+                if a.shape != b.shape or (a.is_floating_point() != b.is_floating_point()):
+                    raise ValueError(
+                        f"model's {kind} {name!r} is {b.dtype}{list(b.shape)}, the EMA's is {a.dtype}{list(a.shape)}"
+                    )
+            pairs.append(([a for _, a in ours], [b for _, b in theirs]))
+        (ema_params, params), (ema_buffers, model_buffers) = pairs
+        return ema_params, params, ema_buffers, model_buffers
+
     @torch.no_grad()
     def update(self, model: nn.Module) -> None:
+        """One EMA step towards `model` (the model this EMA was built from, or one of the same
+        architecture)."""
+        ema_params, params, ema_buffers, model_buffers = self._check_matches(model)
         decay = self._decay(self.step)
         averaged, current, written = [], [], []
-        for i, (ema_p, p, shadowed) in enumerate(zip(self.module.parameters(), model.parameters(), self._shadowed)):
+        for i, (ema_p, p, shadowed) in enumerate(zip(ema_params, params, self._shadowed)):
             if shadowed:
                 averaged.append(getattr(self, f"shadow_{i}"))
                 current.append(p.detach().float())
@@ -264,8 +322,7 @@ class ModelEMA(nn.Module):
             else:
                 averaged.append(ema_p)
                 current.append(p.detach())
-        ema_buffers, model_buffers = list(self.module.buffers()), list(model.buffers())
-        if self.buffers == "average":
+        if self.buffer_mode == "average":
             for b, mb in zip(ema_buffers, model_buffers):
                 if b.is_floating_point():
                     averaged.append(b)
@@ -274,7 +331,7 @@ class ModelEMA(nn.Module):
         for ema_p, shadow in written:
             ema_p.copy_(shadow)
         for b, mb in zip(ema_buffers, model_buffers):
-            if self.buffers == "copy" or not b.is_floating_point():
+            if self.buffer_mode == "copy" or not b.is_floating_point():
                 b.copy_(mb)
         self.step += 1
 

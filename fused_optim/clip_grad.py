@@ -13,22 +13,31 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from . import _distributed, reference
-from ._utils import as_float
+from ._utils import to_float
 
 _TensorOrTensors = Tensor | Iterable[Tensor]
 
-def _as_list(tensors: _TensorOrTensors) -> list[Tensor]:
-    return [tensors] if isinstance(tensors, Tensor) else list(tensors)
+def _as_list(tensors: _TensorOrTensors, name: str) -> list[Tensor]:
+    if isinstance(tensors, Tensor):
+        return [tensors]
+    if not isinstance(tensors, Iterable):
+        raise TypeError(f"{name} must be a tensor or an iterable of tensors, got {type(tensors).__name__}")
+    return list(tensors)
 
 
 def _grads(parameters: list[Tensor]) -> list[Tensor]:
     # One .grad read per parameter: each costs ~100 ns, a visible share for 2000 parameters. A
-    # plain loop: as fast as a comprehension with a walrus, which torch.compile cannot trace.
+    # plain loop: as fast as a comprehension with a walrus, which torch.compile cannot trace. A
+    # non-tensor is found only when the loop trips on it, so the usual call checks nothing more.
     grads = []
-    for p in parameters:
-        g = p.grad
-        if g is not None:
-            grads.append(g)
+    try:
+        for p in parameters:
+            g = p.grad
+            if g is not None:
+                grads.append(g)
+    except AttributeError:
+        i, p = next((i, p) for i, p in enumerate(parameters) if not isinstance(p, Tensor))
+        raise TypeError(f"parameters[{i}] must be a tensor, got {type(p).__name__}") from None
     return grads
 
 
@@ -60,8 +69,8 @@ def get_total_norm(
     ``foreach`` is accepted for compatibility and ignored: the fused kernel always handles all
     tensors in one call.
     """
-    norm_type = as_float(norm_type, "norm_type")
-    tensors = _as_list(tensors)
+    norm_type = to_float(norm_type, "norm_type")
+    tensors = _as_list(tensors, "tensors")
 
     def sharded() -> Tensor:
         reference.check_norm_type(norm_type)
@@ -81,6 +90,9 @@ def get_total_norm(
 
 def _scale_by_clip_coefficient(grads: list[Tensor], max_norm: float, total_norm: Tensor) -> None:
     """grads *= min(1, max_norm / (total_norm + 1e-6)), local shards of DTensors included."""
+    if not isinstance(total_norm, Tensor) or total_norm.numel() != 1:
+        what = f"shape {list(total_norm.shape)}" if isinstance(total_norm, Tensor) else type(total_norm).__name__
+        raise TypeError(f"total_norm must be a one-element tensor (get_total_norm's result), got {what}")
     if _distributed.is_dtensor(total_norm):
         total_norm = total_norm.full_tensor()  # torch's get_total_norm returns one for DTensors
     clip_coef = torch.clamp(max_norm / (total_norm + 1e-6), max=1.0)
@@ -102,9 +114,10 @@ def clip_grads_with_norm_(
     ``foreach`` is accepted for compatibility and ignored: the fused kernel always handles all
     tensors in one call.
     """
-    grads = _grads(_as_list(parameters))
+    max_norm = to_float(max_norm, "max_norm")
+    grads = _grads(_as_list(parameters, "parameters"))
     if grads:
-        _scale_by_clip_coefficient(grads, as_float(max_norm, "max_norm"), total_norm)
+        _scale_by_clip_coefficient(grads, max_norm, total_norm)
 
 
 @torch.no_grad()
@@ -134,11 +147,11 @@ def clip_grad_norm_(
     tensors in one call.
     """
     is_generator = isinstance(parameters, types.GeneratorType)
-    parameters = _as_list(parameters)
+    parameters = _as_list(parameters, "parameters")
     if is_generator and not parameters:
         warnings.warn("`parameters` is an empty generator, no gradient clipping will occur.", stacklevel=3)
     grads = _grads(parameters)
-    max_norm, norm_type = as_float(max_norm, "max_norm"), as_float(norm_type, "norm_type")
+    max_norm, norm_type = to_float(max_norm, "max_norm"), to_float(norm_type, "norm_type")
 
     def sharded() -> Tensor:
         total = get_total_norm(grads, norm_type, error_if_nonfinite, process_group=process_group)
@@ -164,7 +177,8 @@ def clip_grad_value_(parameters: _TensorOrTensors, clip_value: float, foreach: b
     ``foreach`` is accepted for compatibility and ignored: the fused kernel always handles all
     tensors in one call.
     """
-    torch.ops.fused_optim.clip_grad_value_.default(_grads(_as_list(parameters)), as_float(clip_value, "clip_value"))
+    clip_value = to_float(clip_value, "clip_value")
+    torch.ops.fused_optim.clip_grad_value_.default(_grads(_as_list(parameters, "parameters")), clip_value)
 
 
 def clip_gradients(model: nn.Module, clip_value: float = 1.0, clip_norm: float | None = None) -> Tensor | None:

@@ -22,9 +22,23 @@ def _check(input: Tensor, p: float, generator: torch.Generator | None) -> float:
         raise ValueError(f"dropout probability has to be between 0 and 1, but got {p}")
     if not input.is_floating_point():
         raise TypeError(f"input must be a real floating tensor (fp32, fp64, fp16 or bf16), got {input.dtype}")
-    if generator is not None and generator.device.type != input.device.type:
-        raise ValueError(f"generator is on {generator.device}, but input is on {input.device}")
+    if generator is not None:
+        if not isinstance(generator, torch.Generator):
+            raise TypeError(f"generator must be a torch.Generator or None, got {type(generator).__name__}")
+        if generator.device.type != input.device.type:
+            raise ValueError(f"generator is on {generator.device}, but input is on {input.device}")
     return p
+
+
+def _check_inplace(input: Tensor) -> None:
+    """torch's refusals of an in-place op under autograd, made before anything is written (autograd
+    itself would raise only once the data is overwritten)."""
+    if not (torch.is_grad_enabled() and input.requires_grad):
+        return
+    if input.is_leaf:
+        raise RuntimeError("a leaf Variable that requires grad is being used in an in-place operation.")
+    if input._base is not None and input._base.is_leaf:
+        raise RuntimeError("a view of a leaf Variable that requires grad is being used in an in-place operation.")
 
 
 def draw_seed_offset(generator: torch.Generator | None = None, device: torch.device | str = "cpu") -> Tensor:
@@ -82,9 +96,8 @@ def dropout(
     """
     p = _check(input, p, generator)
     needs_graph = inplace and torch.is_grad_enabled() and input.requires_grad
-    if needs_graph and input.is_leaf and training and p > 0.0:
-        # autograd would refuse it only after the write: refuse it first, with torch's message
-        raise RuntimeError("a leaf Variable that requires grad is being used in an in-place operation.")
+    if inplace and training and p > 0.0:
+        _check_inplace(input)
     if not training or p == 0.0:
         out = input
         seed_offset = torch.zeros(2, dtype=torch.int64, device=input.device)

@@ -3,6 +3,7 @@ L1L2Regularizer."""
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable
 
 import torch
@@ -81,6 +82,9 @@ class L1L2Regularizer:
     """
 
     def __init__(self, l1_lambda: float = 0.0, l2_lambda: float = 0.0) -> None:
+        for value, name in ((l1_lambda, "l1_lambda"), (l2_lambda, "l2_lambda")):
+            if not math.isfinite(as_float(value, name)) or value < 0:
+                raise ValueError(f"{name} must be a finite number >= 0, got {value}")
         self.l1_lambda = l1_lambda
         self.l2_lambda = l2_lambda
 

@@ -9,6 +9,7 @@ from collections.abc import Callable, Iterable
 import torch
 from torch import Tensor, nn
 
+from ._utils import as_float, as_int, to_float
 from .clip_grad import clip_gradients
 
 
@@ -70,10 +71,11 @@ class GradientAccumulator:
     """
 
     def __init__(self, model: nn.Module, accumulation_steps: int, total_steps: int | None = None) -> None:
-        if accumulation_steps < 1:
-            raise ValueError(f"accumulation_steps must be >= 1, got {accumulation_steps}")
-        if total_steps is not None and total_steps < 1:
-            raise ValueError(f"total_steps must be >= 1, got {total_steps}")
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+        accumulation_steps = as_int(accumulation_steps, "accumulation_steps", 1)
+        if total_steps is not None:
+            total_steps = as_int(total_steps, "total_steps", 1)
         self.model = model
         self.accumulation_steps = accumulation_steps
         self.total_steps = total_steps
@@ -95,6 +97,8 @@ class GradientAccumulator:
         return position % self.accumulation_steps == 0
 
     def step(self, loss: Tensor, scaler: torch.amp.GradScaler | None = None) -> bool:
+        if not isinstance(loss, Tensor):
+            raise TypeError(f"loss must be a tensor, got {type(loss).__name__}")
         ends = self._ends_window()
         loss = loss / self._window()
         (scaler.scale(loss) if scaler is not None else loss).backward()
@@ -155,7 +159,9 @@ class EarlyStopping:
     """The seed's early stopping: call with each epoch's validation loss; returns True (and sets
     ``early_stop``) once it has not improved by more than ``min_delta`` for ``patience`` calls.
     ``counter`` and ``best_loss`` are the seed's attributes; with the defaults the seed's decisions
-    are kept exactly (a value equal to the best counts as an improvement, as in the seed).
+    are kept exactly for finite values (a value equal to the best counts as an improvement, as in
+    the seed). A NaN is never an improvement (as Keras and Lightning decide): it counts towards
+    ``patience``, never becomes ``best_loss`` and never has its weights kept.
 
     Options, as in Lightning's and Keras' callbacks:
     - ``mode="max"`` for metrics that should grow (accuracy).
@@ -188,8 +194,22 @@ class EarlyStopping:
     ) -> None:
         if mode not in ("min", "max"):
             raise ValueError(f"mode must be 'min' or 'max', got {mode!r}")
+        patience, start_from_epoch = as_int(patience, "patience", 0), as_int(start_from_epoch, "start_from_epoch", 0)
+        min_delta = as_float(min_delta, "min_delta")
+        if not math.isfinite(min_delta):
+            raise ValueError(f"min_delta must be finite, got {min_delta}")
+        stopping_threshold, divergence_threshold, baseline = (
+            None if v is None else as_float(v, name)
+            for v, name in (
+                (stopping_threshold, "stopping_threshold"),
+                (divergence_threshold, "divergence_threshold"),
+                (baseline, "baseline"),
+            )
+        )
         if restore_best_weights and model is None:
             raise ValueError("restore_best_weights=True needs the model")
+        if model is not None and not isinstance(model, nn.Module):
+            raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
         self.patience, self.min_delta, self.mode = patience, min_delta, mode
         self.check_finite = check_finite
         self.stopping_threshold, self.divergence_threshold = stopping_threshold, divergence_threshold
@@ -214,14 +234,20 @@ class EarlyStopping:
             return f"value {value} reached the stopping threshold {self.stopping_threshold}"
         if self.divergence_threshold is not None and s * value > s * self.divergence_threshold:
             return f"value {value} crossed the divergence threshold {self.divergence_threshold}"
-        if self.best_loss is None:
-            self._improved(value)
-        elif s * value > s * self.best_loss - self.min_delta:  # the seed's test, for either mode
-            self.counter += 1
-            if self.counter >= self.patience:
-                return f"no improvement over {self.best_loss} by more than {self.min_delta} for {self.counter} epochs"
+        # The seed's test, for either mode: an improvement unless value > best - min_delta; a NaN
+        # (for which every comparison is False) is never one.
+        if math.isnan(value):
+            improved = False
+        elif self.best_loss is None:
+            improved = True
         else:
+            improved = not s * value > s * self.best_loss - self.min_delta
+        if improved:
             self._improved(value)
+            return ""
+        self.counter += 1
+        if self.counter >= self.patience:
+            return f"no improvement over {self.best_loss} by more than {self.min_delta} for {self.counter} epochs"
         return ""
 
     def _improved(self, value: float) -> None:
@@ -231,7 +257,7 @@ class EarlyStopping:
             self.best_state_dict = {k: v.detach().to("cpu", copy=True) for k, v in self.model.state_dict().items()}
 
     def __call__(self, val_loss: float | Tensor) -> bool:
-        value = float(val_loss)
+        value = to_float(val_loss, "val_loss")
         epoch, self.epoch = self.epoch, self.epoch + 1
         if self.early_stop or epoch < self.start_from_epoch:
             return self.early_stop

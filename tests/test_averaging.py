@@ -134,11 +134,12 @@ def test_average_state_dicts_weighted_and_tied(backend):
 @pytest.mark.parametrize(
     "mutate, fragment",
     [
-        (lambda sd: sd.pop("0.bias"), "first differing key '0.bias'"),
+        (lambda sd: sd.pop("0.bias"), r"state_dicts\[1\] lacks the key '0.bias'"),
+        (lambda sd: sd.__setitem__("extra", torch.zeros(1)), r"state_dicts\[1\] has the key 'extra'"),
         (lambda sd: sd.__setitem__("3.weight", torch.zeros(2, 16)), r"\['3.weight'\] is torch.float32\[2, 16\]"),
         (lambda sd: sd.__setitem__("0.weight", sd["0.weight"].double()), r"\['0.weight'\] is torch.float64"),
     ],
-    ids=["missing-key", "shape", "dtype"],
+    ids=["missing-key", "extra-key", "shape", "dtype"],
 )
 def test_mismatched_state_dicts_raise_before_anything(backend, mutate, fragment):
     models = make_models(2)

@@ -401,9 +401,10 @@ def test_clip_gradients_seed_semantics(backend, device):
     "call, exc, fragment",
     [
         (lambda ps: fused_optim.clip_grad_norm_(ps, 1.0, norm_type=float("nan")), ValueError, "norm_type must be a number"),
-        (lambda ps: fused_optim.clip_grad_norm_(ps, "1.0"), TypeError, "max_norm must be a real number"),
-        (lambda ps: fused_optim.clip_grad_norm_(ps, 1.0, norm_type="fro"), TypeError, "norm_type must be a real number"),
-        (lambda ps: fused_optim.clip_grad_value_(ps, None), TypeError, "clip_value must be a real number"),
+        # Numbers are read with float(), as torch reads them ("inf" and "1.0" are accepted).
+        (lambda ps: fused_optim.clip_grad_norm_(ps, "one"), ValueError, "max_norm must be a number"),
+        (lambda ps: fused_optim.clip_grad_norm_(ps, 1.0, norm_type="fro"), ValueError, "norm_type must be a number"),
+        (lambda ps: fused_optim.clip_grad_value_(ps, None), TypeError, "clip_value must be a number"),
         (lambda ps: fused_optim.get_total_norm([p.grad for p in ps], float("nan")), ValueError, "norm_type"),
         (lambda ps: fused_optim.clip_grad_norm_(ps + [_complex_param()], 0.1), TypeError, "real floating"),
         (lambda ps: fused_optim.clip_grad_value_(ps + [_complex_param()], 0.1), TypeError, "real floating"),
