@@ -116,7 +116,11 @@ def l1l2_penalty(tensors: list[Tensor], l1: float, l2: float) -> Tensor:
     total = torch.zeros((), dtype=torch.float64, device=device)
     for t in tensors:
         x = t.to(opmath_dtype(t.dtype))
-        total += l1 * x.abs().sum().double() + l2 * (x * x).sum().double()
+        # A zero coefficient adds nothing, even where its sum overflowed (0 * inf would be nan).
+        if l1:
+            total += l1 * x.abs().sum().double()
+        if l2:
+            total += l2 * (x * x).sum().double()
     return total.to(reduction_dtype(tensors))
 
 
@@ -181,13 +185,23 @@ def nonfinite_norm_message(norm_type: float) -> str:
     )
 
 
+def _tensor_norm(t: Tensor, norm_type: float) -> Tensor:
+    """t's norm in fp64, but inf where the op-math computation overflows (|x|^p or its sum beyond
+    fp32's range), as in torch and in the native kernels, which accumulate in the op-math type."""
+    exact = torch.linalg.vector_norm(t, norm_type, dtype=torch.float64)
+    if opmath_dtype(t.dtype) == torch.float64:
+        return exact
+    in_opmath = torch.linalg.vector_norm(t, norm_type, dtype=opmath_dtype(t.dtype))
+    return torch.where(torch.isinf(in_opmath) & torch.isfinite(exact), math.inf, exact)
+
+
 def multi_tensor_norm(
     tensors: list[Tensor], norm_type: float, per_tensor: bool, error_if_nonfinite: bool = False
 ) -> tuple[Tensor, Tensor]:
     """(total, per-tensor norms) of order norm_type. The total is defined as torch.nn.utils'
     get_total_norm does: the norm of the vector of per-tensor norms (so for norm_type=0, the number
-    of tensors with a non-zero element); empty tensors contribute nothing. Computed in fp64 here;
-    both results have the tensors' promoted dtype; per-tensor norms are empty unless per_tensor.
+    of tensors with a non-zero element); empty tensors contribute nothing. Computed in fp64 here
+    (see _tensor_norm for overflow); both results have the tensors' promoted dtype; per-tensor norms are empty unless per_tensor.
     RuntimeError (torch's message) for a nan or infinite total when error_if_nonfinite: inside the
     op, so that torch.compile traces it without a data-dependent branch."""
     check_norm_type(norm_type)
@@ -195,7 +209,7 @@ def multi_tensor_norm(
     check_norm_defined(tensors, norm_type)
     dtype = norm_dtype(tensors)
     device = tensors[0].device if tensors else None
-    norms = [torch.linalg.vector_norm(t, norm_type, dtype=torch.float64) for t in tensors]
+    norms = [_tensor_norm(t, norm_type) for t in tensors]
     if not norms:
         return torch.zeros((), dtype=dtype, device=device), torch.empty(0, dtype=dtype, device=device)
     stacked = torch.stack(norms)

@@ -17,4 +17,10 @@ C10_HOST_DEVICE inline T clamp_like_torch(T v, T lo, T hi) {
   return at_least_lo > hi ? hi : at_least_lo;
 }
 
+// The penalty from its two sums. A zero coefficient contributes nothing, even where its sum
+// overflowed to inf (the seed's formula would give 0 * inf = nan for l2 = 0 and huge weights).
+C10_HOST_DEVICE inline double penalty_from_sums(double l1, double l2, double abs_sum, double square_sum) {
+  return (l1 == 0.0 ? 0.0 : l1 * abs_sum) + (l2 == 0.0 ? 0.0 : l2 * square_sum);
+}
+
 } // namespace fused_optim

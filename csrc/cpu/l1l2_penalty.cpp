@@ -1,6 +1,7 @@
 // CPU ops of the L1+L2 penalty family: the penalty value, its backward, and the in-place gradient
 // update l1l2_grad_. Arguments are checked here, before anything is written; the inner loops are
 // in kernels/l1l2_penalty.cpp.
+#include "common/elementwise.h"
 #include "common/tensor_list.h"
 #include "cpu/kernels.h"
 
@@ -24,7 +25,7 @@ at::Tensor l1l2_penalty_cpu(at::TensorList tensors, double l1, double l2) {
   double total = 0;
   for (const auto& [dtype, idx] : group_by_dtype(tensors)) {
     const auto sums = l1l2_sums_stub(c10::kCPU, dense_subset(tensors, idx));
-    total += l1 * sums[0] + l2 * sums[1];
+    total += penalty_from_sums(l1, l2, sums[0], sums[1]);
   }
   return scalar_result(total, at::TensorOptions().dtype(reduction_dtype(tensors)));
 }

@@ -2,6 +2,7 @@
 // chunk into per-chunk partials (fp64), and one cleanup kernel adds them in chunk order:
 // deterministic, no float atomics, no host synchronization. The gradients: one elementwise pass,
 // with the backward's grad_out read from device memory.
+#include "common/elementwise.h"
 #include "common/tensor_list.h"
 #include "cuda/multi_tensor_apply.cuh"
 
@@ -49,7 +50,7 @@ __global__ void __launch_bounds__(kBlockSize) penalty_cleanup(const double* part
   a = block_sum(a);
   s = block_sum(s);
   if (threadIdx.x == 0) {
-    *out = l1 * a + l2 * s;
+    *out = penalty_from_sums(l1, l2, a, s);
   }
 }
 
