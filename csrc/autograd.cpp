@@ -91,23 +91,33 @@ at::Tensor l1l2_penalty_autograd(at::TensorList tensors, double l1, double l2) {
   return L1L2Penalty::apply(tensors, l1, l2);
 }
 
-// Calls f(tensor, argument name, index in its list or -1) for every tensor the op writes.
-template <typename F>
-void for_each_written(const c10::OperatorHandle& op, const torch::jit::Stack& stack, const F& f) {
+// The stack entries of the arguments the op writes, with their names. Copying an entry holds its
+// tensor or tensor list alive past the call (which pops the stack) at the cost of one reference.
+std::vector<std::pair<c10::IValue, const std::string*>> written_args(
+    const c10::OperatorHandle& op, const torch::jit::Stack& stack) {
   const auto& args = op.schema().arguments();
   const size_t first = stack.size() - args.size();
+  std::vector<std::pair<c10::IValue, const std::string*>> written;
   for (size_t a = 0; a < args.size(); ++a) {
     const c10::AliasInfo* alias = args[a].alias_info();
-    if (alias == nullptr || !alias->isWrite()) {
-      continue;
+    if (alias != nullptr && alias->isWrite()) {
+      written.emplace_back(stack[first + a], &args[a].name());
     }
-    const c10::IValue& value = stack[first + a];
+  }
+  return written;
+}
+
+// Calls f(tensor, argument name, index in its list or -1) for every tensor of `written`, by
+// reference (no reference count touched per tensor: lists hold thousands).
+template <typename F>
+void for_each_written(const std::vector<std::pair<c10::IValue, const std::string*>>& written, const F& f) {
+  for (const auto& [value, name] : written) {
     if (value.isTensor()) {
-      f(value.toTensor(), args[a].name(), -1);
+      f(value.toTensor(), *name, -1);
     } else if (value.isTensorList()) {
-      const c10::List<at::Tensor> list = value.toTensorList();
+      const auto list = value.toListRef();
       for (size_t i = 0; i < list.size(); ++i) {
-        f(list.get(i), args[a].name(), static_cast<int64_t>(i));
+        f(list[i].toTensor(), *name, static_cast<int64_t>(i));
       }
     }
   }
@@ -119,7 +129,7 @@ std::string describe(const c10::OperatorHandle& op, const std::string& name, int
 
 void refuse_grad_requiring_writes(const c10::OperatorHandle& op, c10::DispatchKeySet keys, torch::jit::Stack* stack) {
   if (at::GradMode::is_enabled()) {
-    for_each_written(op, *stack, [&](const at::Tensor& t, const std::string& name, int64_t i) {
+    for_each_written(written_args(op, *stack), [&](const at::Tensor& t, const std::string& name, int64_t i) {
       if (!t.defined() || !t.requires_grad()) {
         return;
       }
@@ -139,23 +149,23 @@ void refuse_grad_requiring_writes(const c10::OperatorHandle& op, c10::DispatchKe
 }
 
 void bump_written_versions(const c10::OperatorHandle& op, c10::DispatchKeySet keys, torch::jit::Stack* stack) {
-  std::vector<at::Tensor> written;
-  for_each_written(op, *stack, [&](const at::Tensor& t, const std::string& name, int64_t i) {
+  const auto written = written_args(op, *stack);
+  for_each_written(written, [&](const at::Tensor& t, const std::string& name, int64_t i) {
     TORCH_CHECK(
         !t.defined() || !t.is_inference(), describe(op, name, i),
         ": Inplace update to inference tensor outside InferenceMode is not allowed. Make a clone to get a normal "
         "tensor before the in-place update");
-    written.push_back(t);
   });
   {
     at::AutoDispatchBelowADInplaceOrView guard;
     op.redispatchBoxed(keys & c10::after_ADInplaceOrView_keyset, stack);
   }
-  for (const at::Tensor& t : written) {  // once the kernel has succeeded: a refused call writes nothing
+  // Once the kernel has succeeded: a refused call writes nothing.
+  for_each_written(written, [](const at::Tensor& t, const std::string&, int64_t) {
     if (t.defined()) {
       torch::autograd::increment_version(t);
     }
-  }
+  });
 }
 
 // Keep in step with fused_optim/_library.py's SCHEMAS (tests/test_library.py checks every op).

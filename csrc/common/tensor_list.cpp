@@ -7,6 +7,7 @@
 #include <ATen/ops/scalar_tensor.h>
 #include <c10/core/ScalarType.h>
 #include <c10/util/Exception.h>
+#include <c10/util/flat_hash_map.h>
 
 #include <algorithm>
 #include <cmath>
@@ -217,15 +218,42 @@ void add_extent(const at::Tensor& t, int64_t position, bool written, std::vector
   extents.push_back({begin, begin + static_cast<uintptr_t>(span * t.element_size()), position, written});
 }
 
-} // namespace
-
+// The passes: empty when one pass holds every position, else the positions of each pass; position
+// j is in a later pass than every earlier position it overlaps.
 std::vector<std::vector<int64_t>> sequential_passes(const std::vector<at::TensorList>& lists, size_t num_written) {
   const size_t n = lists.empty() ? 0 : lists[0].size();
-  std::vector<Extent> extents;
-  extents.reserve(lists.size() * n);
+  // Only tensors of one storage can overlap, and only if one of them is written: usually no
+  // storage is shared, which a hash map tells in O(n) (sorting every extent cost up to 140 us for
+  // 4000 tensors in allocation order).
+  struct Use {
+    int count = 0;
+    bool written = false;
+  };
+  ska::flat_hash_map<const c10::StorageImpl*, Use> uses;
+  uses.reserve(lists.size() * n);
+  bool shared = false;
   for (size_t l = 0; l < lists.size(); ++l) {
     for (size_t i = 0; i < n; ++i) {
-      add_extent(lists[l][i], static_cast<int64_t>(i), l < num_written, extents);
+      if (lists[l][i].numel() > 0) {
+        Use& use = uses[lists[l][i].unsafeGetTensorImpl()->unsafe_storage().unsafeGetStorageImpl()];
+        shared |= ++use.count > 1;
+        use.written |= l < num_written;
+      }
+    }
+  }
+  if (!shared) {
+    return {};
+  }
+  std::vector<Extent> extents;
+  for (size_t l = 0; l < lists.size(); ++l) {
+    for (size_t i = 0; i < n; ++i) {
+      const at::Tensor& t = lists[l][i];
+      if (t.numel() > 0) {
+        const Use& use = uses[t.unsafeGetTensorImpl()->unsafe_storage().unsafeGetStorageImpl()];
+        if (use.count > 1 && use.written) {
+          add_extent(t, static_cast<int64_t>(i), l < num_written, extents);
+        }
+      }
     }
   }
   std::sort(extents.begin(), extents.end(), [](const Extent& a, const Extent& b) { return a.begin < b.begin; });
@@ -269,6 +297,8 @@ std::vector<std::vector<int64_t>> sequential_passes(const std::vector<at::Tensor
   }
   return passes;
 }
+
+} // namespace
 
 void run_in_sequential_passes(
     const std::vector<at::TensorList>& lists, size_t num_written,

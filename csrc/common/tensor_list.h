@@ -89,10 +89,6 @@ void run_in_sequential_passes(
     const std::vector<at::TensorList>& lists, size_t num_written,
     const std::function<void(const std::vector<at::TensorList>&)>& f);
 
-// The passes themselves (exposed for tests): empty when one pass holds every position, else the
-// positions of each pass; position j is in a later pass than every earlier position it overlaps.
-std::vector<std::vector<int64_t>> sequential_passes(const std::vector<at::TensorList>& lists, size_t num_written);
-
 // A 0-dim tensor of `options` holding `value`, converted as torch converts tensors (a finite double
 // beyond fp32's range becomes inf, as torch's own fp32 reductions give, instead of an error).
 at::Tensor scalar_result(double value, const at::TensorOptions& options);
