@@ -56,7 +56,10 @@ def get_total_norm(
     ``inf`` or ``-inf``; for 0, like torch, the result counts the tensors that have a non-zero
     element.
 
-    Raises RuntimeError (torch's message) when ``error_if_nonfinite`` and the norm is nan or inf;
+    ``norm_type`` is read with ``float()``, as torch reads it (``"inf"`` is accepted).
+
+    Raises RuntimeError (torch's message) when ``error_if_nonfinite`` and the norm is nan or inf,
+    and for an empty tensor with ``norm_type`` inf, -inf or < 0 (no identity; torch raises too);
     TypeError/ValueError for a non-numeric or nan ``norm_type`` or non-floating tensors.
 
     Sharded tensors (see README, "Scaling out"): DTensors (FSDP2, tensor parallel) and, with
@@ -172,7 +175,10 @@ def clip_grad_norm_(
 def clip_grad_value_(parameters: _TensorOrTensors, clip_value: float, foreach: bool | None = None) -> None:
     """Drop-in for ``torch.nn.utils.clip_grad_value_``: clamps every gradient to
     ``[-clip_value, clip_value]`` in one pass (torch makes two: clamp_min_ then clamp_max_). NaN
-    gradients stay nan. Parameters without ``.grad`` are skipped.
+    gradients stay nan. Parameters without ``.grad`` are skipped. As torch's clamp: a negative
+    ``clip_value`` gives every element ``-|clip_value|``, a NaN one makes every gradient NaN, and a
+    finite one beyond a gradient's dtype range (1e5 for fp16) raises RuntimeError before anything
+    is written.
 
     ``foreach`` is accepted for compatibility and ignored: the fused kernel always handles all
     tensors in one call.

@@ -91,8 +91,12 @@ def dropout(
     ``return_mask=True`` also returns the keep mask packed 8 elements a byte (uint8, bit ``i % 8``
     of byte ``i // 8``), see :func:`unpack_dropout_mask`.
 
-    Raises TypeError (non-tensor input, non-floating input, non-numeric p), ValueError (p outside
-    [0, 1], a generator on another device type than the input), before anything is written.
+    The result has the input's layout (channels_last stays channels_last), as torch's.
+
+    Raises TypeError (non-tensor input, non-floating input, non-numeric p, a generator that is not
+    a torch.Generator), ValueError (p outside [0, 1], a generator on another device type than the
+    input), RuntimeError (``inplace=True`` under autograd on a leaf that requires grad or a view of
+    one, torch's messages), before anything is written.
     """
     p = _check(input, p, generator)
     needs_graph = inplace and torch.is_grad_enabled() and input.requires_grad
