@@ -712,3 +712,51 @@ def test_a_first_nan_does_not_become_the_best(backend):
     stopper_finite = fused_optim.EarlyStopping(patience=2, check_finite=True)
     assert not stopper_finite(1.0)
     assert stopper_finite(math.nan) and "not finite" in stopper_finite.reason
+
+
+def test_calls_from_many_threads_match_one_thread(backend):
+    # Python threads each clipping and averaging their own tensors at the same time (torch's
+    # intra-op pool is shared): every result equals the same calls made one after another.
+    import threading
+
+    def work(seed):
+        params = _params((torch.float32, BIG), (torch.float16, 300), (torch.float32, 7))
+        for p in params:
+            p.grad = randn(p.numel(), dtype=p.dtype, seed=seed + p.numel()) * 10
+        norm = fused_optim.clip_grad_norm_(params, 1.0)
+        avg = [torch.zeros_like(p) for p in params]
+        fused_optim.ema_update_(avg, [p.grad for p in params], 0.5)
+        return [norm] + [p.grad for p in params] + avg
+
+    expected = [work(seed) for seed in range(6)]
+    results = [None] * 6
+
+    def run(i):
+        results[i] = work(i)
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(6)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    for got, want in zip(results, expected):
+        assert all(same_bits(a, b) for a, b in zip(got, want))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_penalty_and_its_gradient_at_the_edges_of_each_dtype(backend, device, dtype):
+    info = torch.finfo(dtype)
+    values = torch.tensor([info.max, -info.max, info.tiny, info.tiny / 4, 0.0, -0.0, 1.0], dtype=torch.float64)
+    p = values.to(device=device, dtype=dtype)
+    l1, l2 = 0.5, 0.25
+    exact = (l1 * values.to(dtype).double().abs().sum() + l2 * values.to(dtype).double().square().sum())
+    got = fused_optim.l1l2_penalty(p, l1, l2)
+    if dtype == torch.float64:
+        torch.testing.assert_close(got, exact.to(got.dtype))
+    else:  # the fp32 result overflows as torch's fp32 sum of squares does
+        assert got.isinf() == torch.isinf(exact.float())
+    g = torch.ones_like(p)
+    ops.l1l2_grad_.default([p], [g], l1, l2)
+    x = p.double()
+    want = (1.0 + l1 * torch.sign(x) + 2 * l2 * x).to(dtype)  # one rounding, inf beyond the range
+    torch.testing.assert_close(g.cpu(), want, rtol=0, atol=0, equal_nan=True)
