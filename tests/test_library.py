@@ -46,6 +46,30 @@ def test_every_op_has_a_schema_and_a_kernel():
         assert info["ops"][op]["cpu"] == expected, op
 
 
+def _registered_at(op: str, key: str) -> str | None:
+    """The file that registered `op`'s kernel for `key` (from the dispatcher's own dump), or None."""
+    for line in torch._C._dispatch_dump(f"fused_optim::{op}").splitlines():
+        if line.startswith(f"{key}:") or line.startswith(f"{key}[alias]:"):
+            return line.split("registered at ")[1].split(":")[0]
+    return None
+
+
+@pytest.mark.parametrize("op", sorted(_library.SCHEMAS))
+def test_every_op_has_autograd_and_version_kernels(op):
+    # Every op has an Autograd kernel (a derivative, a refusal of grad-requiring writes, or
+    # torch's NotImplemented rule), and every op that writes a tensor an ADInplaceOrView kernel
+    # that bumps versions; with the extension loaded, those of csrc/autograd.cpp (its op lists
+    # must follow SCHEMAS), except dropout's derivative, which is Python's.
+    mutable = getattr(torch.ops.fused_optim, op).default._schema.is_mutable
+    autograd = _registered_at(op, "Autograd")
+    version = _registered_at(op, "ADInplaceOrView")
+    assert autograd is not None
+    assert (version is not None) == mutable
+    if not EXT_DISABLED and op != "dropout":
+        assert autograd.endswith("csrc/autograd.cpp"), autograd
+        assert not mutable or version.endswith("csrc/autograd.cpp"), version
+
+
 def test_backend_info_reports_build():
     info = fused_optim.backend_info()
     assert info["torch"] == torch.__version__
