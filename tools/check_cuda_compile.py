@@ -58,6 +58,7 @@ def main() -> int:
                 print(f"{'ok  ' if rc == 0 else 'FAIL'} {os.path.relpath(src, ROOT)}")
                 if rc != 0:
                     failed += 1
+                if output.strip():  # errors, and warnings of sources that compiled
                     print(output[-8000:])
     print(f"check_cuda_compile: {len(sources) - failed} of {len(sources)} CUDA sources compiled ({args.arch})")
     return 1 if failed else 0

@@ -18,37 +18,38 @@ namespace {
 // The most inputs one pass takes: the launcher's depth less the output list.
 constexpr int kMaxInputs = kMaxDepth - 1;
 
-// out = (kAccumulate ? out : 0) + sum_m w[m] * in[m] over kInputs inputs (lists 0..kInputs-1;
-// out is list kInputs). Each input of a position is read before out is written: out may alias one.
-template <typename scalar_t, int kInputs, bool kAccumulate>
+// out = (kAccumulate ? out : 0) + sum_m w[m] * in[m] over kInputs inputs (lists 0..kInputs-1, of
+// scalar_t; out is list kInputs, of out_t). Each input of a position is read before out is
+// written: out may alias one.
+template <typename scalar_t, typename out_t, int kInputs, bool kAccumulate>
 struct WeightedSum {
   __device__ void operator()(TensorListMetadata<kInputs + 1>& meta, std::array<double, kMaxInputs> w) const {
     using T = at::opmath_type<scalar_t>;
     const int tensor = meta.block_to_tensor[blockIdx.x];
     const int64_t begin = static_cast<int64_t>(meta.block_to_chunk[blockIdx.x]) * kChunkSize;
     const int64_t end = min(begin + kChunkSize, meta.sizes[tensor]);
-    auto* out = static_cast<scalar_t*>(meta.addresses[kInputs][tensor]);
+    auto* out = static_cast<out_t*>(meta.addresses[kInputs][tensor]);
     for (int64_t i = begin + threadIdx.x; i < end; i += blockDim.x) {
       T acc = kAccumulate ? static_cast<T>(out[i]) : T(0);
 #pragma unroll
       for (int m = 0; m < kInputs; ++m) {
         acc += static_cast<T>(w[m]) * static_cast<T>(static_cast<const scalar_t*>(meta.addresses[m][tensor])[i]);
       }
-      out[i] = static_cast<scalar_t>(acc);
+      out[i] = static_cast<out_t>(acc);
     }
   }
 };
 
 // One pass over lists[0..n) into out, n <= kMaxInputs (the template depth is chosen at run time).
-template <typename scalar_t, bool kAccumulate, int kInputs = 1>
+template <typename scalar_t, typename out_t, bool kAccumulate, int kInputs = 1>
 void weighted_sum_pass(std::vector<std::vector<at::Tensor>> lists, const std::array<double, kMaxInputs>& w, int n) {
   if constexpr (kInputs < kMaxInputs) {
     if (n > kInputs) {
-      weighted_sum_pass<scalar_t, kAccumulate, kInputs + 1>(std::move(lists), w, n);
+      weighted_sum_pass<scalar_t, out_t, kAccumulate, kInputs + 1>(std::move(lists), w, n);
       return;
     }
   }
-  multi_tensor_apply<kInputs + 1>(lists, 0, WeightedSum<scalar_t, kInputs, kAccumulate>{}, w);
+  multi_tensor_apply<kInputs + 1>(lists, 0, WeightedSum<scalar_t, out_t, kInputs, kAccumulate>{}, w);
 }
 
 // out = lists[0], the K input lists lists[1..K], position-aligned.
@@ -60,15 +61,15 @@ void weighted_sum_into(const std::vector<at::TensorList>& lists, at::ArrayRef<do
     laid_out.push_back(in_layout_of(lists[m + 1], targets.dense()));
   }
   // Up to kMaxInputs inputs in one pass. More are folded: the first pass writes the sum of
-  // kMaxInputs, each further pass adds up to kMaxInputs - 1 more (read back in the output's dtype:
-  // for fp16/bf16, one more rounding per pass), into temporaries (an output may alias an input
-  // that a later pass reads), copied into the outputs at the end.
+  // kMaxInputs, each further pass adds up to kMaxInputs - 1 more, into op-math (fp32 for fp16/bf16)
+  // temporaries (an output may alias an input that a later pass reads), rounded into the outputs
+  // once at the end: the same sum, in the same order and precision, as one pass over all K.
   const bool folded = k > static_cast<size_t>(kMaxInputs);
   for (const auto& [dtype, idx] : group_by_dtype(lists[0])) {
     std::vector<at::Tensor> dst = select(targets.dense(), idx);
     if (folded) {
       for (at::Tensor& t : dst) {
-        t = at::empty_like(t);
+        t = at::empty_like(t, t.options().dtype(at::toOpMathType(dtype)));
       }
     }
     for (size_t first = 0; first < k;) {
@@ -82,10 +83,12 @@ void weighted_sum_into(const std::vector<at::TensorList>& lists, at::ArrayRef<do
       }
       launch.push_back(dst);
       AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, "multi_tensor_weighted_sum_cuda", [&] {
-        if (accumulate) {
-          weighted_sum_pass<scalar_t, true>(launch, w, n);
+        if (!folded) {
+          weighted_sum_pass<scalar_t, scalar_t, false>(launch, w, n);
+        } else if (accumulate) {
+          weighted_sum_pass<scalar_t, at::opmath_type<scalar_t>, true>(launch, w, n);
         } else {
-          weighted_sum_pass<scalar_t, false>(launch, w, n);
+          weighted_sum_pass<scalar_t, at::opmath_type<scalar_t>, false>(launch, w, n);
         }
       });
       first += n;

@@ -1,5 +1,5 @@
-// CUDA kernels of gradient clipping: multi-tensor norms (per-chunk partials, then per-tensor and
-// total norms in one cleanup kernel, in a fixed order), scaling by a coefficient read from device
+// CUDA kernels of gradient clipping: multi-tensor norms (per-chunk partials, then per-tensor norms,
+// a block each, then the total, each combined in a fixed order), scaling by a coefficient read from device
 // memory (blocks exit without writing when it is 1), clamping in one pass. clip_grad_norm_ makes
 // no host synchronization unless error_if_nonfinite asks for the norm's value.
 #include "common/elementwise.h"
@@ -8,6 +8,7 @@
 
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
+#include <ATen/cuda/detail/OffsetCalculator.cuh>
 #include <ATen/ops/add.h>
 #include <ATen/ops/clamp_max.h>
 #include <ATen/ops/empty.h>
@@ -93,29 +94,39 @@ __device__ double norm_from_acc(Kind kind, double acc, double p) {
   return acc;
 }
 
-// One block: per-tensor norms from the chunks of each tensor (chunks ranges[2t] to ranges[2t+1]),
-// then the total as torch defines it (the norm of the per-tensor norms), written as fp64.
-__global__ void __launch_bounds__(kBlockSize) norm_cleanup(
-    const double* partials, const int64_t* ranges, int64_t n, Kind kind, double p, double* per_tensor, double* total) {
-  double t_acc = identity(kind == kCount ? kSumAbs : kind);
-  for (int64_t t = threadIdx.x; t < n; t += blockDim.x) {
-    double acc = identity(kind);
-    for (int64_t c = ranges[2 * t]; c < ranges[2 * t + 1]; ++c) {
-      acc = combine(kind, acc, partials[c]);
-    }
+// Block t: the norm of tensor t from its chunks ranges[2t] to ranges[2t+1] (thread i combines
+// chunks i, i + kBlockSize, ... in that order, then the block's fixed tree), and the term it adds
+// to the total as torch defines the total (the norm of the per-tensor norms). A block per tensor,
+// so a tensor of many chunks is combined in parallel.
+__global__ void __launch_bounds__(kBlockSize) tensor_norms(
+    const double* partials, const int64_t* ranges, Kind kind, double p, double* per_tensor, double* terms) {
+  const int64_t t = blockIdx.x;
+  double acc = identity(kind);
+  for (int64_t c = ranges[2 * t] + threadIdx.x; c < ranges[2 * t + 1]; c += blockDim.x) {
+    acc = combine(kind, acc, partials[c]);
+  }
+  acc = block_combine(kind, acc);
+  if (threadIdx.x == 0) {
     const double norm = norm_from_acc(kind, acc, p);
-    if (per_tensor != nullptr) {
-      per_tensor[t] = norm;
-    }
+    per_tensor[t] = norm;
     double term = norm;
     if (kind == kSumSquares) term = norm * norm;
     if (kind == kSumPow) term = pow(norm, p);
     if (kind == kCount) term = norm != 0.0;  // torch: the number of non-zero tensors
-    t_acc = combine(kind == kCount ? kSumAbs : kind, t_acc, term);
+    terms[t] = term;
   }
-  t_acc = block_combine(kind == kCount ? kSumAbs : kind, t_acc);
+}
+
+// One block: the total norm from the n per-tensor terms, combined in the same fixed order, as fp64.
+__global__ void __launch_bounds__(kBlockSize) total_norm(const double* terms, int64_t n, Kind kind, double p, double* total) {
+  const Kind total_kind = kind == kCount ? kSumAbs : kind;
+  double acc = identity(total_kind);
+  for (int64_t t = threadIdx.x; t < n; t += blockDim.x) {
+    acc = combine(total_kind, acc, terms[t]);
+  }
+  acc = block_combine(total_kind, acc);
   if (threadIdx.x == 0) {
-    *total = norm_from_acc(kind, t_acc, p);
+    *total = norm_from_acc(kind, acc, p);
   }
 }
 
@@ -155,12 +166,16 @@ std::tuple<at::Tensor, at::Tensor> multi_tensor_norm_cuda(
   at::Tensor ranges = at::empty({static_cast<int64_t>(bounds.size())}, at::TensorOptions().dtype(at::kLong).pinned_memory(true));
   std::copy(bounds.begin(), bounds.end(), ranges.data_ptr<int64_t>());
   ranges = ranges.to(options.device(), /*non_blocking=*/true);
-  at::Tensor per = at::empty({static_cast<int64_t>(tensors.size())}, options.dtype(at::kDouble));
+  const int64_t n = static_cast<int64_t>(tensors.size());
+  at::Tensor per = at::empty({n}, options.dtype(at::kDouble));
+  at::Tensor terms = at::empty({n}, options.dtype(at::kDouble));
   at::Tensor total = at::empty({}, options.dtype(at::kDouble));
   const c10::cuda::CUDAGuard guard(options.device());
-  norm_cleanup<<<1, kBlockSize, 0, c10::cuda::getCurrentCUDAStream()>>>(
-      partials.data_ptr<double>(), ranges.data_ptr<int64_t>(), static_cast<int64_t>(tensors.size()), kind, norm_type,
-      per.data_ptr<double>(), total.data_ptr<double>());
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  tensor_norms<<<n, kBlockSize, 0, stream>>>(
+      partials.data_ptr<double>(), ranges.data_ptr<int64_t>(), kind, norm_type, per.data_ptr<double>(), terms.data_ptr<double>());
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  total_norm<<<1, kBlockSize, 0, stream>>>(terms.data_ptr<double>(), n, kind, norm_type, total.data_ptr<double>());
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   const auto dtype = norm_dtype(tensors);
   if (error_if_nonfinite) {  // the one case that reads the norm on the host, as torch does
@@ -188,6 +203,31 @@ struct ScaleByDeviceCoefficient {
   }
 };
 
+// The same for one tensor that is not dense (a strided view), element by element through its
+// strides: no copy in and out, so no write either when *scale == 1.
+template <typename scalar_t>
+__global__ void __launch_bounds__(kBlockSize) scale_strided(
+    scalar_t* x, OffsetCalculator<1, uint64_t> offsets, int64_t numel, const float* scale_f, const double* scale_d) {
+  using T = at::opmath_type<scalar_t>;
+  const T s = scale_d != nullptr ? static_cast<T>(*scale_d) : static_cast<T>(*scale_f);
+  if (s == T(1)) {
+    return;
+  }
+  const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
+  for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < numel; i += stride) {
+    scalar_t& v = x[offsets.get(static_cast<uint64_t>(i))[0]];
+    v = static_cast<scalar_t>(static_cast<T>(v) * s);
+  }
+}
+
+// Element offsets of a strided tensor in the order OffsetCalculator walks (first dimension fastest).
+OffsetCalculator<1, uint64_t> element_offsets(const at::Tensor& t) {
+  std::vector<int64_t> sizes(t.sizes().rbegin(), t.sizes().rend());
+  std::vector<int64_t> strides(t.strides().rbegin(), t.strides().rend());
+  const int64_t* stride_lists[] = {strides.data()};
+  return OffsetCalculator<1, uint64_t>(static_cast<int>(t.dim()), sizes.data(), stride_lists);
+}
+
 template <typename scalar_t>
 struct Clamp {
   __device__ void operator()(TensorListMetadata<1>& meta, double clip_value) const {
@@ -205,19 +245,37 @@ struct Clamp {
   }
 };
 
-// Scales every tensor by the one-element tensor `scale` (fp32 or fp64, on the device).
+// Scales every tensor by `scale`, a one-element tensor on the tensors' device (read as fp64 when it
+// is fp64, else as fp32). Dense tensors go through the launcher, others (rare) one kernel each
+// through their strides; neither writes when the coefficient is 1.
 void scale_by(at::TensorList tensors, const at::Tensor& scale) {
   const at::Tensor s = scale.scalar_type() == at::kDouble ? scale : scale.to(at::kFloat);
   const float* s_f = s.scalar_type() == at::kFloat ? s.data_ptr<float>() : nullptr;
   const double* s_d = s.scalar_type() == at::kDouble ? s.data_ptr<double>() : nullptr;
   run_in_sequential_passes({tensors}, 1, [&](const std::vector<at::TensorList>& lists) {
-    const DenseTargets targets(lists[0]);
-    for (const auto& [dtype, idx] : group_by_dtype(lists[0])) {
+    std::vector<at::Tensor> dense;
+    std::vector<std::pair<at::Tensor, OffsetCalculator<1, uint64_t>>> strided;
+    for (const at::Tensor& t : lists[0]) {
+      if (t.is_non_overlapping_and_dense()) {
+        dense.push_back(t);
+      } else if (t.numel() > 0) {
+        strided.emplace_back(t, element_offsets(t));  // may refuse (too many dims) before any write
+      }
+    }
+    for (const auto& [dtype, idx] : group_by_dtype(dense)) {
       AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, "multi_tensor_scale_cuda", [&] {
-        multi_tensor_apply<1>({select(targets.dense(), idx)}, 0, ScaleByDeviceCoefficient<scalar_t>{}, s_f, s_d);
+        multi_tensor_apply<1>({select(dense, idx)}, 0, ScaleByDeviceCoefficient<scalar_t>{}, s_f, s_d);
       });
     }
-    targets.write_back();
+    for (const auto& [t, offsets] : strided) {
+      const c10::cuda::CUDAGuard guard(t.device());
+      const int64_t blocks = std::min<int64_t>((t.numel() + kBlockSize - 1) / kBlockSize, 65535);
+      AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, t.scalar_type(), "multi_tensor_scale_cuda", [&] {
+        scale_strided<scalar_t><<<blocks, kBlockSize, 0, c10::cuda::getCurrentCUDAStream()>>>(
+            t.data_ptr<scalar_t>(), offsets, t.numel(), s_f, s_d);
+      });
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    }
   });
 }
 
@@ -226,7 +284,7 @@ void multi_tensor_scale_cuda(at::TensorList tensors, const at::Tensor& scale) {
   check_writable(tensors, "tensors");
   TORCH_CHECK(scale.numel() == 1, "scale must hold one element, got shape ", scale.sizes());
   if (!tensors.empty()) {
-    scale_by(tensors, scale.to(tensors[0].device()));
+    scale_by(tensors, device_scalar(scale, tensors[0].device()));
   }
 }
 

@@ -115,6 +115,7 @@ SeedOffset seed_offset_arg(const at::Tensor& seed_offset, const at::Tensor& inpu
     holder = seed_offset.contiguous();
     return {holder.const_data_ptr<int64_t>(), 0, 0};
   }
+  const c10::cuda::CUDAGuard guard(input.device());  // the capture status of input's device's stream
   TORCH_CHECK(
       c10::cuda::currentStreamCaptureStatusMayInitCtx() == c10::cuda::CaptureStatus::None,
       "fused_optim dropout: seed_offset is on the CPU while a CUDA graph is being captured, so every replay "

@@ -120,8 +120,12 @@ std::vector<at::Tensor> l1l2_penalty_backward_cuda(const at::Tensor& grad_out, a
   check_coefficient(l2, "l2");
   check_floating_list(tensors, "tensors", c10::kCUDA);
   TORCH_CHECK(grad_out.numel() == 1, "grad_out must hold one element, got shape ", grad_out.sizes());
-  // The penalty's dtype is fp32 or fp64; read in the kernel, so no host synchronization.
-  const at::Tensor g = grad_out.to(grad_out.scalar_type() == at::kDouble ? at::kDouble : at::kFloat).contiguous();
+  if (tensors.empty()) {
+    return {};
+  }
+  // Read by the kernel from the tensors' device (a CPU grad_out, which the reference accepts too, is
+  // put there first), so no host synchronization.
+  const at::Tensor g = device_scalar(grad_out, tensors[0].device());
   std::vector<at::Tensor> params, grads;
   for (const at::Tensor& t : tensors) {
     params.push_back(as_dense(t));

@@ -7,6 +7,7 @@
 #pragma once
 
 #include <ATen/core/Tensor.h>
+#include <ATen/ops/full.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
@@ -37,6 +38,17 @@ struct TensorListMetadata {
 template <typename Meta, typename Functor, typename... Args>
 __global__ void __launch_bounds__(kBlockSize) multi_tensor_apply_kernel(Meta meta, Functor functor, Args... args) {
   functor(meta, args...);
+}
+
+// A one-element tensor as a kernel's scalar argument on `device`, fp64 when it is fp64, else fp32.
+// A CPU value is read on the host (no device synchronization) and filled in on the device, without
+// the blocking host-to-device copy of .to(device); a device value stays where it is, unread.
+inline at::Tensor device_scalar(const at::Tensor& value, c10::Device device) {
+  const at::ScalarType dtype = value.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  if (value.is_cpu()) {
+    return at::full({}, value.item<double>(), at::TensorOptions().device(device).dtype(dtype));
+  }
+  return value.to(device, dtype).reshape({});
 }
 
 // Number of chunks the launcher cuts `tensors` into: the size of per-chunk partial buffers.
