@@ -39,6 +39,17 @@ def test_average_tensors_matches_fp64(backend, device, dtype, k):
         assert_close_to_fp64(o, e, plain, dtype)
 
 
+@pytest.mark.parametrize("dtype, w", [(torch.float16, 2049 / 8), (torch.bfloat16, 257 / 8)])
+def test_nine_inputs_round_once(backend, device, dtype, w):
+    # Eight inputs sum to 2049 (fp16; 257 for bf16), between two representable values, and the
+    # ninth adds 1: rounded once, the sum is 2050 (258); rounded after the first eight too (CUDA
+    # folds K > 8 in passes), it would be 2048 (256).
+    ones = [[torch.ones(3, dtype=dtype, device=device)] for _ in range(9)]
+    inputs = [t for lst in ones for t in lst]
+    out = torch.ops.fused_optim.multi_tensor_weighted_sum(inputs, [w] * 8 + [1.0])[0]
+    assert out.tolist() == [8 * w + 1] * 3  # 2050 (258), exact in the dtype
+
+
 def test_average_tensors_uniform_mixed_dtypes_views_and_aliasing(backend, device):
     base = [torch.randn(30, 20, device=device, dtype=torch.float64) for _ in range(3)]
     lists = [[b.t(), b[::2].to(torch.float32), b[:, 0].to(torch.bfloat16)] for b in base]

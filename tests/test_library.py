@@ -135,3 +135,23 @@ def test_whole_suite_without_extension():
     )
     assert proc.returncode == 0, proc.stdout[-5000:] + proc.stderr[-2000:]
     assert " passed" in proc.stdout.splitlines()[-1]
+
+
+def _run_tool(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, *args], capture_output=True, text=True, timeout=600, cwd=ROOT)
+
+
+def test_cuda_kernel_cases_script_runs_on_the_cpu():
+    # tools/cuda_kernel_cases.py is what compute-sanitizer runs on a GPU; here it runs every op's
+    # boundary cases on the CPU against the reference, so the script (and those cases) cannot rot.
+    proc = _run_tool(os.path.join("tools", "cuda_kernel_cases.py"), "--device", "cpu", "--small")
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "every op agrees with the reference" in proc.stdout
+
+
+def test_gpu_check_dry_run_finds_every_path():
+    proc = _run_tool(os.path.join("tools", "gpu_check.py"), "--dry-run")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    for phase in ("build", "tests", "memcheck", "racecheck", "bench"):
+        assert f"  {phase}" in proc.stdout
+    assert "every path exists" in proc.stdout

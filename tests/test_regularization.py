@@ -181,6 +181,19 @@ def test_opcheck(backend, device):
     opcheck(ops.l1l2_grad_, (mixed, grads, L1, L2))
 
 
+@pytest.mark.parametrize("grad_out_dtype", [torch.float32, torch.float64, torch.float16])
+def test_backward_op_takes_grad_out_from_the_cpu(backend, device, grad_out_dtype):
+    # The reference accepts a CPU grad_out for tensors on any device; the CUDA kernel reads it from
+    # device memory, so it must be put there (a host pointer read on the device is the defect).
+    ts = [torch.randn(5, device=device), torch.randn(3, 2, device=device, dtype=torch.float64)]
+    grad_out = torch.tensor(-1.5, dtype=grad_out_dtype)
+    grads = torch.ops.fused_optim.l1l2_penalty_backward(grad_out, ts, L1, L2)
+    for g, t in zip(grads, ts):
+        expected = -1.5 * (L1 * t.double().sign() + 2 * L2 * t.double())
+        assert g.device == t.device and g.dtype == t.dtype
+        torch.testing.assert_close(g.double(), expected, rtol=1e-6, atol=1e-6)
+
+
 def test_compile_fullgraph(backend, device):
     model = nn.Sequential(nn.Linear(8, 8), nn.Linear(8, 2)).to(device)
 
