@@ -6,6 +6,7 @@
 
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty_like.h>
+#include <c10/macros/Macros.h>
 #include <c10/util/Exception.h>
 
 #include <cstdint>
@@ -19,6 +20,36 @@ namespace fused_optim {
 // threshold = floor((1 - p) * 2^32). Groups of 32 elements are thus 8 blocks side by side, the
 // layout a SIMD or CUDA implementation makes without shuffles.
 constexpr int64_t kDropoutGroup = 32;
+
+// The CUDA kernels' tiles (csrc/cuda/dropout.cu), as host-device arithmetic that the CPU tests
+// check against the stream (csrc/testing.cpp): a warp takes a tile of kDropoutTileGroups groups;
+// lane l computes Philox block tile_lane_block(tile, l) and puts its word k at slot
+// tile_slot(l, k) of the tile, then applies slots kDropoutPerLane * l + q to elements
+// lane_first_element(tile, l) + q. For the packed mask, lane l's keep bits are the nibble
+// lane_nibble_shift(l) of byte lane_mask_byte(tile, l).
+constexpr int kDropoutTileGroups = 4;
+constexpr int64_t kDropoutTile = kDropoutTileGroups * kDropoutGroup;  // elements per warp
+constexpr int kDropoutPerLane = static_cast<int>(kDropoutTile / 32);
+
+C10_HOST_DEVICE inline uint64_t tile_lane_block(int64_t tile, int lane) {
+  return 8 * static_cast<uint64_t>(kDropoutTileGroups * tile + lane / 8) + lane % 8;
+}
+
+C10_HOST_DEVICE inline int tile_slot(int lane, int k) {
+  return (lane / 8) * static_cast<int>(kDropoutGroup) + 8 * k + lane % 8;
+}
+
+C10_HOST_DEVICE inline int64_t lane_first_element(int64_t tile, int lane) {
+  return tile * kDropoutTile + kDropoutPerLane * lane;
+}
+
+C10_HOST_DEVICE inline int64_t lane_mask_byte(int64_t tile, int lane) {
+  return lane_first_element(tile, lane) / 8;
+}
+
+C10_HOST_DEVICE inline int lane_nibble_shift(int lane) {
+  return kDropoutPerLane * (lane % 2);
+}
 
 // floor((1 - p) * 2^32); the Python reference computes the same double expression.
 inline uint64_t keep_threshold(double p) {

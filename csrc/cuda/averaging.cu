@@ -60,11 +60,12 @@ void weighted_sum_into(const std::vector<at::TensorList>& lists, at::ArrayRef<do
   for (size_t m = 0; m < k; ++m) {
     laid_out.push_back(in_layout_of(lists[m + 1], targets.dense()));
   }
-  // Up to kMaxInputs inputs in one pass. More are folded: the first pass writes the sum of
-  // kMaxInputs, each further pass adds up to kMaxInputs - 1 more, into op-math (fp32 for fp16/bf16)
-  // temporaries (an output may alias an input that a later pass reads), rounded into the outputs
-  // once at the end: the same sum, in the same order and precision, as one pass over all K.
-  const bool folded = k > static_cast<size_t>(kMaxInputs);
+  // The passes of weighted_sum_passes (common/launch_plan.h). Beyond one pass, the sum goes into
+  // op-math (fp32 for fp16/bf16) temporaries (an output may alias an input that a later pass reads),
+  // rounded into the outputs once at the end: the same sum, in the same order and precision, as one
+  // pass over all K.
+  const auto passes = weighted_sum_passes(static_cast<int64_t>(k));
+  const bool folded = passes.size() > 1;
   for (const auto& [dtype, idx] : group_by_dtype(lists[0])) {
     std::vector<at::Tensor> dst = select(targets.dense(), idx);
     if (folded) {
@@ -72,9 +73,9 @@ void weighted_sum_into(const std::vector<at::TensorList>& lists, at::ArrayRef<do
         t = at::empty_like(t, t.options().dtype(at::toOpMathType(dtype)));
       }
     }
-    for (size_t first = 0; first < k;) {
+    for (const auto& [first, count] : passes) {
       const bool accumulate = first > 0;
-      const int n = static_cast<int>(std::min<size_t>(k - first, accumulate ? kMaxInputs - 1 : kMaxInputs));
+      const int n = static_cast<int>(count);
       std::vector<std::vector<at::Tensor>> launch;
       std::array<double, kMaxInputs> w{};
       for (int m = 0; m < n; ++m) {
@@ -91,7 +92,6 @@ void weighted_sum_into(const std::vector<at::TensorList>& lists, at::ArrayRef<do
           weighted_sum_pass<scalar_t, at::opmath_type<scalar_t>, false>(launch, w, n);
         }
       });
-      first += n;
     }
     if (folded) {
       for (size_t i = 0; i < idx.size(); ++i) {

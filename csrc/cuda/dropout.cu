@@ -29,8 +29,8 @@ namespace {
 
 constexpr int kThreads = 256;
 constexpr int kWarps = kThreads / 32;
-constexpr int64_t kTile = 4 * kDropoutGroup;  // elements per warp
-constexpr int kPerLane = kTile / 32;          // 4
+constexpr int64_t kTile = kDropoutTile;  // elements per warp (common/dropout.h)
+constexpr int kPerLane = kDropoutPerLane;
 
 // (seed, offset) as the kernel gets them: from device memory when `device` is set.
 struct SeedOffset {
@@ -44,11 +44,10 @@ __device__ void tile_keep(int64_t tile, SeedOffset so, uint64_t threshold, bool 
   const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
   const uint64_t seed = so.device != nullptr ? static_cast<uint64_t>(so.device[0]) : so.seed;
   const uint64_t offset = so.device != nullptr ? static_cast<uint64_t>(so.device[1]) : so.offset;
-  const int64_t group = 4 * tile + lane / 8;
-  at::Philox4_32 engine(seed, offset, static_cast<uint64_t>(8 * group + lane % 8));
+  at::Philox4_32 engine(seed, offset, tile_lane_block(tile, lane));
 #pragma unroll
   for (int k = 0; k < 4; ++k) {
-    words[warp][(lane / 8) * kDropoutGroup + 8 * k + lane % 8] = engine();
+    words[warp][tile_slot(lane, k)] = engine();
   }
   __syncwarp();
 #pragma unroll
@@ -64,7 +63,7 @@ __global__ void __launch_bounds__(kThreads) dropout_kernel(
     const scalar_t* in, scalar_t* out, int64_t numel, uint64_t threshold, at::opmath_type<scalar_t> scale, SeedOffset so) {
   using T = at::opmath_type<scalar_t>;
   const int64_t tile = static_cast<int64_t>(blockIdx.x) * kWarps + threadIdx.x / 32;
-  const int64_t first = tile * kTile + kPerLane * (threadIdx.x % 32);
+  const int64_t first = lane_first_element(tile, threadIdx.x % 32);
   bool keep[kPerLane];
   tile_keep(tile, so, threshold, keep);
   if (kVector && first + kPerLane <= numel) {
@@ -90,7 +89,7 @@ __global__ void __launch_bounds__(kThreads) dropout_kernel(
 __global__ void __launch_bounds__(kThreads) dropout_mask_kernel(uint8_t* mask, int64_t numel, uint64_t threshold, SeedOffset so) {
   const int64_t tile = static_cast<int64_t>(blockIdx.x) * kWarps + threadIdx.x / 32;
   const int lane = threadIdx.x % 32;
-  const int64_t first = tile * kTile + kPerLane * lane;
+  const int64_t first = lane_first_element(tile, lane);
   bool keep[kPerLane];
   tile_keep(tile, so, threshold, keep);
   unsigned nibble = 0;
@@ -100,7 +99,7 @@ __global__ void __launch_bounds__(kThreads) dropout_mask_kernel(uint8_t* mask, i
   }
   const unsigned high = __shfl_down_sync(0xffffffffu, nibble, 1);
   if (lane % 2 == 0 && first < numel) {
-    mask[first / 8] = static_cast<uint8_t>(nibble | (high << 4));
+    mask[lane_mask_byte(tile, lane)] = static_cast<uint8_t>(nibble | (high << lane_nibble_shift(lane + 1)));
   }
 }
 

@@ -1,10 +1,13 @@
 // The CUDA multi-tensor launcher, after apex's multi_tensor_apply: tensor addresses, sizes and a
 // block -> (tensor, chunk) table travel in the kernel's arguments; when a launch's table is full
-// (tensors or blocks), it is launched and filling goes on. Each block works on one chunk of
-// kChunkSize elements of one tensor, so the number of launches grows with the work, not with the
-// number of tensors (up to the table's limits). Same chunking contract as the CPU side: a chunk's
-// global index (launch offset + block index) is fixed by the tensor sizes alone.
+// (tensors or blocks), it is launched and filling goes on (the plan: common/launch_plan.h, tested
+// on the CPU). Each block works on one chunk of kChunkSize elements of one tensor, so the number
+// of launches grows with the work, not with the number of tensors (up to the table's limits). Same
+// chunking contract as the CPU side: a chunk's global index (launch offset + block index) is fixed
+// by the tensor sizes alone.
 #pragma once
+
+#include "common/launch_plan.h"
 
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/full.h>
@@ -16,24 +19,7 @@
 
 namespace fused_optim::cuda {
 
-constexpr int64_t kChunkSize = 65536;
 constexpr int kBlockSize = 512;
-// Tensors per launch for each list depth (1 to 9), and blocks per launch: apex's sizes up to depth
-// 5, then sizes that keep the kernel arguments under 4 KiB (8 * tensors * (depth + 1) + 1608
-// bytes), as every architecture and CUDA version accepts.
-constexpr int kMaxDepth = 9;
-constexpr int kMaxTensors[kMaxDepth] = {110, 64, 48, 36, 30, 24, 20, 18, 16};
-constexpr int kMaxBlocks = 320;
-
-template <int kDepth>
-struct TensorListMetadata {
-  static_assert(kDepth >= 1 && kDepth <= kMaxDepth);
-  void* addresses[kDepth][kMaxTensors[kDepth - 1]];
-  int64_t sizes[kMaxTensors[kDepth - 1]];
-  unsigned char block_to_tensor[kMaxBlocks];
-  int block_to_chunk[kMaxBlocks];
-  int64_t first_global_chunk;  // global index of this launch's block 0
-};
 
 template <typename Meta, typename Functor, typename... Args>
 __global__ void __launch_bounds__(kBlockSize) multi_tensor_apply_kernel(Meta meta, Functor functor, Args... args) {
@@ -75,46 +61,27 @@ void multi_tensor_apply(
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   TensorListMetadata<kDepth> meta;
   meta.first_global_chunk = first_chunk;
-  int tensors = 0, blocks = 0;
-  auto launch = [&] {
-    multi_tensor_apply_kernel<<<blocks, kBlockSize, 0, stream>>>(meta, functor, args...);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
-    meta.first_global_chunk += blocks;
-  };
+  std::vector<int64_t> numels(n);
   for (int64_t t = 0; t < n; ++t) {
-    const int64_t numel = lists[0][t].numel();
-    if (numel == 0) {
-      continue;
-    }
-    meta.sizes[tensors] = numel;
-    for (int d = 0; d < kDepth; ++d) {
-      meta.addresses[d][tensors] = lists[d][t].data_ptr();
-    }
-    ++tensors;
-    const int64_t chunks = (numel + kChunkSize - 1) / kChunkSize;
-    for (int64_t c = 0; c < chunks; ++c) {
-      meta.block_to_tensor[blocks] = static_cast<unsigned char>(tensors - 1);
-      meta.block_to_chunk[blocks] = static_cast<int>(c);
-      ++blocks;
-      const bool tensors_full = tensors == kMaxTensors[kDepth - 1] && c == chunks - 1;
-      if (blocks == kMaxBlocks || tensors_full) {
-        launch();
-        blocks = 0;
-        if (c == chunks - 1) {
-          tensors = 0;
-        } else {  // the tensor goes on in the next launch, as its slot 0
-          meta.sizes[0] = meta.sizes[tensors - 1];
-          for (int d = 0; d < kDepth; ++d) {
-            meta.addresses[d][0] = meta.addresses[d][tensors - 1];
-          }
-          tensors = 1;
+    numels[t] = lists[0][t].numel();
+  }
+  plan_launches(
+      numels, kDepth,
+      [&](int s, int64_t t) {
+        meta.sizes[s] = numels[t];
+        for (int d = 0; d < kDepth; ++d) {
+          meta.addresses[d][s] = lists[d][t].data_ptr();
         }
-      }
-    }
-  }
-  if (blocks > 0) {
-    launch();
-  }
+      },
+      [&](int b, int s, int64_t c) {
+        meta.block_to_tensor[b] = static_cast<unsigned char>(s);
+        meta.block_to_chunk[b] = static_cast<int>(c);
+      },
+      [&](int blocks) {
+        multi_tensor_apply_kernel<<<blocks, kBlockSize, 0, stream>>>(meta, functor, args...);
+        C10_CUDA_KERNEL_LAUNCH_CHECK();
+        meta.first_global_chunk += blocks;
+      });
 }
 
 // Sum over a block (kBlockSize threads) in a fixed order; the result is valid in thread 0.

@@ -1,0 +1,89 @@
+// The CUDA launcher's plan, as plain host code (no CUDA headers), so that the CPU tests can check it
+// (csrc/testing.cpp): which block of which launch takes which chunk of which tensor, when a launch
+// is full, and what the kernel arguments weigh. csrc/cuda/multi_tensor_apply.cuh fills its kernel
+// arguments from this plan; the weighted sum's folding of K > 8 inputs into passes is here too.
+#pragma once
+
+#include <algorithm>
+#include <cstdint>
+#include <utility>
+#include <vector>
+
+namespace fused_optim::cuda {
+
+constexpr int64_t kChunkSize = 65536;
+// Tensors per launch for each list depth (1 to 9), and blocks per launch: apex's sizes up to depth
+// 5, then sizes that keep the kernel arguments under 4 KiB (8 * tensors * (depth + 1) + 1608
+// bytes), as every architecture and CUDA version accepts.
+constexpr int kMaxDepth = 9;
+constexpr int kMaxTensors[kMaxDepth] = {110, 64, 48, 36, 30, 24, 20, 18, 16};
+constexpr int kMaxBlocks = 320;
+constexpr int kMaxKernelArgBytes = 4096;
+constexpr int kFunctorArgBytes = 512;  // room left for a functor's own arguments (at most 8 doubles)
+
+template <int kDepth>
+struct TensorListMetadata {
+  static_assert(kDepth >= 1 && kDepth <= kMaxDepth);
+  void* addresses[kDepth][kMaxTensors[kDepth - 1]];
+  int64_t sizes[kMaxTensors[kDepth - 1]];
+  unsigned char block_to_tensor[kMaxBlocks];
+  int block_to_chunk[kMaxBlocks];
+  int64_t first_global_chunk;  // global index of this launch's block 0
+};
+
+template <int... kDepthLess1>
+constexpr bool arguments_fit(std::integer_sequence<int, kDepthLess1...>) {
+  return ((sizeof(TensorListMetadata<kDepthLess1 + 1>) + kFunctorArgBytes <= kMaxKernelArgBytes) && ...);
+}
+static_assert(arguments_fit(std::make_integer_sequence<int, kMaxDepth>{}), "kernel arguments over 4 KiB");
+
+// The launches for tensors of the given element counts at list depth `depth`, in order. For each
+// launch: slot(s, t) puts tensor t in slot s (a tensor cut by a full launch goes on in the next as
+// its slot 0), block(b, s, c) gives block b chunk c of slot s's tensor, and launch(blocks) closes
+// the launch. Empty tensors take no slot. A chunk's global index is the count of chunks before it.
+template <typename Slot, typename Block, typename Launch>
+void plan_launches(const std::vector<int64_t>& numels, int depth, const Slot& slot, const Block& block, const Launch& launch) {
+  const int max_tensors = kMaxTensors[depth - 1];
+  int tensors = 0, blocks = 0;
+  for (int64_t t = 0; t < static_cast<int64_t>(numels.size()); ++t) {
+    if (numels[t] == 0) {
+      continue;
+    }
+    slot(tensors, t);
+    ++tensors;
+    const int64_t chunks = (numels[t] + kChunkSize - 1) / kChunkSize;
+    for (int64_t c = 0; c < chunks; ++c) {
+      block(blocks, tensors - 1, c);
+      ++blocks;
+      const bool last_chunk = c == chunks - 1;
+      if (blocks == kMaxBlocks || (tensors == max_tensors && last_chunk)) {
+        launch(blocks);
+        blocks = 0;
+        tensors = 0;
+        if (!last_chunk) {  // the tensor goes on in the next launch, as its slot 0
+          slot(0, t);
+          tensors = 1;
+        }
+      }
+    }
+  }
+  if (blocks > 0) {
+    launch(blocks);
+  }
+}
+
+// The passes of the weighted sum over k inputs: {first input, count}. One pass takes up to
+// kMaxDepth - 1 inputs (the output is the last list); beyond, the first pass writes the sum of
+// kMaxDepth - 1 and each later pass adds up to kMaxDepth - 2 more into it.
+inline std::vector<std::pair<int64_t, int64_t>> weighted_sum_passes(int64_t k) {
+  constexpr int64_t kMaxInputs = kMaxDepth - 1;
+  std::vector<std::pair<int64_t, int64_t>> passes;
+  for (int64_t first = 0; first < k;) {
+    const int64_t n = std::min(k - first, first > 0 ? kMaxInputs - 1 : kMaxInputs);
+    passes.emplace_back(first, n);
+    first += n;
+  }
+  return passes;
+}
+
+} // namespace fused_optim::cuda

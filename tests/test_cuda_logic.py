@@ -1,0 +1,126 @@
+"""The CUDA kernels' index arithmetic, run on the host through the same C++ functions the kernels
+call (csrc/common/launch_plan.h, csrc/common/dropout.h, exposed by csrc/testing.cpp as
+torch.ops.fused_optim_testing.*): the launch plan covers every chunk exactly once within the
+kernel-argument limits, the weighted sum's passes cover every input once, and the CUDA dropout
+tiles give every element the stream's word and mask bit, bit for bit. Needs the native extension
+(a CPU build is enough); no GPU."""
+
+from __future__ import annotations
+
+import itertools
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from conftest import EXT_DISABLED
+from fused_optim import _library, reference
+
+pytestmark = pytest.mark.skipif(
+    EXT_DISABLED or _library._C is None, reason="the CUDA index logic is C++ code of the native extension"
+)
+
+T = getattr(torch.ops, "fused_optim_testing", None)
+
+
+def limits():
+    rows = T.launch_limits().tolist()
+    per_depth = {d + 1: rows[d] for d in range(9)}  # depth -> (tensors per launch, metadata bytes)
+    (max_blocks, arg_bytes), (chunk, functor_bytes) = rows[9], rows[10]
+    return per_depth, max_blocks, arg_bytes, chunk, functor_bytes
+
+
+def check_plan(numels: list[int], depth: int) -> torch.Tensor:
+    per_depth, max_blocks, _, chunk, _ = limits()
+    plan = T.launch_plan(numels, depth)
+    expected = [(t, c) for t, n in enumerate(numels) for c in range(-(-n // chunk))]
+    # Every chunk of every non-empty tensor exactly once, in order (so global chunk indices, the
+    # count of blocks before, are the CPU's chunk order too).
+    assert [tuple(r) for r in plan[:, 3:].tolist()] == expected
+    for launch in plan[:, 0].unique().tolist():
+        rows = plan[plan[:, 0] == launch]
+        assert rows[:, 1].tolist() == list(range(len(rows)))  # blocks 0, 1, ... of this launch
+        assert len(rows) <= max_blocks
+        slots = rows[:, 2]
+        assert int(slots.max()) < per_depth[depth][0]  # tensors per launch within the table
+        # A slot holds one tensor within a launch; slots fill in order of the tensors.
+        tensor_of_slot = {}
+        for s, t in rows[:, 2:4].tolist():
+            assert tensor_of_slot.setdefault(s, t) == t
+        assert sorted(tensor_of_slot) == list(range(len(tensor_of_slot)))
+        assert [tensor_of_slot[s] for s in sorted(tensor_of_slot)] == sorted(tensor_of_slot.values())
+    if len(plan):
+        # A launch closes only when full: all but the last hit the block or the tensor limit.
+        launches = plan[:, 0].tolist()
+        for launch in range(launches[-1]):
+            rows = plan[plan[:, 0] == launch]
+            assert len(rows) == max_blocks or rows[:, 2].max() + 1 == per_depth[depth][0]
+    return plan
+
+
+def test_kernel_arguments_fit_at_every_depth():
+    per_depth, max_blocks, arg_bytes, chunk, functor_bytes = limits()
+    assert (max_blocks, arg_bytes, chunk) == (320, 4096, 65536)
+    for depth, (tensors, meta_bytes) in per_depth.items():
+        # addresses[depth][tensors], sizes[tensors], block tables, first chunk
+        assert meta_bytes >= 8 * tensors * (depth + 1) + max_blocks * 5 + 8
+        assert meta_bytes + functor_bytes <= arg_bytes, depth
+    assert per_depth[1][0] < 256  # block_to_tensor is one byte
+
+
+@pytest.mark.parametrize("depth", [1, 2, 9])
+def test_launch_plan_boundaries(depth):
+    _, max_blocks, _, chunk, _ = limits()
+    tensors = limits()[0][depth][0]
+    cases = [
+        [],
+        [0, 0],
+        [1],
+        [chunk - 1, chunk, chunk + 1],
+        [1] * (tensors - 1),
+        [1] * tensors,
+        [1] * (tensors + 1),  # one launch more
+        [5, 0] * tensors,
+        [max_blocks * chunk],  # exactly one launch's blocks
+        [max_blocks * chunk + 1, 3],  # a tensor cut by a full launch goes on as slot 0
+        [1] * (tensors - 1) + [3 * chunk],  # the tensor that fills the table has several chunks
+        [chunk] * (max_blocks + 2),
+    ]
+    for numels in cases:
+        plan = check_plan(numels, depth)
+        if numels == [max_blocks * chunk + 1, 3]:
+            assert plan[plan[:, 0] == 1][:, 2:4].tolist() == [[0, 0], [1, 1]]
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    numels=st.lists(st.one_of(st.integers(0, 3), st.integers(65530, 65540), st.integers(0, 700_000)), max_size=300),
+    depth=st.integers(1, 9),
+)
+def test_launch_plan_covers_every_chunk_once(numels, depth):
+    check_plan(numels, depth)
+
+
+@pytest.mark.parametrize("k", range(1, 40))
+def test_weighted_sum_passes_cover_each_input_once(k):
+    passes = T.weighted_sum_passes(k).tolist()
+    covered = [m for first, n in passes for m in range(first, first + n)]
+    assert covered == list(range(k))
+    assert passes[0][1] <= 8 and all(n <= 7 for _, n in passes[1:])  # depth 9: 8 inputs + the output
+    assert len(passes) == (1 if k <= 8 else 1 + -(-(k - 8) // 7))
+
+
+@pytest.mark.parametrize("numel", [0, 1, 31, 32, 127, 128, 129, 1000, 4099])
+@pytest.mark.parametrize("seed, offset", [(0, 0), (1234, 8), (2**63 - 1, 2**40 + 3)])
+def test_cuda_dropout_tiles_give_each_element_the_streams_word(numel, seed, offset):
+    assert torch.equal(T.dropout_tile_words(numel, seed, offset), reference.philox_words(numel, seed, offset))
+
+
+@pytest.mark.parametrize("numel", [0, 1, 3, 4, 5, 8, 127, 128, 129, 1000])
+def test_cuda_dropout_mask_packing_matches_the_reference(numel):
+    for p, seed in itertools.product([0.0, 0.3, 1.0], [0, 99]):
+        x = torch.ones(numel)
+        so = torch.tensor([seed, 4])
+        keep = reference.dropout_keep(x, p, so).reshape(-1)
+        assert torch.equal(T.dropout_tile_mask(keep), reference.dropout_mask(x, p, so))
