@@ -1,11 +1,10 @@
 // CPU ops of weight averaging: the K-input weighted sum (uniform/weighted averages, soups) and the
-// in-place lerp behind EMA and SWA updates. Arguments are checked before anything is written; the
+// in-place lerp behind EMA and SWA updates, on the shared host paths (common/host_paths.h); the
 // inner loops are in kernels/averaging.cpp.
-#include "common/tensor_list.h"
+#include "common/host_paths.h"
 #include "cpu/kernels.h"
 
 #include <torch/library.h>
-
 
 namespace fused_optim {
 
@@ -17,22 +16,9 @@ REGISTER_AVX512_DISPATCH(lerp_stub, nullptr)
 namespace {
 
 void multi_tensor_weighted_sum_inplace_cpu(at::TensorList inputs, at::ArrayRef<double> weights, at::TensorList out) {
-  check_weighted_sum_args(inputs, weights, out, c10::kCPU);
-  // lists: out, then the K input lists, position-aligned.
-  run_in_sequential_passes(weighted_sum_lists(inputs, weights, out), 1, [&](const std::vector<at::TensorList>& lists) {
-    const DenseTargets targets(lists[0]);
-    std::vector<std::vector<at::Tensor>> laid_out;
-    for (size_t m = 1; m < lists.size(); ++m) {
-      laid_out.push_back(in_layout_of(lists[m], targets.dense()));
-    }
-    for (const auto& [dtype, idx] : group_by_dtype(lists[0])) {
-      std::vector<std::vector<at::Tensor>> selected;
-      for (const auto& list : laid_out) {
-        selected.push_back(select(list, idx));
-      }
-      weighted_sum_stub(c10::kCPU, selected, weights.vec(), select(targets.dense(), idx));
-    }
-    targets.write_back();
+  weighted_sum_host(inputs, weights, out, c10::kCPU, [&](at::ScalarType, const std::vector<at::Tensor>& dst,
+                                                         const std::vector<std::vector<at::Tensor>>& srcs) {
+    weighted_sum_stub(c10::kCPU, srcs, weights.vec(), dst);
   });
 }
 
@@ -42,16 +28,10 @@ std::vector<at::Tensor> multi_tensor_weighted_sum_cpu(at::TensorList inputs, at:
   return out;
 }
 
-void multi_tensor_lerp_cpu(at::TensorList self, at::TensorList end, const at::Tensor& weight_tensor) {
-  const double weight = *check_weight_tensor(weight_tensor, "weight", c10::kCPU);
-  check_lerp_lists(self, end, c10::kCPU);
-  run_in_sequential_passes({self, end}, 1, [&](const std::vector<at::TensorList>& lists) {
-    const DenseTargets targets(lists[0]);
-    const std::vector<at::Tensor> ends = in_layout_of(lists[1], targets.dense());
-    for (const auto& [dtype, idx] : group_by_dtype(lists[0])) {
-      lerp_stub(c10::kCPU, select(targets.dense(), idx), select(ends, idx), weight);
-    }
-    targets.write_back();
+void multi_tensor_lerp_cpu(at::TensorList self, at::TensorList end, const at::Tensor& weight) {
+  lerp_host(self, end, weight, c10::kCPU, [&](at::ScalarType, const std::vector<at::Tensor>& selfs,
+                                              const std::vector<at::Tensor>& ends, std::optional<double> w) {
+    lerp_stub(c10::kCPU, selfs, ends, *w);  // on the CPU, the weight is on the CPU too
   });
 }
 

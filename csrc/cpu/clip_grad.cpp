@@ -1,14 +1,10 @@
 // CPU ops of gradient clipping: multi-tensor norm, scale by a tensor coefficient, clip by norm
-// (norm + coefficient + scale in one call) and clip by value. Arguments are checked before
-// anything is written; the inner loops are in kernels/clip_grad.cpp.
-#include "common/tensor_list.h"
+// (norm + coefficient + scale in one call) and clip by value, on the shared host paths
+// (common/host_paths.h); the inner loops are in kernels/clip_grad.cpp.
+#include "common/host_paths.h"
 #include "cpu/kernels.h"
 
-#include <ATen/ops/add.h>
-#include <ATen/ops/clamp_max.h>
 #include <ATen/ops/empty.h>
-#include <ATen/ops/mul.h>
-#include <ATen/ops/reciprocal.h>
 #include <torch/library.h>
 
 #include <cmath>
@@ -63,21 +59,19 @@ double total_norm(const std::vector<double>& norms, NormKind kind, double p) {
 std::vector<double> per_tensor_norms(at::TensorList tensors, double p) {
   const NormKind kind = norm_kind(p);
   std::vector<double> norms(tensors.size());
-  for (const auto& [dtype, idx] : group_by_dtype(tensors)) {
+  for_each_dense_subset(tensors, [&](at::ScalarType, const std::vector<int64_t>& idx, const std::vector<at::Tensor>& dense) {
     std::vector<double> acc(idx.size());
-    norm_stub(c10::kCPU, dense_subset(tensors, idx), kind, p, acc.data());
+    norm_stub(c10::kCPU, dense, kind, p, acc.data());
     for (size_t k = 0; k < idx.size(); ++k) {
       norms[idx[k]] = norm_from_acc(acc[k], kind, p);
     }
-  }
+  });
   return norms;
 }
 
 std::tuple<at::Tensor, at::Tensor> multi_tensor_norm_cpu(
     at::TensorList tensors, double norm_type, bool per_tensor, bool error_if_nonfinite) {
-  check_norm_type(norm_type);
-  check_floating_list(tensors, "tensors", c10::kCPU);
-  check_norm_defined(tensors, norm_type);
+  check_norm_args(tensors, norm_type, c10::kCPU);
   const auto options = at::TensorOptions().dtype(norm_dtype(tensors));
   const std::vector<double> norms = per_tensor_norms(tensors, norm_type);
   at::Tensor total = scalar_result(total_norm(norms, norm_kind(norm_type), norm_type), options);
@@ -97,47 +91,25 @@ void scale_in_place(at::TensorList tensors, double scale) {
   if (scale == 1.0) {
     return;
   }
-  run_in_sequential_passes({tensors}, 1, [&](const std::vector<at::TensorList>& lists) {
-    const DenseTargets targets(lists[0]);
-    for (const auto& [dtype, idx] : group_by_dtype(lists[0])) {
-      scale_stub(c10::kCPU, select(targets.dense(), idx), scale);
-    }
-    targets.write_back();
-  });
+  for_each_dense_group({tensors}, [&](at::ScalarType, const std::vector<at::Tensor>& written,
+                                      const std::vector<std::vector<at::Tensor>>&) { scale_stub(c10::kCPU, written, scale); });
 }
 
 void multi_tensor_scale_cpu(at::TensorList tensors, const at::Tensor& scale) {
-  check_floating_list(tensors, "tensors", c10::kCPU);
-  check_writable(tensors, "tensors");
-  TORCH_CHECK(scale.numel() == 1, "scale must hold one element, got shape ", scale.sizes());
+  check_scale_args(tensors, scale, c10::kCPU);
   scale_in_place(tensors, scale.item<double>());
 }
 
 at::Tensor clip_grad_norm_cpu(at::TensorList grads, double max_norm, double norm_type, bool error_if_nonfinite) {
-  check_norm_type(norm_type);
-  check_floating_list(grads, "grads", c10::kCPU);
-  check_writable(grads, "grads");
-  // A non-finite norm raises here, before any gradient is touched.
-  at::Tensor total = std::get<0>(multi_tensor_norm_cpu(grads, norm_type, false, error_if_nonfinite));
-  if (grads.empty()) {
-    return total;
-  }
-  // torch's arithmetic, in the total's dtype: max_norm / (total + 1e-6), clamped to 1.
-  const at::Tensor coef = at::clamp_max(at::mul(at::reciprocal(at::add(total, 1e-6)), max_norm), 1.0);
-  scale_in_place(grads, coef.item<double>());
-  return total;
+  return clip_grad_norm_host(
+      grads, max_norm, norm_type, error_if_nonfinite, c10::kCPU,
+      [](at::TensorList g, double p, bool error) { return std::get<0>(multi_tensor_norm_cpu(g, p, false, error)); },
+      [](at::TensorList g, const at::Tensor& coef) { scale_in_place(g, coef.item<double>()); });
 }
 
 void clip_grad_value_cpu(at::TensorList grads, double clip_value) {
-  check_floating_list(grads, "grads", c10::kCPU);
-  check_writable(grads, "grads");
-  check_clip_value(grads, clip_value);
-  run_in_sequential_passes({grads}, 1, [&](const std::vector<at::TensorList>& lists) {
-    const DenseTargets targets(lists[0]);
-    for (const auto& [dtype, idx] : group_by_dtype(lists[0])) {
-      clamp_stub(c10::kCPU, select(targets.dense(), idx), clip_value);
-    }
-    targets.write_back();
+  clip_grad_value_host(grads, clip_value, c10::kCPU, [&](at::ScalarType, const std::vector<at::Tensor>& g) {
+    clamp_stub(c10::kCPU, g, clip_value);
   });
 }
 

@@ -1,7 +1,7 @@
 // CUDA kernels of weight averaging: the K-input weighted sum (each input read once, each output
 // written once, in op-math precision) and the in-place lerp behind EMA and SWA updates, whose
 // weight may stay in device memory (no host synchronization).
-#include "common/tensor_list.h"
+#include "common/host_paths.h"
 #include "cuda/multi_tensor_apply.cuh"
 
 #include <ATen/Dispatch.h>
@@ -52,60 +52,48 @@ void weighted_sum_pass(std::vector<std::vector<at::Tensor>> lists, const std::ar
   multi_tensor_apply<kInputs + 1>(lists, 0, WeightedSum<scalar_t, out_t, kInputs, kAccumulate>{}, w);
 }
 
-// out = lists[0], the K input lists lists[1..K], position-aligned.
-void weighted_sum_into(const std::vector<at::TensorList>& lists, at::ArrayRef<double> weights) {
-  const size_t k = weights.size();
-  const DenseTargets targets(lists[0]);
-  std::vector<std::vector<at::Tensor>> laid_out;
-  for (size_t m = 0; m < k; ++m) {
-    laid_out.push_back(in_layout_of(lists[m + 1], targets.dense()));
-  }
-  // The passes of weighted_sum_passes (common/launch_plan.h). Beyond one pass, the sum goes into
-  // op-math (fp32 for fp16/bf16) temporaries (an output may alias an input that a later pass reads),
-  // rounded into the outputs once at the end: the same sum, in the same order and precision, as one
-  // pass over all K.
-  const auto passes = weighted_sum_passes(static_cast<int64_t>(k));
+// One dtype group: out = sum_m weights[m] * inputs[m], in the passes of weighted_sum_passes
+// (common/launch_plan.h). Beyond one pass, the sum goes into op-math (fp32 for fp16/bf16)
+// temporaries (an output may alias an input that a later pass reads), rounded into the outputs
+// once at the end: the same sum, in the same order and precision, as one pass over all K.
+void weighted_sum_group(at::ScalarType dtype, const std::vector<at::Tensor>& out,
+                        const std::vector<std::vector<at::Tensor>>& inputs, at::ArrayRef<double> weights) {
+  const auto passes = weighted_sum_passes(static_cast<int64_t>(weights.size()));
   const bool folded = passes.size() > 1;
-  for (const auto& [dtype, idx] : group_by_dtype(lists[0])) {
-    std::vector<at::Tensor> dst = select(targets.dense(), idx);
-    if (folded) {
-      for (at::Tensor& t : dst) {
-        t = at::empty_like(t, t.options().dtype(at::toOpMathType(dtype)));
-      }
-    }
-    for (const auto& [first, count] : passes) {
-      const bool accumulate = first > 0;
-      const int n = static_cast<int>(count);
-      std::vector<std::vector<at::Tensor>> launch;
-      std::array<double, kMaxInputs> w{};
-      for (int m = 0; m < n; ++m) {
-        launch.push_back(select(laid_out[first + m], idx));
-        w[m] = weights[first + m];
-      }
-      launch.push_back(dst);
-      AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, "multi_tensor_weighted_sum_cuda", [&] {
-        if (!folded) {
-          weighted_sum_pass<scalar_t, scalar_t, false>(launch, w, n);
-        } else if (accumulate) {
-          weighted_sum_pass<scalar_t, at::opmath_type<scalar_t>, true>(launch, w, n);
-        } else {
-          weighted_sum_pass<scalar_t, at::opmath_type<scalar_t>, false>(launch, w, n);
-        }
-      });
-    }
-    if (folded) {
-      for (size_t i = 0; i < idx.size(); ++i) {
-        targets.dense()[idx[i]].copy_(dst[i]);
-      }
+  std::vector<at::Tensor> dst = out;
+  if (folded) {
+    for (at::Tensor& t : dst) {
+      t = at::empty_like(t, t.options().dtype(at::toOpMathType(dtype)));
     }
   }
-  targets.write_back();
+  for (const auto& [first, count] : passes) {
+    const bool accumulate = first > 0;
+    const int n = static_cast<int>(count);
+    std::vector<std::vector<at::Tensor>> launch(inputs.begin() + first, inputs.begin() + first + n);
+    std::array<double, kMaxInputs> w{};
+    std::copy(weights.begin() + first, weights.begin() + first + n, w.begin());
+    launch.push_back(dst);
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, "multi_tensor_weighted_sum_cuda", [&] {
+      if (!folded) {
+        weighted_sum_pass<scalar_t, scalar_t, false>(launch, w, n);
+      } else if (accumulate) {
+        weighted_sum_pass<scalar_t, at::opmath_type<scalar_t>, true>(launch, w, n);
+      } else {
+        weighted_sum_pass<scalar_t, at::opmath_type<scalar_t>, false>(launch, w, n);
+      }
+    });
+  }
+  if (folded) {
+    for (size_t i = 0; i < out.size(); ++i) {
+      out[i].copy_(dst[i]);
+    }
+  }
 }
 
 void multi_tensor_weighted_sum_inplace_cuda(at::TensorList inputs, at::ArrayRef<double> weights, at::TensorList out) {
-  check_weighted_sum_args(inputs, weights, out, c10::kCUDA);
-  run_in_sequential_passes(weighted_sum_lists(inputs, weights, out), 1, [&](const std::vector<at::TensorList>& lists) {
-    weighted_sum_into(lists, weights);
+  weighted_sum_host(inputs, weights, out, c10::kCUDA, [&](at::ScalarType dtype, const std::vector<at::Tensor>& dst,
+                                                          const std::vector<std::vector<at::Tensor>>& srcs) {
+    weighted_sum_group(dtype, dst, srcs, weights);
   });
 }
 
@@ -134,25 +122,18 @@ struct Lerp {
 };
 
 void multi_tensor_lerp_cuda(at::TensorList self, at::TensorList end, const at::Tensor& weight) {
-  check_lerp_lists(self, end, c10::kCUDA);
-  if (self.empty()) {
-    return;
-  }
-  const std::optional<double> host_weight = check_weight_tensor(weight, "weight", self[0].device());
   // A device weight is read by the kernel as fp32 or fp64 (the SWA count's 1 / (n + 1) is fp64).
-  const at::Tensor w = host_weight ? weight : (weight.scalar_type() == at::kDouble ? weight : weight.to(at::kFloat));
-  const float* w_f = !host_weight && w.scalar_type() == at::kFloat ? w.data_ptr<float>() : nullptr;
-  const double* w_d = !host_weight && w.scalar_type() == at::kDouble ? w.data_ptr<double>() : nullptr;
-  run_in_sequential_passes({self, end}, 1, [&](const std::vector<at::TensorList>& lists) {
-    const DenseTargets targets(lists[0]);
-    const std::vector<at::Tensor> ends = in_layout_of(lists[1], targets.dense());
-    for (const auto& [dtype, idx] : group_by_dtype(lists[0])) {
-      AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, "multi_tensor_lerp_cuda", [&] {
-        multi_tensor_apply<2>({select(targets.dense(), idx), select(ends, idx)}, 0, Lerp<scalar_t>{}, w_f, w_d,
-                              host_weight.value_or(0.0));
-      });
+  at::Tensor w;
+  lerp_host(self, end, weight, c10::kCUDA, [&](at::ScalarType dtype, const std::vector<at::Tensor>& selfs,
+                                               const std::vector<at::Tensor>& ends, std::optional<double> host_weight) {
+    if (!host_weight && !w.defined()) {
+      w = weight.scalar_type() == at::kDouble ? weight : weight.to(at::kFloat);
     }
-    targets.write_back();
+    const float* w_f = !host_weight && w.scalar_type() == at::kFloat ? w.data_ptr<float>() : nullptr;
+    const double* w_d = !host_weight && w.scalar_type() == at::kDouble ? w.data_ptr<double>() : nullptr;
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, "multi_tensor_lerp_cuda", [&] {
+      multi_tensor_apply<2>({selfs, ends}, 0, Lerp<scalar_t>{}, w_f, w_d, host_weight.value_or(0.0));
+    });
   });
 }
 

@@ -3,17 +3,13 @@
 // memory (blocks exit without writing when it is 1), clamping in one pass. clip_grad_norm_ makes
 // no host synchronization unless error_if_nonfinite asks for the norm's value.
 #include "common/elementwise.h"
-#include "common/tensor_list.h"
+#include "common/host_paths.h"
 #include "cuda/multi_tensor_apply.cuh"
 
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <ATen/cuda/detail/OffsetCalculator.cuh>
-#include <ATen/ops/add.h>
-#include <ATen/ops/clamp_max.h>
 #include <ATen/ops/empty.h>
-#include <ATen/ops/mul.h>
-#include <ATen/ops/reciprocal.h>
 #include <torch/library.h>
 
 #include <cmath>
@@ -132,36 +128,25 @@ __global__ void __launch_bounds__(kBlockSize) total_norm(const double* terms, in
 
 std::tuple<at::Tensor, at::Tensor> multi_tensor_norm_cuda(
     at::TensorList tensors, double norm_type, bool per_tensor, bool error_if_nonfinite) {
-  check_norm_type(norm_type);
-  check_floating_list(tensors, "tensors", c10::kCUDA);
-  check_norm_defined(tensors, norm_type);
+  check_norm_args(tensors, norm_type, c10::kCUDA);
   const Kind kind = norm_kind(norm_type);
   const auto options = tensors[0].options();
-  // Chunks are numbered group by group; ranges maps each tensor (in input order) to its chunks.
-  const auto groups = group_by_dtype(tensors);
-  std::vector<std::vector<at::Tensor>> dense;
-  int64_t chunks = 0;
-  std::vector<int64_t> first_of(tensors.size(), 0);
-  for (const auto& [dtype, idx] : groups) {
-    dense.push_back(dense_subset(tensors, idx));
-    for (int64_t i : idx) {
-      first_of[i] = chunks;
-      chunks += (tensors[i].numel() + kChunkSize - 1) / kChunkSize;
-    }
-  }
+  // Chunks are numbered group by group; bounds maps each tensor (in input order) to its chunks.
   std::vector<int64_t> bounds(2 * tensors.size());
-  for (size_t i = 0; i < tensors.size(); ++i) {
-    bounds[2 * i] = first_of[i];
-    bounds[2 * i + 1] = first_of[i] + (tensors[i].numel() + kChunkSize - 1) / kChunkSize;
-  }
-  at::Tensor partials = at::empty({std::max<int64_t>(chunks, 1)}, options.dtype(at::kDouble));
+  at::Tensor partials = at::empty({std::max<int64_t>(num_chunks(tensors), 1)}, options.dtype(at::kDouble));
   int64_t first = 0;
-  for (size_t g = 0; g < groups.size(); ++g) {
-    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, groups[g].first, "multi_tensor_norm_cuda", [&] {
-      multi_tensor_apply<1>({dense[g]}, first, NormPartials<scalar_t>{}, kind, norm_type, partials.data_ptr<double>());
+  for_each_dense_subset(tensors, [&](at::ScalarType dtype, const std::vector<int64_t>& idx, const std::vector<at::Tensor>& dense) {
+    int64_t chunk = first;
+    for (int64_t i : idx) {
+      bounds[2 * i] = chunk;
+      chunk += (tensors[i].numel() + kChunkSize - 1) / kChunkSize;
+      bounds[2 * i + 1] = chunk;
+    }
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, "multi_tensor_norm_cuda", [&] {
+      multi_tensor_apply<1>({dense}, first, NormPartials<scalar_t>{}, kind, norm_type, partials.data_ptr<double>());
     });
-    first += num_chunks(dense[g]);
-  }
+    first = chunk;
+  });
   // Per-tensor chunk ranges, copied without a host synchronization (pinned, non-blocking).
   at::Tensor ranges = at::empty({static_cast<int64_t>(bounds.size())}, at::TensorOptions().dtype(at::kLong).pinned_memory(true));
   std::copy(bounds.begin(), bounds.end(), ranges.data_ptr<int64_t>());
@@ -280,44 +265,25 @@ void scale_by(at::TensorList tensors, const at::Tensor& scale) {
 }
 
 void multi_tensor_scale_cuda(at::TensorList tensors, const at::Tensor& scale) {
-  check_floating_list(tensors, "tensors", c10::kCUDA);
-  check_writable(tensors, "tensors");
-  TORCH_CHECK(scale.numel() == 1, "scale must hold one element, got shape ", scale.sizes());
+  check_scale_args(tensors, scale, c10::kCUDA);
   if (!tensors.empty()) {
     scale_by(tensors, device_scalar(scale, tensors[0].device()));
   }
 }
 
+// The coefficient stays on the device: no host synchronization unless error_if_nonfinite.
 at::Tensor clip_grad_norm_cuda(at::TensorList grads, double max_norm, double norm_type, bool error_if_nonfinite) {
-  check_norm_type(norm_type);
-  check_floating_list(grads, "grads", c10::kCUDA);
-  check_writable(grads, "grads");
-  // A non-finite norm raises here, before any gradient is touched.
-  at::Tensor total = std::get<0>(multi_tensor_norm_cuda(grads, norm_type, false, error_if_nonfinite));
-  // torch's arithmetic in the total's dtype, on the device: max_norm / (total + 1e-6), clamped to 1.
-  const at::Tensor coef = at::clamp_max(at::mul(at::reciprocal(at::add(total, 1e-6)), max_norm), 1.0);
-  scale_by(grads, coef);
-  return total;
+  return clip_grad_norm_host(
+      grads, max_norm, norm_type, error_if_nonfinite, c10::kCUDA,
+      [](at::TensorList g, double p, bool error) { return std::get<0>(multi_tensor_norm_cuda(g, p, false, error)); },
+      [](at::TensorList g, const at::Tensor& coef) { scale_by(g, coef); });
 }
 
 void clip_grad_value_cuda(at::TensorList grads, double clip_value) {
-  check_floating_list(grads, "grads", c10::kCUDA);
-  check_writable(grads, "grads");
-  check_clip_value(grads, clip_value);
-  if (std::isnan(clip_value)) {  // torch.clamp with a NaN bound gives NaN everywhere
-    for (const at::Tensor& g : grads) {
-      g.fill_(NAN);
-    }
-    return;
-  }
-  run_in_sequential_passes({grads}, 1, [&](const std::vector<at::TensorList>& lists) {
-    const DenseTargets targets(lists[0]);
-    for (const auto& [dtype, idx] : group_by_dtype(lists[0])) {
-      AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, "clip_grad_value_cuda", [&] {
-        multi_tensor_apply<1>({select(targets.dense(), idx)}, 0, Clamp<scalar_t>{}, clip_value);
-      });
-    }
-    targets.write_back();
+  clip_grad_value_host(grads, clip_value, c10::kCUDA, [&](at::ScalarType dtype, const std::vector<at::Tensor>& g) {
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, "clip_grad_value_cuda", [&] {
+      multi_tensor_apply<1>({g}, 0, Clamp<scalar_t>{}, clip_value);
+    });
   });
 }
 

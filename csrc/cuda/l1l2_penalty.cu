@@ -3,7 +3,7 @@
 // deterministic, no float atomics, no host synchronization. The gradients: one elementwise pass,
 // with the backward's grad_out read from device memory.
 #include "common/elementwise.h"
-#include "common/tensor_list.h"
+#include "common/host_paths.h"
 #include "cuda/multi_tensor_apply.cuh"
 
 #include <ATen/Dispatch.h>
@@ -76,78 +76,60 @@ struct PenaltyGrad {
 };
 
 at::Tensor l1l2_penalty_cuda(at::TensorList tensors, double l1, double l2) {
-  check_coefficient(l1, "l1");
-  check_coefficient(l2, "l2");
-  check_floating_list(tensors, "tensors", c10::kCUDA);
-  const auto groups = group_by_dtype(tensors);
-  std::vector<std::vector<at::Tensor>> dense;
-  int64_t chunks = 0;
-  for (const auto& [dtype, idx] : groups) {
-    dense.push_back(dense_subset(tensors, idx));
-    chunks += num_chunks(dense.back());
-  }
   const auto options = tensors.empty() ? at::TensorOptions() : tensors[0].options();
-  at::Tensor partials = at::empty({std::max<int64_t>(2 * chunks, 2)}, options.dtype(at::kDouble));
-  at::Tensor total = at::empty({}, options.dtype(at::kDouble));
+  at::Tensor partials;  // allocated once the arguments are checked
   int64_t first = 0;
-  for (size_t g = 0; g < groups.size(); ++g) {
-    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, groups[g].first, "l1l2_penalty_cuda", [&] {
-      multi_tensor_apply<1>({dense[g]}, first, AbsSquareSums<scalar_t>{}, partials.data_ptr<double>());
+  l1l2_penalty_host(tensors, l1, l2, c10::kCUDA, [&](at::ScalarType dtype, const std::vector<at::Tensor>& dense) {
+    if (!partials.defined()) {
+      partials = at::empty({std::max<int64_t>(2 * num_chunks(tensors), 2)}, options.dtype(at::kDouble));
+    }
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, "l1l2_penalty_cuda", [&] {
+      multi_tensor_apply<1>({dense}, first, AbsSquareSums<scalar_t>{}, partials.data_ptr<double>());
     });
-    first += num_chunks(dense[g]);
+    first += num_chunks(dense);
+  });
+  if (!partials.defined()) {
+    partials = at::empty({2}, options.dtype(at::kDouble));
   }
+  at::Tensor total = at::empty({}, options.dtype(at::kDouble));
   const c10::cuda::CUDAGuard guard(total.device());
   penalty_cleanup<<<1, kBlockSize, 0, c10::cuda::getCurrentCUDAStream()>>>(
-      partials.data_ptr<double>(), chunks, l1, l2, total.data_ptr<double>());
+      partials.data_ptr<double>(), first, l1, l2, total.data_ptr<double>());
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   return total.to(reduction_dtype(tensors));
 }
 
+// One dtype group: outs = (kAccumulate ? outs : 0) + g * (l1 * sign(p) + 2 * l2 * p), g from
+// *grad_out (fp32 or fp64, on the device) or 1.
 template <bool kAccumulate>
-void add_penalty_grad(const std::vector<at::Tensor>& params, const std::vector<at::Tensor>& outs,
+void add_penalty_grad(at::ScalarType dtype, const std::vector<at::Tensor>& params, const std::vector<at::Tensor>& outs,
                       const at::Tensor* grad_out, double l1, double l2) {
   const float* g_f = grad_out && grad_out->scalar_type() == at::kFloat ? grad_out->data_ptr<float>() : nullptr;
   const double* g_d = grad_out && grad_out->scalar_type() == at::kDouble ? grad_out->data_ptr<double>() : nullptr;
-  for (const auto& [dtype, idx] : group_by_dtype(params)) {
-    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, "l1l2_grad_cuda", [&] {
-      multi_tensor_apply<2>({select(params, idx), select(outs, idx)}, 0, PenaltyGrad<scalar_t, kAccumulate>{}, g_f, g_d, l1, l2);
-    });
-  }
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, "l1l2_grad_cuda", [&] {
+    multi_tensor_apply<2>({params, outs}, 0, PenaltyGrad<scalar_t, kAccumulate>{}, g_f, g_d, l1, l2);
+  });
 }
 
 std::vector<at::Tensor> l1l2_penalty_backward_cuda(const at::Tensor& grad_out, at::TensorList tensors, double l1, double l2) {
-  check_coefficient(l1, "l1");
-  check_coefficient(l2, "l2");
-  check_floating_list(tensors, "tensors", c10::kCUDA);
-  TORCH_CHECK(grad_out.numel() == 1, "grad_out must hold one element, got shape ", grad_out.sizes());
-  if (tensors.empty()) {
-    return {};
-  }
   // Read by the kernel from the tensors' device (a CPU grad_out, which the reference accepts too, is
   // put there first), so no host synchronization.
-  const at::Tensor g = device_scalar(grad_out, tensors[0].device());
-  std::vector<at::Tensor> params, grads;
-  for (const at::Tensor& t : tensors) {
-    params.push_back(as_dense(t));
-    grads.push_back(at::empty_like(params.back()));
-  }
-  add_penalty_grad<false>(params, grads, &g, l1, l2);
-  return grads;
+  at::Tensor g;
+  return l1l2_penalty_backward_host(
+      grad_out, tensors, l1, l2, c10::kCUDA,
+      [&](at::ScalarType dtype, const std::vector<at::Tensor>& params, const std::vector<at::Tensor>& grads) {
+        if (!g.defined()) {
+          g = device_scalar(grad_out, params[0].device());
+        }
+        add_penalty_grad<false>(dtype, params, grads, &g, l1, l2);
+      });
 }
 
 void l1l2_grad_cuda(at::TensorList params, at::TensorList grads, double l1, double l2) {
-  check_coefficient(l1, "l1");
-  check_coefficient(l2, "l2");
-  check_floating_list(params, "params", c10::kCUDA);
-  check_paired_lists(params, "params", grads, "grads");
-  check_writable(grads, "grads");
-  check_same_or_disjoint(grads, "grads", params, "params");
-  run_in_sequential_passes({grads, params}, 1, [&](const std::vector<at::TensorList>& lists) {
-    const DenseTargets targets(lists[0]);
-    const std::vector<at::Tensor> dense_params = in_layout_of(lists[1], targets.dense());
-    add_penalty_grad<true>(dense_params, targets.dense(), nullptr, l1, l2);
-    targets.write_back();
-  });
+  l1l2_grad_host(params, grads, l1, l2, c10::kCUDA,
+                 [&](at::ScalarType dtype, const std::vector<at::Tensor>& p, const std::vector<at::Tensor>& g) {
+                   add_penalty_grad<true>(dtype, p, g, nullptr, l1, l2);
+                 });
 }
 
 } // namespace

@@ -38,7 +38,7 @@ inline at::Tensor device_scalar(const at::Tensor& value, c10::Device device) {
 }
 
 // Number of chunks the launcher cuts `tensors` into: the size of per-chunk partial buffers.
-inline int64_t num_chunks(const std::vector<at::Tensor>& tensors) {
+inline int64_t num_chunks(at::TensorList tensors) {
   int64_t chunks = 0;
   for (const at::Tensor& t : tensors) {
     chunks += (t.numel() + kChunkSize - 1) / kChunkSize;
