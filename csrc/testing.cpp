@@ -3,6 +3,7 @@
 // that the CPU tests (tests/test_cuda_logic.py) catch an index bug without a GPU.
 #include "common/dropout.h"
 #include "common/launch_plan.h"
+#include "common/reduce_order.h"
 
 #include <ATen/core/PhiloxRNGEngine.h>
 #include <ATen/ops/tensor.h>
@@ -101,6 +102,14 @@ at::Tensor dropout_tile_mask(const at::Tensor& keep) {
   return mask;
 }
 
+// The norm kernels' combine of fp64 values by one block of kBlockSize threads, for norm order p's
+// accumulator kind.
+at::Tensor block_combine(const at::Tensor& values, double p) {
+  TORCH_CHECK(values.scalar_type() == at::kDouble && values.dim() == 1, "values must be a 1-d fp64 tensor");
+  const at::Tensor v = values.contiguous();
+  return at::tensor({block_order_combine<kBlockSize>(norm_kind(p), v.const_data_ptr<double>(), v.numel())}, at::kDouble);
+}
+
 } // namespace
 
 TORCH_LIBRARY(fused_optim_testing, m) {
@@ -109,6 +118,7 @@ TORCH_LIBRARY(fused_optim_testing, m) {
   m.def("weighted_sum_passes(int k) -> Tensor", &passes_of_weighted_sum);
   m.def("dropout_tile_words(int numel, int seed, int offset) -> Tensor", &dropout_tile_words);
   m.def("dropout_tile_mask(Tensor keep) -> Tensor", &dropout_tile_mask);
+  m.def("block_combine(Tensor values, float p) -> Tensor", &block_combine);
 }
 
 } // namespace fused_optim::cuda

@@ -1,9 +1,10 @@
 """The CUDA kernels' index arithmetic, run on the host through the same C++ functions the kernels
 call (csrc/common/launch_plan.h, csrc/common/dropout.h, exposed by csrc/testing.cpp as
 torch.ops.fused_optim_testing.*): the launch plan covers every chunk exactly once within the
-kernel-argument limits, the weighted sum's passes cover every input once, and the CUDA dropout
-tiles give every element the stream's word and mask bit, bit for bit. Needs the native extension
-(a CPU build is enough); no GPU."""
+kernel-argument limits, the weighted sum's passes cover every input once, the CUDA dropout tiles
+give every element the stream's word and mask bit, bit for bit, and the norm kernels' combine
+order is the documented one. Needs the native extension (a CPU build is enough); no GPU, except
+the one test that checks the CUDA norm against that order on a GPU."""
 
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from conftest import EXT_DISABLED
+from conftest import EXT_DISABLED, native_cuda_test
 from fused_optim import _library, reference
 
 pytestmark = pytest.mark.skipif(
@@ -124,3 +125,55 @@ def test_cuda_dropout_mask_packing_matches_the_reference(numel):
         so = torch.tensor([seed, 4])
         keep = reference.dropout_keep(x, p, so).reshape(-1)
         assert torch.equal(T.dropout_tile_mask(keep), reference.dropout_mask(x, p, so))
+
+
+def documented_block_order(values: list[float], p: float, threads: int = 512) -> float:
+    """csrc/common/reduce_order.h's order, as its comment states it, in plain Python floats (fp64):
+    thread t folds values t, t + threads, ... in turn from the identity, then a tree at strides
+    threads / 2, ..., 1; sums for finite p, NaN-propagating max / min for inf / -inf."""
+    if p == float("inf"):
+        init, combine = 0.0, lambda a, b: a if (a != a or a > b) else b
+    elif p == -float("inf"):
+        init, combine = float("inf"), lambda a, b: a if (a != a or a < b) else b
+    else:
+        init, combine = 0.0, lambda a, b: a + b
+    acc = [init] * threads
+    for t in range(threads):
+        for i in range(t, len(values), threads):
+            acc[t] = combine(acc[t], values[i])
+    s = threads // 2
+    while s:
+        for t in range(s):
+            acc[t] = combine(acc[t], acc[t + s])
+        s //= 2
+    return acc[0]
+
+
+@pytest.mark.parametrize("n", [0, 1, 511, 512, 513, 1500, 4096])
+@pytest.mark.parametrize("p", [1.0, 2.0, 0.5, float("inf"), -float("inf")])
+def test_norm_combine_order_is_the_documented_one(n, p):
+    g = torch.Generator().manual_seed(n)
+    # Magnitudes over 40 binades, so that another order of the sums rounds differently.
+    values = torch.randn(n, generator=g, dtype=torch.float64) * 2.0 ** torch.randint(-20, 20, (n,), generator=g)
+    values = values.abs()
+    if n > 3 and p in (float("inf"), -float("inf")):
+        values[n // 3] = float("nan")  # propagates, wherever it sits
+    got = T.block_combine(values, p).item()
+    expected = documented_block_order(values.tolist(), p)
+    assert got == expected or (got != got and expected != expected)
+
+
+@native_cuda_test
+@pytest.mark.parametrize("chunks", [300, 1100])  # one value per thread, and several
+def test_cuda_norm_combines_chunks_in_the_documented_order(chunks):
+    # Chunk c holds 65536 copies of v_c, a value of 40 significant bits: every order of summing
+    # within a chunk gives exactly 65536 |v_c|. Across chunks the order matters, so the CUDA total
+    # must equal the documented order's combine of those partials, bit for bit.
+    chunk = limits()[3]
+    g = torch.Generator().manual_seed(chunks)
+    v = torch.randn(chunks, generator=g, dtype=torch.float64) * 2.0 ** torch.randint(-20, 20, (chunks,), generator=g)
+    mantissa, exponent = torch.frexp(v)
+    v = torch.ldexp(torch.round(mantissa * 2.0**40) / 2.0**40, exponent)
+    x = v.repeat_interleave(chunk).cuda()
+    expected = T.block_combine(v.abs() * chunk, 1.0).item()
+    assert torch.ops.fused_optim.multi_tensor_norm([x], 1.0, False)[0].item() == expected

@@ -12,6 +12,7 @@
 namespace fused_optim::cuda {
 
 constexpr int64_t kChunkSize = 65536;
+constexpr int kBlockSize = 512;  // threads of a block
 // Tensors per launch for each list depth (1 to 9), and blocks per launch: apex's sizes up to depth
 // 5, then sizes that keep the kernel arguments under 4 KiB (8 * tensors * (depth + 1) + 1608
 // bytes), as every architecture and CUDA version accepts.

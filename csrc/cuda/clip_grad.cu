@@ -4,6 +4,7 @@
 // no host synchronization unless error_if_nonfinite asks for the norm's value.
 #include "common/elementwise.h"
 #include "common/host_paths.h"
+#include "common/reduce_order.h"
 #include "cuda/multi_tensor_apply.cuh"
 
 #include <ATen/Dispatch.h>
@@ -17,30 +18,8 @@
 namespace fused_optim::cuda {
 namespace {
 
-// Accumulator kinds, as on the CPU: sum |x|, sum x^2, sum |x|^p, count x != 0, max |x|, min |x|.
-enum Kind : int { kSumAbs, kSumSquares, kSumPow, kCount, kMax, kMin };
-
-Kind norm_kind(double p) {
-  if (p == 1.0) return kSumAbs;
-  if (p == 2.0) return kSumSquares;
-  if (p == 0.0) return kCount;
-  if (p == INFINITY) return kMax;
-  if (p == -INFINITY) return kMin;
-  return kSumPow;
-}
-
-__device__ __forceinline__ double identity(Kind kind) {
-  return kind == kMin ? INFINITY : 0.0;
-}
-
-// NaN-propagating combine of two accumulators.
-__device__ __forceinline__ double combine(Kind kind, double a, double b) {
-  if (kind == kMax) return (isnan(a) || a > b) ? a : b;
-  if (kind == kMin) return (isnan(a) || a < b) ? a : b;
-  return a + b;
-}
-
-// Combine over a block in a fixed order; the result is valid in every thread.
+// Combine over a block in the order of block_order_combine (common/reduce_order.h), given thread
+// t's own fold; the result is valid in every thread.
 __device__ double block_combine(Kind kind, double value) {
   __shared__ double shared[kBlockSize];
   __syncthreads();
@@ -84,12 +63,6 @@ struct NormPartials {
   }
 };
 
-__device__ double norm_from_acc(Kind kind, double acc, double p) {
-  if (kind == kSumSquares) return sqrt(acc);
-  if (kind == kSumPow) return pow(acc, 1.0 / p);
-  return acc;
-}
-
 // Block t: the norm of tensor t from its chunks ranges[2t] to ranges[2t+1] (thread i combines
 // chunks i, i + kBlockSize, ... in that order, then the block's fixed tree), and the term it adds
 // to the total as torch defines the total (the norm of the per-tensor norms). A block per tensor,
@@ -105,22 +78,18 @@ __global__ void __launch_bounds__(kBlockSize) tensor_norms(
   if (threadIdx.x == 0) {
     const double norm = norm_from_acc(kind, acc, p);
     per_tensor[t] = norm;
-    double term = norm;
-    if (kind == kSumSquares) term = norm * norm;
-    if (kind == kSumPow) term = pow(norm, p);
-    if (kind == kCount) term = norm != 0.0;  // torch: the number of non-zero tensors
-    terms[t] = term;
+    terms[t] = total_term(kind, norm, p);
   }
 }
 
 // One block: the total norm from the n per-tensor terms, combined in the same fixed order, as fp64.
 __global__ void __launch_bounds__(kBlockSize) total_norm(const double* terms, int64_t n, Kind kind, double p, double* total) {
-  const Kind total_kind = kind == kCount ? kSumAbs : kind;
-  double acc = identity(total_kind);
+  const Kind sum_kind = total_kind(kind);
+  double acc = identity(sum_kind);
   for (int64_t t = threadIdx.x; t < n; t += blockDim.x) {
-    acc = combine(total_kind, acc, terms[t]);
+    acc = combine(sum_kind, acc, terms[t]);
   }
-  acc = block_combine(total_kind, acc);
+  acc = block_combine(sum_kind, acc);
   if (threadIdx.x == 0) {
     *total = norm_from_acc(kind, acc, p);
   }

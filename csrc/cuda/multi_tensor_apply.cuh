@@ -19,8 +19,6 @@
 
 namespace fused_optim::cuda {
 
-constexpr int kBlockSize = 512;
-
 template <typename Meta, typename Functor, typename... Args>
 __global__ void __launch_bounds__(kBlockSize) multi_tensor_apply_kernel(Meta meta, Functor functor, Args... args) {
   functor(meta, args...);
