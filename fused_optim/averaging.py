@@ -11,7 +11,7 @@ import torch
 from torch import Tensor, nn
 
 from . import _distributed
-from ._utils import as_float
+from ._utils import as_float, as_int
 
 
 def _normalized(weights: Sequence[float] | None, k: int) -> list[float]:
@@ -233,6 +233,17 @@ class ModelEMA(nn.Module):
       resolution, so a bf16 EMA would stall. The shadow costs 4 bytes per such weight, and each
       update converts the model's half weights to fp32 first.
     - ``state_dict()``/``load_state_dict()`` hold the averaged weights, the shadow and the step.
+
+    ``style="timm"`` takes timm's ``ModelEmaV3`` keyword arguments (``decay``, ``min_decay``,
+    ``update_after_step``, ``use_warmup``, ``warmup_gamma``, ``warmup_power``, ``exclude_buffers``)
+    and ``update(model, step=...)``, and gives the same weights for the same updates: the decay of
+    ``step`` is 0 until ``step - update_after_step - 1 > 0``, then ``decay`` or, with
+    ``use_warmup``, ``max(min(1 - (1 + s / warmup_gamma) ** -warmup_power, decay), min_decay)`` for
+    ``s = step - update_after_step - 1``; without ``step``, ``decay``. Every floating entry of the
+    state dict (parameters and floating buffers, such as BatchNorm's statistics) is averaged and
+    the others copied; with ``exclude_buffers``, parameters are averaged and buffers copied.
+    (timm updates bf16 EMA weights with stochastic rounding; here half-precision weights keep the
+    fp32 shadow above, so those differ.)
     """
 
     def __init__(
@@ -245,8 +256,21 @@ class ModelEMA(nn.Module):
         warmup_power: float = 2 / 3,
         buffers: str = "copy",
         fp32_shadow: bool | None = None,
+        *,
+        style: str = "default",
+        update_after_step: int = 0,
+        use_warmup: bool | None = None,
+        exclude_buffers: bool = False,
     ) -> None:
         super().__init__()
+        if style not in ("default", "timm"):
+            raise ValueError(f"style must be 'default' or 'timm', got {style!r}")
+        if style == "default" and (use_warmup is not None or update_after_step != 0 or exclude_buffers):
+            raise ValueError("update_after_step, use_warmup and exclude_buffers are timm's: pass style='timm'")
+        if style == "timm":
+            warmup = bool(use_warmup)
+            buffers = "copy" if exclude_buffers else "average"
+        self.style, self.update_after_step = style, as_int(update_after_step, "update_after_step", 0)
         decay = as_float(decay, "decay")
         if not 0.0 <= decay <= 1.0:
             raise ValueError(f"decay must be in [0, 1], got {decay}")
@@ -275,9 +299,22 @@ class ModelEMA(nn.Module):
         self.register_buffer("step", torch.zeros((), dtype=torch.int64))
 
     def get_decay(self, step: int | None = None) -> float:
-        """The decay of update number `step` (default: the next one)."""
+        """The decay of update number `step` (default: the next one; with ``style="timm"``, the
+        decay of timm's ``ModelEmaV3.get_decay(step)``, ``decay`` when `step` is None)."""
+        if self.style == "timm":
+            return self._timm_decay(step)
         step = self.step if step is None else torch.tensor(step)
         return float(self._decay(step))
+
+    def _timm_decay(self, step: int | None) -> float:
+        if step is None:
+            return self.decay
+        s = max(0, as_int(step, "step", 0) - self.update_after_step - 1)
+        if s <= 0:
+            return 0.0
+        if not self.warmup:
+            return self.decay
+        return max(min(1 - (1 + s / self.warmup_gamma) ** -self.warmup_power, self.decay), self.min_decay)
 
     def _decay(self, step: Tensor) -> float | Tensor:
         """The decay at `step` as a tensor where `step` is (on the GPU: never read on the host, and
@@ -308,11 +345,15 @@ class ModelEMA(nn.Module):
         return ema_params, params, ema_buffers, model_buffers
 
     @torch.no_grad()
-    def update(self, model: nn.Module) -> None:
+    def update(self, model: nn.Module, step: int | None = None) -> None:
         """One EMA step towards `model` (the model this EMA was built from, or one of the same
-        architecture)."""
+        architecture). `step`: the decay of that update number (``style="timm"``: timm's
+        schedule), instead of the EMA's own count of updates."""
         ema_params, params, ema_buffers, model_buffers = self._check_matches(model)
-        decay = self._decay(self.step)
+        if self.style == "timm":
+            decay = self._timm_decay(step)
+        else:
+            decay = self._decay(self.step if step is None else torch.tensor(as_int(step, "step", 0)))
         averaged, current, written = [], [], []
         for i, (ema_p, p, shadowed) in enumerate(zip(ema_params, params, self._shadowed)):
             if shadowed:

@@ -4,6 +4,7 @@ models of one architecture."""
 from __future__ import annotations
 
 import copy
+import time
 from collections.abc import Sequence
 
 import torch
@@ -11,6 +12,7 @@ from torch import Tensor, nn
 from torch.func import functional_call, vmap
 
 REDUCE_MODES = ("mean", "softmax_mean", "vote")
+_ROUNDS = 5  # timed runs of each path when "auto" measures
 
 
 class ModelEnsemble:
@@ -26,9 +28,11 @@ class ModelEnsemble:
     weights (stacked as ``torch.func.stack_module_state`` does; re-stacked when a weight is updated in place; a
     parameter replaced by a new object needs a new ensemble). ``"auto"``
     falls back to the plain loop when the architectures differ or the model cannot be vmapped;
-    ``True`` raises instead. On CPU, vmap wins when per-call overhead dominates (small batches:
-    8 MLPs at batch 32 ran 1.3x faster) and loses when the matmuls dominate (batch 1024: 1.9x
-    slower); pass ``vectorize=False`` there (benchmarks/RESULTS.md).
+    ``True`` raises instead. Neither path always wins (on CPU, vmap won for 8 small MLPs at batch 32
+    and lost at batch 1024: benchmarks/RESULTS.md), so ``"auto"`` measures: the first calls with a
+    new input shape, dtype and device run both paths (a warm-up run each, then five timed runs
+    each, alternating; on CUDA, synchronized) and the faster is kept for that input signature from
+    then on. Both paths compute the same outputs.
     """
 
     def __init__(self, models: Sequence[nn.Module], reduce: str = "mean", vectorize: bool | str = "auto") -> None:
@@ -43,6 +47,7 @@ class ModelEnsemble:
         self.vectorize = vectorize
         self._base = None  # the architecture on the meta device, for functional_call
         self._stack_key, self._stack_cache = None, None
+        self._faster: dict[tuple, bool] = {}  # "auto": input signature -> whether vmap was faster
         if vectorize is not False and self._same_architecture():
             self._base = base = copy.deepcopy(self.models[0]).to("meta")
             base.eval()  # the models' own modes do not matter on this path: base is what runs
@@ -80,14 +85,47 @@ class ModelEnsemble:
             self._stack_key, self._stack_cache = key, self._stack()
         return self._stack_cache
 
+    def _vmapped(self, x: Tensor) -> Tensor | None:
+        """The outputs through vmap, or None when the model cannot be vmapped ("auto": the loop
+        from now on; True: the error)."""
+        try:
+            return self._batched(*self._stacked_state(), x)
+        except Exception:
+            if self.vectorize is True:
+                raise
+            self._base = None
+            return None
+
+    def _vmap_is_faster(self, x: Tensor) -> bool:
+        """For "auto": whether vmap beats the loop on inputs like x, measured on the first call
+        with x's signature: a warm-up run of each path, then _ROUNDS rounds timing each once, in
+        turn (so that a drift of the machine's speed hits both), the fastest run of each compared."""
+        key = (tuple(x.shape), x.dtype, x.device)
+        if key not in self._faster:
+            sync = torch.cuda.synchronize if x.device.type == "cuda" else (lambda: None)
+
+            def timed(f) -> float:
+                sync()
+                start = time.perf_counter()
+                f()
+                sync()
+                return time.perf_counter() - start
+
+            if self._vmapped(x) is None:  # not vmappable: the loop it is
+                return False
+            self._looped(x)
+            rounds = [(timed(lambda: self._vmapped(x)), timed(lambda: self._looped(x))) for _ in range(_ROUNDS)]
+            self._faster[key] = min(v for v, _ in rounds) < min(lo for _, lo in rounds)
+        return self._faster[key]
+
     def _outputs_in_eval_mode(self, x: Tensor) -> Tensor:
-        if self._base is not None:
-            try:
-                return self._batched(*self._stacked_state(), x)
-            except Exception:
-                if self.vectorize is True:
-                    raise
-                self._base = None  # not vmappable: the loop from now on
+        if self._base is not None and (self.vectorize is True or torch.compiler.is_compiling() or self._vmap_is_faster(x)):
+            out = self._vmapped(x)
+            if out is not None:
+                return out
+        return self._looped(x)
+
+    def _looped(self, x: Tensor) -> Tensor:
         modes = [m.training for m in self.models]
         for m in self.models:
             m.eval()

@@ -163,6 +163,13 @@ class EarlyStopping:
     the seed). A NaN is never an improvement (as Keras and Lightning decide): it counts towards
     ``patience``, never becomes ``best_loss`` and never has its weights kept.
 
+    ``rule="lightning"``: decisions as Lightning's and Keras' ``EarlyStopping`` take them: an
+    improvement must be strictly better than ``best - min_delta`` (``best + min_delta`` for
+    ``mode="max"``), ``best_loss`` starts at inf (-inf for ``"max"``) or ``baseline``, so a run that
+    plateaus exactly (``[6, 5, 5, 5, 5, 5]``, ``patience=3``) stops at epoch 4 as theirs do, and
+    ``reason`` holds Lightning's message (``monitor`` names the metric in it). ``stopped_epoch``
+    (both rules) is the epoch, counted from 0, of the call that stopped, as Lightning reports it.
+
     Options, as in Lightning's and Keras' callbacks:
     - ``mode="max"`` for metrics that should grow (accuracy).
     - ``check_finite``: stop at once on nan/inf.
@@ -191,10 +198,15 @@ class EarlyStopping:
         start_from_epoch: int = 0,
         restore_best_weights: bool = False,
         model: nn.Module | None = None,
+        rule: str = "seed",
+        monitor: str = "val_loss",
     ) -> None:
         if mode not in ("min", "max"):
             raise ValueError(f"mode must be 'min' or 'max', got {mode!r}")
+        if rule not in ("seed", "lightning"):
+            raise ValueError(f"rule must be 'seed' or 'lightning', got {rule!r}")
         patience, start_from_epoch = as_int(patience, "patience", 0), as_int(start_from_epoch, "start_from_epoch", 0)
+        self._given_thresholds = (stopping_threshold, divergence_threshold)  # as given, for Lightning's messages
         min_delta = as_float(min_delta, "min_delta")
         if not math.isfinite(min_delta):
             raise ValueError(f"min_delta must be finite, got {min_delta}")
@@ -215,11 +227,15 @@ class EarlyStopping:
         self.stopping_threshold, self.divergence_threshold = stopping_threshold, divergence_threshold
         self.baseline, self.start_from_epoch = baseline, start_from_epoch
         self.restore_best_weights, self.model = restore_best_weights, model
+        self.rule, self.monitor = rule, str(monitor)
         self.counter = 0
+        if baseline is None and rule == "lightning":
+            baseline = math.inf if mode == "min" else -math.inf
         self.best_loss = baseline
         self.early_stop = False
         self.reason = ""
         self.epoch = 0
+        self.stopped_epoch = 0
         self.best_state_dict: dict[str, Tensor] | None = None
 
     def _sign(self) -> float:
@@ -227,19 +243,33 @@ class EarlyStopping:
 
     def _decide(self, value: float) -> str:
         """The reason to stop now, or ''."""
-        s = self._sign()
+        s, lightning = self._sign(), self.rule == "lightning"
+        order = "<" if self.mode == "min" else ">"
+        shown = torch.tensor(value)  # Lightning's messages format the logged (fp32) tensor
         if self.check_finite and not math.isfinite(value):
+            if lightning:
+                return (f"Monitored metric {self.monitor} = {shown} is not finite. Previous best value was "
+                        f"{self.best_loss:.3f}. Signaling Trainer to stop.")
             return f"value {value} is not finite"
         if self.stopping_threshold is not None and s * value < s * self.stopping_threshold:
+            if lightning:
+                return (f"Stopping threshold reached: {self.monitor} = {shown} {order} {self._given_thresholds[0]}. "
+                        "Signaling Trainer to stop.")
             return f"value {value} reached the stopping threshold {self.stopping_threshold}"
         if self.divergence_threshold is not None and s * value > s * self.divergence_threshold:
+            if lightning:
+                return (f"Divergence threshold reached: {self.monitor} = {shown} {order} {self._given_thresholds[1]}. "
+                        "Signaling Trainer to stop.")
             return f"value {value} crossed the divergence threshold {self.divergence_threshold}"
-        # The seed's test, for either mode: an improvement unless value > best - min_delta; a NaN
-        # (for which every comparison is False) is never one.
+        # An improvement: the seed's test unless value > best - min_delta (a value equal to the
+        # best is one); Lightning's and Keras' value < best - min_delta, strictly. (Mirrored for
+        # mode="max".) A NaN, for which every comparison is False, is never one.
         if math.isnan(value):
             improved = False
         elif self.best_loss is None:
             improved = True
+        elif lightning:
+            improved = s * value + self.min_delta < s * self.best_loss
         else:
             improved = not s * value > s * self.best_loss - self.min_delta
         if improved:
@@ -247,6 +277,9 @@ class EarlyStopping:
             return ""
         self.counter += 1
         if self.counter >= self.patience:
+            if lightning:
+                return (f"Monitored metric {self.monitor} did not improve in the last {self.counter} records. "
+                        f"Best score: {self.best_loss:.3f}. Signaling Trainer to stop.")
             return f"no improvement over {self.best_loss} by more than {self.min_delta} for {self.counter} epochs"
         return ""
 
@@ -267,7 +300,7 @@ class EarlyStopping:
             value = mean.item() / torch.distributed.get_world_size()
         reason = self._decide(value)
         if reason:
-            self.early_stop, self.reason = True, reason
+            self.early_stop, self.reason, self.stopped_epoch = True, reason, epoch
             if self.restore_best_weights:
                 self.restore()
         return self.early_stop
@@ -278,7 +311,7 @@ class EarlyStopping:
             self.model.load_state_dict(self.best_state_dict)
 
     def state_dict(self) -> dict:
-        keys = ("counter", "best_loss", "early_stop", "reason", "epoch", "best_state_dict")
+        keys = ("counter", "best_loss", "early_stop", "reason", "epoch", "stopped_epoch", "best_state_dict")
         return {k: getattr(self, k) for k in keys}
 
     def load_state_dict(self, state: dict) -> None:

@@ -29,13 +29,41 @@ def mlps(k, seed=0):
     return [nn.Sequential(nn.Linear(8, 16), nn.BatchNorm1d(16), nn.ReLU(), nn.Dropout(0.5), nn.Linear(16, 4)) for _ in range(k)]
 
 
-@pytest.mark.parametrize("vectorize", ["auto", False])
+@pytest.mark.parametrize("vectorize", ["auto", True, False])
 def test_mean_matches_seed(vectorize):
     models = mlps(5)
     x = torch.randn(7, 8)
     ours = fused_optim.ModelEnsemble(models, vectorize=vectorize)
-    assert (ours._base is not None) == (vectorize == "auto")
+    assert (ours._base is not None) == (vectorize is not False)
     torch.testing.assert_close(ours.predict(x), SeedModelEnsemble(models).predict(x))
+
+
+@pytest.mark.parametrize("vmap_cost, loop_cost", [(1.0, 2.0), (2.0, 1.0)])
+def test_auto_keeps_the_path_it_measured_faster_for_each_input_signature(monkeypatch, vmap_cost, loop_cost):
+    models = mlps(4)
+    ensemble = fused_optim.ModelEnsemble(models)
+    clock, calls = [0.0], []
+    monkeypatch.setattr(fused_optim.ensemble, "time", type("Clock", (), {"perf_counter": staticmethod(lambda: clock[0])}))
+    for name, cost in (("_vmapped", vmap_cost), ("_looped", loop_cost)):
+        real = getattr(ensemble, name)
+
+        def timed(x, real=real, name=name, cost=cost):
+            clock[0] += cost
+            calls.append(name)
+            return real(x)
+
+        monkeypatch.setattr(ensemble, name, timed)
+    faster = "_vmapped" if vmap_cost < loop_cost else "_looped"
+    x = torch.randn(5, 8)
+    torch.testing.assert_close(ensemble.predict(x), SeedModelEnsemble(models).predict(x))
+    rounds = fused_optim.ensemble._ROUNDS
+    assert calls == ["_vmapped", "_looped"] * (1 + rounds) + [faster]  # a warm-up, then timed rounds
+    calls.clear()
+    ensemble.predict(x)
+    assert calls == [faster]  # kept for this signature
+    calls.clear()
+    ensemble.predict(torch.randn(6, 8))
+    assert len(calls) == 2 * (1 + rounds) + 1  # a new shape is measured again
 
 
 def test_softmax_mean_and_vote():
@@ -71,7 +99,7 @@ def test_falls_back_to_the_loop_for_different_architectures():
 
 def test_vmap_sees_weight_updates():
     models = mlps(3)
-    ensemble = fused_optim.ModelEnsemble(models)
+    ensemble = fused_optim.ModelEnsemble(models, vectorize=True)
     x = torch.randn(4, 8)
     before = ensemble.predict(x)
     with torch.no_grad():
