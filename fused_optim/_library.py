@@ -6,6 +6,7 @@ they register for.
 
 from __future__ import annotations
 
+import importlib
 import os
 import warnings
 
@@ -74,7 +75,9 @@ def _load_extension():
     if os.environ.get("FUSED_OPTIM_DISABLE_EXT", "0") == "1":
         return None, "disabled by FUSED_OPTIM_DISABLE_EXT=1"
     try:
-        from . import _C
+        # import_module, not `from . import _C`: during the package's own import, a missing _C then
+        # reads "No module named 'fused_optim._C'" instead of a circular-import message.
+        _C = importlib.import_module(f"{__package__}._C")
     except (ImportError, OSError) as e:
         warnings.warn(
             f"fused_optim: the native extension fused_optim._C failed to load ({e}); "
