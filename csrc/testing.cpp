@@ -4,6 +4,7 @@
 #include "common/dropout.h"
 #include "common/launch_plan.h"
 #include "common/reduce_order.h"
+#include "common/tensor_list.h"
 
 #include <ATen/core/PhiloxRNGEngine.h>
 #include <ATen/ops/tensor.h>
@@ -110,6 +111,11 @@ at::Tensor block_combine(const at::Tensor& values, double p) {
   return at::tensor({block_order_combine<kBlockSize>(norm_kind(p), v.const_data_ptr<double>(), v.numel())}, at::kDouble);
 }
 
+// Whether the CUDA scale may walk t through its strides (no two elements share memory, proved).
+bool non_overlapping(const at::Tensor& t) {
+  return fused_optim::provably_non_overlapping(t);
+}
+
 } // namespace
 
 TORCH_LIBRARY(fused_optim_testing, m) {
@@ -119,6 +125,7 @@ TORCH_LIBRARY(fused_optim_testing, m) {
   m.def("dropout_tile_words(int numel, int seed, int offset) -> Tensor", &dropout_tile_words);
   m.def("dropout_tile_mask(Tensor keep) -> Tensor", &dropout_tile_mask);
   m.def("block_combine(Tensor values, float p) -> Tensor", &block_combine);
+  m.def("provably_non_overlapping(Tensor t) -> bool", &non_overlapping);
 }
 
 } // namespace fused_optim::cuda

@@ -297,6 +297,24 @@ def test_output_aliasing_another_positions_input(backend, device):
     assert same_bits(s0, want0) and same_bits(s1, want1)
 
 
+def test_scale_reads_its_coefficient_before_writing_and_walks_strided_views(backend, device):
+    # The scale tensor is itself the last tensor scaled: every tensor gets the original value
+    # (the CUDA kernels read a copy of it). Strided views of disjoint parts of one buffer (a
+    # slice, a transpose, windows apart) are scaled in place through their strides, and left
+    # bitwise unchanged at a coefficient of 1.
+    base = randn(4 * BIG, device=device)
+    views = [base[: BIG][1::3], base[BIG : 3 * BIG].view(2, BIG).t(), base[3 * BIG :].unfold(0, 4, 4)]
+    scale = torch.tensor([0.5], device=device)
+    tensors = [randn(BIG, device=device), *views, scale]
+    expected = [t.clone() * 0.5 for t in tensors]
+    ops.multi_tensor_scale_.default(tensors, scale)
+    for t, e in zip(tensors, expected):
+        assert same_bits(t, e)
+    before = base.clone()
+    ops.multi_tensor_scale_.default(views, torch.tensor(1.0, device=device))
+    assert same_bits(base, before)
+
+
 def test_disjoint_and_interleaved_views_of_one_buffer(backend, device):
     flat = randn(4 * BIG, device=device)
     views = list(flat.split(BIG))

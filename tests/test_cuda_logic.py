@@ -177,3 +177,35 @@ def test_cuda_norm_combines_chunks_in_the_documented_order(chunks):
     x = v.repeat_interleave(chunk).cuda()
     expected = T.block_combine(v.abs() * chunk, 1.0).item()
     assert torch.ops.fused_optim.multi_tensor_norm([x], 1.0, False)[0].item() == expected
+
+
+def _views():
+    base = torch.arange(240.0)
+    grid = base.view(4, 6, 10)
+    return {
+        "contiguous": grid,
+        "transposed": grid.transpose(0, 2),
+        "sliced": grid[:, ::2, 1:7],
+        "channels_last": base[:192].view(2, 4, 4, 6).contiguous(memory_format=torch.channels_last),
+        "permuted slice": grid.permute(2, 0, 1)[::3],
+        "size-1 dims with odd strides": base.as_strided((3, 1, 4), (20, 7, 2)),
+        "0-dim": base[5],
+        "windows apart": base.unfold(0, 4, 4),
+        "overlapping windows": base.unfold(0, 4, 2),
+        "expanded": base[:4].view(4, 1).expand(4, 3),
+        "strides that interleave": base.as_strided((4, 4), (3, 4)),
+        "overlapping as_strided": base.as_strided((5, 5), (2, 3)),
+    }
+
+
+@pytest.mark.parametrize("name", list(_views()))
+def test_strided_scale_takes_only_views_without_shared_elements(name):
+    # The CUDA scale walks a non-dense tensor through its strides only when the host proves no two
+    # elements share memory; the proof must never be wrong, and must hold for ordinary views.
+    t = _views()[name]
+    offsets = torch.as_strided(torch.arange(t.untyped_storage().nbytes() // 4), t.shape, t.stride(), t.storage_offset())
+    overlaps = offsets.numel() != offsets.unique().numel()
+    proved = T.provably_non_overlapping(t)
+    assert not (proved and overlaps)
+    ordinary = name not in ("overlapping windows", "expanded", "strides that interleave", "overlapping as_strided")
+    assert proved == ordinary

@@ -163,6 +163,24 @@ std::vector<at::Tensor> in_layout_of(at::TensorList srcs, const std::vector<at::
   return laid_out;
 }
 
+bool provably_non_overlapping(const at::Tensor& t) {
+  std::vector<std::pair<int64_t, int64_t>> dims;  // (stride, size) of the dims of size > 1
+  for (int64_t d = 0; d < t.dim(); ++d) {
+    if (t.size(d) > 1) {
+      dims.emplace_back(t.stride(d), t.size(d));
+    }
+  }
+  std::sort(dims.begin(), dims.end());
+  int64_t span = 0;  // offset of the farthest element of the dims so far
+  for (const auto& [stride, size] : dims) {
+    if (stride <= span) {
+      return false;
+    }
+    span += stride * (size - 1);
+  }
+  return true;
+}
+
 DenseTargets::DenseTargets(at::TensorList tensors) : originals_(tensors) {
   dense_.reserve(tensors.size());
   for (const at::Tensor& t : tensors) {

@@ -73,6 +73,11 @@ class DenseTargets {
   std::vector<at::Tensor> dense_;
 };
 
+// Whether no two elements of t share memory, proved from its sizes and strides (each dim's stride,
+// in increasing order, exceeds the span of the smaller ones). False where that cannot be shown
+// (an unfold-like view, say), even when the elements happen not to overlap.
+bool provably_non_overlapping(const at::Tensor& t);
+
 // What torch checks before writing a tensor in place, for every written tensor `name`[i], before
 // anything is written: no two of its elements share memory (an expanded tensor, say), and
 // `read`[i], which it is computed from, is either the very same memory (same strides) or disjoint

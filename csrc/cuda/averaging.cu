@@ -122,12 +122,13 @@ struct Lerp {
 };
 
 void multi_tensor_lerp_cuda(at::TensorList self, at::TensorList end, const at::Tensor& weight) {
-  // A device weight is read by the kernel as fp32 or fp64 (the SWA count's 1 / (n + 1) is fp64).
+  // A device weight is read by the kernel as fp32 or fp64 (the SWA count's 1 / (n + 1) is fp64),
+  // from a copy (it could be one of the tensors written).
   at::Tensor w;
   lerp_host(self, end, weight, c10::kCUDA, [&](at::ScalarType dtype, const std::vector<at::Tensor>& selfs,
                                                const std::vector<at::Tensor>& ends, std::optional<double> host_weight) {
     if (!host_weight && !w.defined()) {
-      w = weight.scalar_type() == at::kDouble ? weight : weight.to(at::kFloat);
+      w = device_scalar(weight, selfs[0].device());
     }
     const float* w_f = !host_weight && w.scalar_type() == at::kFloat ? w.data_ptr<float>() : nullptr;
     const double* w_d = !host_weight && w.scalar_type() == at::kDouble ? w.data_ptr<double>() : nullptr;

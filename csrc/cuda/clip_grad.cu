@@ -200,26 +200,38 @@ struct Clamp {
 };
 
 // Scales every tensor by `scale`, a one-element tensor on the tensors' device (read as fp64 when it
-// is fp64, else as fp32). Dense tensors go through the launcher, others (rare) one kernel each
-// through their strides; neither writes when the coefficient is 1.
+// is fp64, else as fp32). Dense tensors go through the launcher, other non-overlapping ones (rare)
+// one kernel each through their strides; neither writes when the coefficient is 1.
 void scale_by(at::TensorList tensors, const at::Tensor& scale) {
   const at::Tensor s = scale.scalar_type() == at::kDouble ? scale : scale.to(at::kFloat);
   const float* s_f = s.scalar_type() == at::kFloat ? s.data_ptr<float>() : nullptr;
   const double* s_d = s.scalar_type() == at::kDouble ? s.data_ptr<double>() : nullptr;
-  run_in_sequential_passes({tensors}, 1, [&](const std::vector<at::TensorList>& lists) {
-    std::vector<at::Tensor> dense;
-    std::vector<std::pair<at::Tensor, OffsetCalculator<1, uint64_t>>> strided;
-    for (const at::Tensor& t : lists[0]) {
-      if (t.is_non_overlapping_and_dense()) {
-        dense.push_back(t);
-      } else if (t.numel() > 0) {
-        strided.emplace_back(t, element_offsets(t));  // may refuse (too many dims) before any write
-      }
-    }
+  const auto scale_dense = [&](const std::vector<at::Tensor>& dense) {
     for (const auto& [dtype, idx] : group_by_dtype(dense)) {
       AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, "multi_tensor_scale_cuda", [&] {
         multi_tensor_apply<1>({select(dense, idx)}, 0, ScaleByDeviceCoefficient<scalar_t>{}, s_f, s_d);
       });
+    }
+  };
+  run_in_sequential_passes({tensors}, 1, [&](const std::vector<at::TensorList>& lists) {
+    std::vector<at::Tensor> dense, copied;
+    std::vector<std::pair<at::Tensor, OffsetCalculator<1, uint64_t>>> strided;
+    for (const at::Tensor& t : lists[0]) {
+      if (t.is_non_overlapping_and_dense()) {
+        dense.push_back(t);
+      } else if (t.numel() > 0 && t.dim() <= MAX_DIMS && provably_non_overlapping(t)) {
+        strided.emplace_back(t, element_offsets(t));
+      } else if (t.numel() > 0) {
+        // Elements that may share memory (scaled once each, as the CPU does), or more dims than
+        // OffsetCalculator takes: a dense copy, scaled, written back.
+        copied.push_back(t);
+      }
+    }
+    scale_dense(dense);
+    if (!copied.empty()) {
+      const DenseTargets targets(copied);
+      scale_dense(targets.dense());
+      targets.write_back();
     }
     for (const auto& [t, offsets] : strided) {
       const c10::cuda::CUDAGuard guard(t.device());

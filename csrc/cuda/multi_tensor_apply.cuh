@@ -26,13 +26,14 @@ __global__ void __launch_bounds__(kBlockSize) multi_tensor_apply_kernel(Meta met
 
 // A one-element tensor as a kernel's scalar argument on `device`, fp64 when it is fp64, else fp32.
 // A CPU value is read on the host (no device synchronization) and filled in on the device, without
-// the blocking host-to-device copy of .to(device); a device value stays where it is, unread.
+// the blocking host-to-device copy of .to(device); a device value is copied on the device (never
+// read on the host), so that it cannot be one of the tensors the kernel writes.
 inline at::Tensor device_scalar(const at::Tensor& value, c10::Device device) {
   const at::ScalarType dtype = value.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
   if (value.is_cpu()) {
     return at::full({}, value.item<double>(), at::TensorOptions().device(device).dtype(dtype));
   }
-  return value.to(device, dtype).reshape({});
+  return value.to(device, dtype, /*non_blocking=*/false, /*copy=*/true).reshape({});
 }
 
 // Number of chunks the launcher cuts `tensors` into: the size of per-chunk partial buffers.
