@@ -74,7 +74,8 @@ def time_side_by_side(
     `block_ms` (as timeit and torch.utils.benchmark time a statement), so the numbers are warm,
     steady-state costs and slow drifts of a shared machine hit all callables alike."""
     calls = {}
-    for name, fn in fns.items():  # warm-up, which also sizes the blocks
+    for name, fn in fns.items():  # a warm-up call (one-time costs), then one that sizes the blocks
+        fn()
         _sync(device)
         start = time.perf_counter()
         fn()
@@ -346,7 +347,6 @@ def ensemble_rows(bench: Bench, case: str) -> list[Row]:
     rows = []
     for batch in {"a": (32, 256), "b": (1024,)}[case]:
         x = torch.randn(batch, 64, device=bench.device)
-        auto.predict(x)  # its one-time measurement for this shape, kept out of the steady state
         # Each path against the loop in its own interleaving: a run right after a vmap run finds
         # the caches cold (its 8x larger intermediates), which would tax whichever path comes next.
         for name, ensemble in (("auto", auto), ("vmap", vmapped)):

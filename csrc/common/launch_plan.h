@@ -32,6 +32,11 @@ struct TensorListMetadata {
   int64_t first_global_chunk;  // global index of this launch's block 0
 };
 
+// The chunks a tensor of numel elements is cut into.
+constexpr int64_t chunks_of(int64_t numel) {
+  return (numel + kChunkSize - 1) / kChunkSize;
+}
+
 template <int... kDepthLess1>
 constexpr bool arguments_fit(std::integer_sequence<int, kDepthLess1...>) {
   return ((sizeof(TensorListMetadata<kDepthLess1 + 1>) + kFunctorArgBytes <= kMaxKernelArgBytes) && ...);
@@ -52,7 +57,7 @@ void plan_launches(const std::vector<int64_t>& numels, int depth, const Slot& sl
     }
     slot(tensors, t);
     ++tensors;
-    const int64_t chunks = (numels[t] + kChunkSize - 1) / kChunkSize;
+    const int64_t chunks = chunks_of(numels[t]);
     for (int64_t c = 0; c < chunks; ++c) {
       block(blocks, tensors - 1, c);
       ++blocks;

@@ -1,7 +1,7 @@
 // CUDA kernels of gradient clipping: multi-tensor norms (per-chunk partials, then per-tensor norms,
-// a block each, then the total, each combined in a fixed order), scaling by a coefficient read from device
-// memory (blocks exit without writing when it is 1), clamping in one pass. clip_grad_norm_ makes
-// no host synchronization unless error_if_nonfinite asks for the norm's value.
+// a block each, then the total, each combined in a fixed order), scaling by a coefficient read
+// from device memory (blocks exit without writing when it is 1), clamping in one pass.
+// clip_grad_norm_ makes no host synchronization unless error_if_nonfinite asks for the norm's value.
 #include "common/elementwise.h"
 #include "common/host_paths.h"
 #include "common/reduce_order.h"
@@ -108,7 +108,7 @@ std::tuple<at::Tensor, at::Tensor> multi_tensor_norm_cuda(
     int64_t chunk = first;
     for (int64_t i : idx) {
       bounds[2 * i] = chunk;
-      chunk += (tensors[i].numel() + kChunkSize - 1) / kChunkSize;
+      chunk += chunks_of(tensors[i].numel());
       bounds[2 * i + 1] = chunk;
     }
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, "multi_tensor_norm_cuda", [&] {

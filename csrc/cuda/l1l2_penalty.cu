@@ -77,20 +77,14 @@ struct PenaltyGrad {
 
 at::Tensor l1l2_penalty_cuda(at::TensorList tensors, double l1, double l2) {
   const auto options = tensors.empty() ? at::TensorOptions() : tensors[0].options();
-  at::Tensor partials;  // allocated once the arguments are checked
+  const at::Tensor partials = at::empty({std::max<int64_t>(2 * num_chunks(tensors), 2)}, options.dtype(at::kDouble));
   int64_t first = 0;
   l1l2_penalty_host(tensors, l1, l2, c10::kCUDA, [&](at::ScalarType dtype, const std::vector<at::Tensor>& dense) {
-    if (!partials.defined()) {
-      partials = at::empty({std::max<int64_t>(2 * num_chunks(tensors), 2)}, options.dtype(at::kDouble));
-    }
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, "l1l2_penalty_cuda", [&] {
       multi_tensor_apply<1>({dense}, first, AbsSquareSums<scalar_t>{}, partials.data_ptr<double>());
     });
     first += num_chunks(dense);
   });
-  if (!partials.defined()) {
-    partials = at::empty({2}, options.dtype(at::kDouble));
-  }
   at::Tensor total = at::empty({}, options.dtype(at::kDouble));
   const c10::cuda::CUDAGuard guard(total.device());
   penalty_cleanup<<<1, kBlockSize, 0, c10::cuda::getCurrentCUDAStream()>>>(

@@ -40,7 +40,7 @@ inline at::Tensor device_scalar(const at::Tensor& value, c10::Device device) {
 inline int64_t num_chunks(at::TensorList tensors) {
   int64_t chunks = 0;
   for (const at::Tensor& t : tensors) {
-    chunks += (t.numel() + kChunkSize - 1) / kChunkSize;
+    chunks += chunks_of(t.numel());
   }
   return chunks;
 }
