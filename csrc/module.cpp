@@ -1,8 +1,10 @@
 // The Python module fused_optim._C. Importing it runs the TORCH_LIBRARY_IMPL registrations of
-// every kernel; the module itself only reports how it was built.
+// every kernel; the module itself reports how it was built and holds the flat-buffer helpers.
 #include <Python.h>
 
 #include <torch/version.h>
+
+#include "flat_views.h"
 
 namespace {
 
@@ -37,5 +39,10 @@ PyModuleDef module = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, methods};
 } // namespace
 
 PyMODINIT_FUNC PyInit__C(void) {
-  return PyModule_Create(&module);
+  PyObject* m = PyModule_Create(&module);
+  if (m != nullptr && PyModule_AddFunctions(m, fused_optim_flat_methods) < 0) {
+    Py_DECREF(m);
+    return nullptr;
+  }
+  return m;
 }

@@ -21,6 +21,7 @@ from .averaging import (
     uniform_soup,
 )
 from .clip_grad import clip_grad_norm_, clip_grad_value_, clip_gradients, clip_grads_with_norm_, get_total_norm
+from .flat import FlatParameters, flatten_parameters
 from .regularization import L1L2Regularizer, l1l2_grad_, l1l2_penalty
 from .training import EarlyStopping, GradientAccumulator, train_with_gradient_clipping
 
@@ -29,6 +30,7 @@ __version__ = "0.1.0"
 __all__ = [
     "CustomDropout",
     "EarlyStopping",
+    "FlatParameters",
     "GradientAccumulator",
     "Dropout",
     "L1L2Regularizer",
@@ -43,6 +45,7 @@ __all__ = [
     "clip_gradients",
     "clip_grads_with_norm_",
     "dropout",
+    "flatten_parameters",
     "ema_update_",
     "get_ema_multi_avg_fn",
     "get_swa_multi_avg_fn",

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import math
+import weakref
 from collections.abc import Callable, Mapping, Sequence
 
 import torch
@@ -12,6 +13,7 @@ from torch import Tensor, nn
 
 from . import _distributed
 from ._utils import as_float, as_int
+from .flat import FlatParameters, flat_call, flat_parameters_of, flatten_parameters
 
 
 def _normalized(weights: Sequence[float] | None, k: int) -> list[float]:
@@ -137,8 +139,14 @@ def average_model_weights(models: Sequence[nn.Module], weights: Sequence[float] 
 
 def _lerp_(averaged: Sequence[Tensor], current: Sequence[Tensor], weight: Tensor) -> None:
     averaged, current = list(averaged), list(current)
+    lerp = torch.ops.fused_optim.multi_tensor_lerp_.default
+
+    def fused() -> None:
+        if not flat_call((averaged, current), (True, False), lambda a, c: lerp([a], [c], weight))[0]:
+            lerp(averaged, current, weight)
+
     _distributed.fused_or_sharded(
-        lambda: torch.ops.fused_optim.multi_tensor_lerp_.default(averaged, current, weight),
+        fused,
         # DTensors (sharded weights): shard-local, no communication.
         lambda: torch.ops.fused_optim.multi_tensor_lerp_.default(*_distributed.local_lists(averaged, current), weight),
         averaged,
@@ -233,6 +241,11 @@ class ModelEMA(nn.Module):
       resolution, so a bf16 EMA would stall. The shadow costs 4 bytes per such weight, and each
       update converts the model's half weights to fp32 first.
     - ``state_dict()``/``load_state_dict()`` hold the averaged weights, the shadow and the step.
+    - ``flat=True`` keeps the averaged weights in one buffer per dtype (``ema.module``'s parameters
+      are views of it; the fp32 shadow is one ``flat_shadow_<group>`` buffer per half dtype, so the
+      state dict's shadow keys differ from the per-tensor mode's ``shadow_<i>``). Updating from a
+      model flattened by :func:`fused_optim.flatten_parameters` (same layout) is then one lerp
+      call; from any other model, the per-tensor update, with the same result.
 
     ``style="timm"`` takes timm's ``ModelEmaV3`` keyword arguments (``decay``, ``min_decay``,
     ``update_after_step``, ``use_warmup``, ``warmup_gamma``, ``warmup_power``, ``exclude_buffers``)
@@ -261,6 +274,7 @@ class ModelEMA(nn.Module):
         update_after_step: int = 0,
         use_warmup: bool | None = None,
         exclude_buffers: bool = False,
+        flat: bool = False,
     ) -> None:
         super().__init__()
         if style not in ("default", "timm"):
@@ -293,9 +307,20 @@ class ModelEMA(nn.Module):
         if fp32_shadow is None:
             fp32_shadow = any(p.dtype in half for p in self.module.parameters())
         self._shadowed = [fp32_shadow and p.dtype in half for p in self.module.parameters()]
-        for i, (p, shadowed) in enumerate(zip(self.module.parameters(), self._shadowed)):
-            if shadowed:
-                self.register_buffer(f"shadow_{i}", p.detach().float())
+        self.flat = bool(flat)
+        if self.flat:
+            # The averaged weights are views of one buffer per dtype (the shadow: one fp32 buffer per
+            # half dtype, `flat_shadow_<group>`); the update of a flattened model is one lerp call.
+            self._flat = flatten_parameters(self.module)
+            self._slots = {id(p): (gi, v) for gi, g in enumerate(self._flat._groups) for p, v in zip(g.params, g.views)}
+            self._matched: weakref.ref | None = None
+            for gi, g in enumerate(self._flat._groups):
+                if fp32_shadow and g.dtype in half:
+                    self.register_buffer(f"flat_shadow_{gi}", g.data.float())
+        else:
+            for i, (p, shadowed) in enumerate(zip(self.module.parameters(), self._shadowed)):
+                if shadowed:
+                    self.register_buffer(f"shadow_{i}", p.detach().float())
         self.register_buffer("step", torch.zeros((), dtype=torch.int64))
 
     def get_decay(self, step: int | None = None) -> float:
@@ -344,25 +369,68 @@ class ModelEMA(nn.Module):
         (ema_params, params), (ema_buffers, model_buffers) = pairs
         return ema_params, params, ema_buffers, model_buffers
 
+    def _shadow(self, i: int, ema_p: Tensor) -> Tensor:
+        """The fp32 shadow of the EMA's parameter number i (in flat mode, a view of its buffer)."""
+        if not self.flat:
+            return getattr(self, f"shadow_{i}")
+        gi, view = self._slots[id(ema_p)]
+        return getattr(self, f"flat_shadow_{gi}").as_strided(view.shape, view.stride(), view.storage_offset())
+
+    def _flat_source(self, model: nn.Module) -> FlatParameters | None:
+        """The model's FlatParameters when this EMA is flat and its layout is the EMA's (same dtype
+        groups, same shapes in the same order), else None (the update then runs per tensor)."""
+        src = flat_parameters_of(model) if self.flat else None
+        if src is None or (self._matched is not None and self._matched() is src):
+            return src
+        ours, theirs = self._flat._groups, src._groups
+        if len(ours) != len(theirs) or any(
+            a.dtype != b.dtype or [p.shape for p in a.params] != [p.shape for p in b.params] for a, b in zip(ours, theirs)
+        ):
+            return None
+        self._matched = weakref.ref(src)
+        return src
+
     @torch.no_grad()
     def update(self, model: nn.Module, step: int | None = None) -> None:
         """One EMA step towards `model` (the model this EMA was built from, or one of the same
         architecture). `step`: the decay of that update number (``style="timm"``: timm's
-        schedule), instead of the EMA's own count of updates."""
-        ema_params, params, ema_buffers, model_buffers = self._check_matches(model)
+        schedule), instead of the EMA's own count of updates. With ``flat=True`` and a model
+        flattened by :func:`fused_optim.flatten_parameters`, one lerp call for all weights."""
+        src = self._flat_source(model) if isinstance(model, nn.Module) else None
+        averaged, current, written = [], [], []
+        if src is not None:
+            src.check()
+            try:
+                self._flat.check()
+            except RuntimeError:  # the EMA was moved (ema.to(...)): its module is flattened again
+                self._flat = flatten_parameters(self.module)
+                self._slots = {id(p): (gi, v) for gi, g in enumerate(self._flat._groups) for p, v in zip(g.params, g.views)}
+            ema_buffers, model_buffers = list(self.module.buffers()), list(model.buffers())
+            if len(ema_buffers) != len(model_buffers) or any(a.shape != b.shape for a, b in zip(ema_buffers, model_buffers)):
+                self._check_matches(model)  # raises, naming the mismatch
+            for gi, (ours, theirs) in enumerate(zip(self._flat._groups, src._groups)):
+                shadow = getattr(self, f"flat_shadow_{gi}", None)
+                if shadow is not None:
+                    averaged.append(shadow)
+                    current.append(theirs.data.float())
+                    written.append((ours.data, shadow))
+                else:
+                    averaged.append(ours.data)
+                    current.append(theirs.data)
+        else:
+            ema_params, params, ema_buffers, model_buffers = self._check_matches(model)
+            for i, (ema_p, p, shadowed) in enumerate(zip(ema_params, params, self._shadowed)):
+                if shadowed:
+                    averaged.append(self._shadow(i, ema_p))
+                    current.append(p.detach().float())
+                    written.append((ema_p, averaged[-1]))
+                else:
+                    averaged.append(ema_p)
+                    current.append(p.detach())
         if self.style == "timm":
             decay = self._timm_decay(step)
         else:
             decay = self._decay(self.step if step is None else torch.tensor(as_int(step, "step", 0)))
-        averaged, current, written = [], [], []
-        for i, (ema_p, p, shadowed) in enumerate(zip(ema_params, params, self._shadowed)):
-            if shadowed:
-                averaged.append(getattr(self, f"shadow_{i}"))
-                current.append(p.detach().float())
-                written.append((ema_p, averaged[-1]))
-            else:
-                averaged.append(ema_p)
-                current.append(p.detach())
         if self.buffer_mode == "average":
             for b, mb in zip(ema_buffers, model_buffers):
                 if b.is_floating_point():

@@ -14,6 +14,7 @@ from torch import Tensor, nn
 
 from . import _distributed, reference
 from ._utils import to_float
+from .flat import flat_call
 
 _TensorOrTensors = Tensor | Iterable[Tensor]
 
@@ -84,11 +85,15 @@ def get_total_norm(
 
     if process_group is not None:
         return sharded()
-    return _distributed.fused_or_sharded(
-        lambda: torch.ops.fused_optim.multi_tensor_norm.default(tensors, norm_type, False, bool(error_if_nonfinite))[0],
-        sharded,
-        tensors,
-    )
+    def fused() -> Tensor:
+        def norm(ts: list[Tensor]) -> Tensor:
+            return torch.ops.fused_optim.multi_tensor_norm.default(ts, norm_type, False, bool(error_if_nonfinite))[0]
+
+        # Order 0 counts the tensors with a non-zero element: not a norm of their concatenation.
+        done, total = flat_call((tensors,), (False,), lambda t: norm([t])) if norm_type != 0 else (False, None)
+        return total if done else norm(tensors)
+
+    return _distributed.fused_or_sharded(fused, sharded, tensors)
 
 
 def _scale_by_clip_coefficient(grads: list[Tensor], max_norm: float, total_norm: Tensor) -> None:
@@ -99,8 +104,14 @@ def _scale_by_clip_coefficient(grads: list[Tensor], max_norm: float, total_norm:
     if _distributed.is_dtensor(total_norm):
         total_norm = total_norm.full_tensor()  # torch's get_total_norm returns one for DTensors
     clip_coef = torch.clamp(max_norm / (total_norm + 1e-6), max=1.0)
+
+    def fused() -> None:
+        scale = torch.ops.fused_optim.multi_tensor_scale_.default
+        if not flat_call((grads,), (True,), lambda g: scale([g], clip_coef))[0]:
+            scale(grads, clip_coef)
+
     _distributed.fused_or_sharded(
-        lambda: torch.ops.fused_optim.multi_tensor_scale_.default(grads, clip_coef),
+        fused,
         lambda: torch.ops.fused_optim.multi_tensor_scale_.default(_distributed.local_lists(grads)[0], clip_coef),
         grads,
     )
@@ -164,11 +175,15 @@ def clip_grad_norm_(
 
     if process_group is not None:
         return sharded()
-    return _distributed.fused_or_sharded(
-        lambda: torch.ops.fused_optim.clip_grad_norm_.default(grads, max_norm, norm_type, bool(error_if_nonfinite)),
-        sharded,
-        grads,
-    )
+    def fused() -> Tensor:
+        def clip(gs: list[Tensor]) -> Tensor:
+            return torch.ops.fused_optim.clip_grad_norm_.default(gs, max_norm, norm_type, bool(error_if_nonfinite))
+
+        # Order 0 counts the tensors with a non-zero element: not a norm of their concatenation.
+        done, total = flat_call((grads,), (True,), lambda g: clip([g])) if norm_type != 0 else (False, None)
+        return total if done else clip(grads)
+
+    return _distributed.fused_or_sharded(fused, sharded, grads)
 
 
 @torch.no_grad()
@@ -184,7 +199,10 @@ def clip_grad_value_(parameters: _TensorOrTensors, clip_value: float, foreach: b
     tensors in one call.
     """
     clip_value = to_float(clip_value, "clip_value")
-    torch.ops.fused_optim.clip_grad_value_.default(_grads(_as_list(parameters, "parameters")), clip_value)
+    grads = _grads(_as_list(parameters, "parameters"))
+    clamp = torch.ops.fused_optim.clip_grad_value_.default
+    if not flat_call((grads,), (True,), lambda g: clamp([g], clip_value))[0]:
+        clamp(grads, clip_value)
 
 
 def clip_gradients(model: nn.Module, clip_value: float = 1.0, clip_norm: float | None = None) -> Tensor | None:

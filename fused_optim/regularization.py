@@ -11,6 +11,7 @@ from torch import Tensor, nn
 
 from . import _distributed
 from ._utils import as_float, as_tensor_list
+from .flat import flat_call
 
 
 def l1l2_penalty(tensors: Tensor | Iterable[Tensor], l1: float = 0.0, l2: float = 0.0) -> Tensor:
@@ -39,8 +40,18 @@ def l1l2_penalty(tensors: Tensor | Iterable[Tensor], l1: float = 0.0, l2: float 
     """
     tensors = as_tensor_list(tensors, "tensors")
     l1, l2 = as_float(l1, "l1"), as_float(l2, "l2")
+    penalty = torch.ops.fused_optim.l1l2_penalty.default
+
+    def fused() -> Tensor:
+        # One view of the tensors has no autograd history: taken only when no gradient is wanted.
+        if not torch.is_grad_enabled():
+            done, value = flat_call((tensors,), (False,), lambda t: penalty([t], l1, l2))
+            if done:
+                return value
+        return penalty(tensors, l1, l2)
+
     return _distributed.fused_or_sharded(
-        lambda: torch.ops.fused_optim.l1l2_penalty.default(tensors, l1, l2),
+        fused,
         lambda: _distributed.sharded_penalty(tensors, l1, l2),
         tensors,
     )
@@ -67,7 +78,9 @@ def l1l2_grad_(params: Tensor | Iterable[Tensor], l1: float = 0.0, l2: float = 0
     missing = [i for i, g in enumerate(grads) if g is None]
     for i in missing:
         grads[i] = torch.zeros_like(params[i])
-    torch.ops.fused_optim.l1l2_grad_.default(params, grads, as_float(l1, "l1"), as_float(l2, "l2"))
+    l1, l2, add = as_float(l1, "l1"), as_float(l2, "l2"), torch.ops.fused_optim.l1l2_grad_.default
+    if missing or not flat_call((params, grads), (False, True), lambda p, g: add([p], [g], l1, l2))[0]:
+        add(params, grads, l1, l2)
     for i in missing:  # attached only once the op has succeeded
         params[i].grad = grads[i]
 
