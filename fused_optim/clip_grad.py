@@ -14,7 +14,7 @@ from torch import Tensor, nn
 
 from . import _distributed, reference
 from ._utils import to_float
-from .flat import flat_call
+from .flat import flat_call, via_flat
 
 _TensorOrTensors = Tensor | Iterable[Tensor]
 
@@ -160,6 +160,10 @@ def clip_grad_norm_(
     ``foreach`` is accepted for compatibility and ignored: the fused kernel always handles all
     tensors in one call.
     """
+    if process_group is None:
+        done, total = via_flat(parameters, "clip_grad_norm_", max_norm, norm_type, error_if_nonfinite)
+        if done:
+            return total
     is_generator = isinstance(parameters, types.GeneratorType)
     parameters = _as_list(parameters, "parameters")
     if is_generator and not parameters:
@@ -199,6 +203,8 @@ def clip_grad_value_(parameters: _TensorOrTensors, clip_value: float, foreach: b
     tensors in one call.
     """
     clip_value = to_float(clip_value, "clip_value")
+    if via_flat(parameters, "clip_grad_value_", clip_value)[0]:
+        return
     grads = _grads(_as_list(parameters, "parameters"))
     clamp = torch.ops.fused_optim.clip_grad_value_.default
     if not flat_call((grads,), (True,), lambda g: clamp([g], clip_value))[0]:

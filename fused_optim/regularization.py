@@ -11,7 +11,7 @@ from torch import Tensor, nn
 
 from . import _distributed
 from ._utils import as_float, as_tensor_list
-from .flat import flat_call
+from .flat import flat_call, via_flat
 
 
 def l1l2_penalty(tensors: Tensor | Iterable[Tensor], l1: float = 0.0, l2: float = 0.0) -> Tensor:
@@ -73,6 +73,8 @@ def l1l2_grad_(params: Tensor | Iterable[Tensor], l1: float = 0.0, l2: float = 0
             ``.grad`` differs from its parameter in shape, dtype or device. Nothing is written
             (no ``.grad`` is created or changed) when an error is raised.
     """
+    if via_flat(params, "l1l2_grad_", l1, l2)[0]:
+        return
     params = [p for p in as_tensor_list(params, "params") if p.requires_grad]
     grads = [p.grad for p in params]
     missing = [i for i, g in enumerate(grads) if g is None]

@@ -266,6 +266,65 @@ def fsdp2_early_stopping(rank: int, world: int) -> None:
         torch.testing.assert_close(p.full_tensor(), b)
 
 
+def ddp_flat(rank: int, world: int) -> None:
+    """DDP over a flattened model, step for step against DDP over the same model unflattened (SGD
+    with momentum, the flat penalty gradient and clipping), with zero_grad(set_to_none=True) and
+    False; then gradient_as_bucket_view=True: a one-time warning, and the same steps per tensor."""
+    import warnings
+
+    g = torch.Generator().manual_seed(3)
+    data = torch.randn(4, world, 5, 6, generator=g)  # step, rank, sample, feature
+    for set_to_none, bucket_view in ((True, False), (False, False), (False, True)):
+        flat_model, plain_model = _mlp(), _mlp()
+        flat = fused_optim.flatten_parameters(flat_model)
+        runs = []
+        for model, use_flat in ((flat_model, True), (plain_model, False)):
+            ddp = nn.parallel.DistributedDataParallel(model, gradient_as_bucket_view=bucket_view)
+            opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+            norms = []
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                for step in range(4):
+                    opt.zero_grad(set_to_none=set_to_none)
+                    ddp(data[step, rank]).square().mean().backward()
+                    if use_flat:
+                        flat.l1l2_grad_(L1, L2)
+                        norms.append(flat.clip_grad_norm_(0.5))
+                    else:
+                        fused_optim.l1l2_grad_(model.parameters(), L1, L2)
+                        norms.append(fused_optim.clip_grad_norm_(model.parameters(), 0.5))
+                    opt.step()
+            flat_warnings = [w for w in caught if "view of another buffer" in str(w.message)]
+            assert len(flat_warnings) == (1 if use_flat and bucket_view else 0), (rank, [str(w.message) for w in caught])
+            runs.append((norms, [p.detach().clone() for p in model.parameters()]))
+        (flat_norms, flat_params), (plain_norms, plain_params) = runs
+        for a, b in zip(flat_norms, plain_norms):
+            torch.testing.assert_close(a, b)
+        for a, b in zip(flat_params, plain_params):
+            torch.testing.assert_close(a, b)
+
+
+def fsdp2_flat(rank: int, world: int) -> None:
+    """FSDP2 and flat buffers do not combine: flattening a sharded model is refused; sharding a
+    flattened one is detected at the next flat call (its parameters were replaced)."""
+    sharded = _fsdp2(_mlp(), world)
+    try:
+        fused_optim.flatten_parameters(sharded)
+    except ValueError as e:
+        assert "DTensor" in str(e), e
+    else:
+        raise AssertionError("flatten_parameters accepted an FSDP2 model")
+    model = _mlp()
+    flat = fused_optim.flatten_parameters(model)
+    _fsdp2(model, world)
+    try:
+        flat.clip_grad_norm_(1.0)
+    except RuntimeError as e:
+        assert "fully_shard" in str(e) or "no longer holds" in str(e), e
+    else:
+        raise AssertionError("a flat call on a model sharded after flattening went unnoticed")
+
+
 def _run(rank: int, world: int, names: list[str], port: int) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=world)

@@ -2,7 +2,8 @@
 computation on the same seed (the checks are in tests/distributed_checks.py): FSDP2 (penalty value
 and gradient, global norms of every order, clipping, shard-local EMA and averages, gradient
 accumulation, early stopping with best-weight restore), tensor-parallel DTensors on 1-D and 2x2
-meshes, and ZeRO-style flat shards with process_group=."""
+meshes, ZeRO-style flat shards with process_group=, and DDP over flattened parameters (and FSDP2
+refusing them)."""
 
 from __future__ import annotations
 
@@ -19,7 +20,7 @@ from test_training import HERE, run_distributed
 def test_sharded_training_matches_unsharded(world):
     run_distributed(
         "fsdp2", "fsdp2_model_ema", "tensor_parallel", "flat_shards", "fsdp2_early_stopping", "early_stopping",
-        "bad_sharded_input", world=world,
+        "bad_sharded_input", "ddp_flat", "fsdp2_flat", world=world,
     )
 
 
