@@ -135,7 +135,8 @@ class Bench:
 
     def yardstick(self, kind: str, num_bytes: int) -> tuple[str, Callable[[], object], int]:
         """The memory-speed yardstick over flat fp32 tensors of `num_bytes`: its name, callable and
-        the bytes it moves. On CPU, `kind`: 'sum' reads them, 'mul_' reads and writes them; on a
+        the bytes it moves. On CPU, `kind`: 'sum' reads them, 'mul_' reads and writes them, 'lerp_'
+        reads them and another, writes them; on a
         GPU always a device-to-device copy (read + write), the bandwidth GPU kernels are held to."""
         if num_bytes not in self._flat:
             self._flat[num_bytes] = torch.randn(num_bytes // 4, device=self.device)
@@ -143,7 +144,12 @@ class Bench:
         if self.on_gpu:
             dst = torch.empty_like(flat)
             return "D2D copy", (lambda: dst.copy_(flat)), 2 * num_bytes
-        return (kind, (lambda: flat.sum()), num_bytes) if kind == "sum" else (kind, (lambda: flat.mul_(1.0)), 2 * num_bytes)
+        if kind == "sum":
+            return kind, (lambda: flat.sum()), num_bytes
+        if kind == "lerp_":
+            end = torch.randn_like(flat)
+            return kind, (lambda: flat.lerp_(end, 0.001)), 3 * num_bytes
+        return kind, (lambda: flat.mul_(1.0)), 2 * num_bytes
 
     def rows(self, op: str, case: str, fused: Callable, references: dict[str, Callable],
              bytes_moved: int | None = None, yardstick: str = "", yardstick_bytes: int = 0) -> list[Row]:
@@ -423,6 +429,104 @@ def dropout_rows(bench: Bench, case: str) -> list[Row]:
     return rows
 
 
+def _module_with_grads(case: str, device: str, seed: int) -> torch.nn.Module:
+    """The case's tensors as the parameters of one module, each with a gradient."""
+    module = torch.nn.ParameterList([torch.nn.Parameter(t) for t in make_case(case, device=device, seed=seed)])
+    for p, g in zip(module.parameters(), make_case(case, device=device, seed=seed + 1)):
+        p.grad = g
+    return module
+
+
+def flat_rows(bench: Bench, case: str) -> list[Row]:
+    """The glue on flat buffers (fused_optim.flatten_parameters): the FlatParameters methods, and the
+    public functions given a flattened module's parameters(), against torch's best and against the
+    same fused functions on the unflattened module; plus the host overhead of a flat call on 2000
+    one-element parameters (case (b) only)."""
+    if case not in ("a", "b"):
+        return []
+    flat_model, plain, torch_model = (_module_with_grads(case, bench.device, 0) for _ in range(3))
+    flat = fused_optim.flatten_parameters(flat_model)
+    size = nbytes(list(plain.parameters()))
+    norm = float(fused_optim.get_total_norm([p.grad for p in plain.parameters()]))
+    no_clip = 1e6 * norm
+    rows = bench.rows(
+        "flat clip_grad_norm_ clipping", case,
+        fused=clip_by_norm_each_call(lambda _, m: flat.clip_grad_norm_(m), None, norm / 2),
+        references={
+            "torch foreach=True": clip_by_norm_each_call(
+                lambda ps, m: torch.nn.utils.clip_grad_norm_(ps, m, foreach=True), list(torch_model.parameters()), norm / 2),
+            "fused per-tensor": clip_by_norm_each_call(fused_optim.clip_grad_norm_, list(plain.parameters()), norm / 2),
+        },
+        bytes_moved=3 * size, yardstick="mul_", yardstick_bytes=size,
+    )
+    rows += bench.rows(
+        "flat clip_grad_norm_ no clip", case,
+        fused=lambda: flat.clip_grad_norm_(no_clip),
+        references={
+            "torch foreach=True": lambda: torch.nn.utils.clip_grad_norm_(torch_model.parameters(), no_clip, foreach=True),
+            "fused per-tensor": lambda: fused_optim.clip_grad_norm_(plain.parameters(), no_clip),
+        },
+        bytes_moved=size, yardstick="sum", yardstick_bytes=size,
+    )
+    rows += bench.rows(
+        "clip_grad_norm_(model.parameters()) no clip, flattened", case,
+        fused=lambda: fused_optim.clip_grad_norm_(flat_model.parameters(), no_clip),
+        references={
+            "torch foreach=True": lambda: torch.nn.utils.clip_grad_norm_(torch_model.parameters(), no_clip, foreach=True),
+            "fused, not flattened": lambda: fused_optim.clip_grad_norm_(plain.parameters(), no_clip),
+        },
+        bytes_moved=size, yardstick="sum", yardstick_bytes=size,
+    )
+    with torch.no_grad():
+        rows += bench.rows(
+            "flat l1l2_penalty", case,
+            fused=lambda: flat.l1l2_penalty(L1, L2),
+            references={
+                "_foreach_norm p=1,2": lambda: foreach_penalty(list(torch_model.parameters())),
+                "fused per-tensor": lambda: fused_optim.l1l2_penalty(plain.parameters(), L1, L2),
+            },
+            bytes_moved=size, yardstick="sum", yardstick_bytes=size,
+        )
+        rows += bench.rows(
+            "flat l1l2_grad_", case,
+            fused=lambda: flat.l1l2_grad_(L1, L2),
+            references={
+                "torch._foreach_*": lambda: foreach_grad_(list(torch_model.parameters())),
+                "fused per-tensor": lambda: fused_optim.l1l2_grad_(plain.parameters(), L1, L2),
+            },
+            bytes_moved=3 * size, yardstick="mul_", yardstick_bytes=size,
+        )
+    ema_flat = fused_optim.ModelEMA(flat_model, decay=0.999, flat=True)
+    ema_plain = fused_optim.ModelEMA(plain, decay=0.999)
+    shadow = [p.detach().clone() for p in torch_model.parameters()]
+    current = [p.detach() for p in torch_model.parameters()]
+    rows += bench.rows(
+        "ModelEMA.update, flat", case,
+        fused=lambda: ema_flat.update(flat_model),
+        references={
+            "torch._foreach_lerp_": lambda: torch._foreach_lerp_(shadow, current, 0.001),
+            "ModelEMA per-tensor": lambda: ema_plain.update(plain),
+        },
+        bytes_moved=3 * size, yardstick="lerp_", yardstick_bytes=size,
+    )
+    if case == "b":
+        tiny_flat_model, tiny = (torch.nn.ParameterList([torch.nn.Parameter(torch.randn(1, device=bench.device)) for _ in range(2000)]) for _ in range(2))
+        for p in [*tiny_flat_model.parameters(), *tiny.parameters()]:
+            p.grad = torch.randn_like(p)
+        tiny_flat = fused_optim.flatten_parameters(tiny_flat_model)
+        rows += bench.rows(
+            "host overhead: flat clip_grad_norm_", "2000 x 1",
+            fused=lambda: tiny_flat.clip_grad_norm_(1e9),
+            references={"fused per-tensor": lambda: fused_optim.clip_grad_norm_(tiny.parameters(), 1e9)},
+        )
+        rows += bench.rows(
+            "host overhead: flat l1l2_grad_", "2000 x 1",
+            fused=lambda: tiny_flat.l1l2_grad_(L1, L2),
+            references={"fused per-tensor": lambda: fused_optim.l1l2_grad_(tiny.parameters(), L1, L2)},
+        )
+    return rows
+
+
 # One entry per area; each returns its rows for one case.
 SUITES: dict[str, Callable[[Bench, str], list[Row]]] = {
     "regularization": regularization_rows,
@@ -430,6 +534,7 @@ SUITES: dict[str, Callable[[Bench, str], list[Row]]] = {
     "dropout": dropout_rows,
     "averaging": averaging_rows,
     "ensemble": ensemble_rows,
+    "flat": flat_rows,
 }
 
 
@@ -446,6 +551,10 @@ SWEEP_OPS: dict[str, tuple[Callable, Callable]] = {
         lambda ts, grads: fused_optim.clip_grad_norm_(grads[0], 1e30),
         lambda ts, grads: torch.nn.utils.clip_grad_norm_(grads[1], 1e30, foreach=True),
     ),
+    "clip_grad_norm_, no clip, flat buffer (vs foreach=True)": (
+        lambda ts, grads: _flat_of_sweep(grads[0]).clip_grad_norm_(1e30),
+        lambda ts, grads: torch.nn.utils.clip_grad_norm_(grads[1], 1e30, foreach=True),
+    ),
     "clip_grad_value_ (vs foreach=True)": (
         lambda ts, grads: fused_optim.clip_grad_value_(grads[0], 1e30),
         lambda ts, grads: torch.nn.utils.clip_grad_value_(grads[1], 1e30, foreach=True),
@@ -455,6 +564,18 @@ SWEEP_OPS: dict[str, tuple[Callable, Callable]] = {
         lambda ts, grads: torch._foreach_lerp_([g.grad for g in grads[1]], ts, 0.001),
     ),
 }
+
+
+_sweep_flats: dict[int, "fused_optim.FlatParameters"] = {}
+
+
+def _flat_of_sweep(params: list[torch.Tensor]) -> "fused_optim.FlatParameters":
+    """A flattened copy of `params` (with their gradients), built once per list."""
+    if id(params) not in _sweep_flats:
+        copies = params_with_grads([p.grad for p in params])
+        _sweep_flats.clear()
+        _sweep_flats[id(params)] = fused_optim.flatten_parameters(copies)
+    return _sweep_flats[id(params)]
 
 
 def sweep(bench: Bench, counts: list[int], total: int) -> dict[str, list[float]]:
