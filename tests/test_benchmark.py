@@ -18,3 +18,13 @@ def test_plot_writes_a_png(tmp_path):
     path = tmp_path / "speedup.png"
     bm.plot_speedups(bm.Bench("cpu", rounds=1), str(path), counts=(10, 100), totals=(10**4, 10**5))
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_flat_suite_reports_its_rows():
+    rows = bm.main(["--rounds", "1", "--suites", "flat", "--cases", "b"])
+    assert {r.op for r in rows} >= {
+        "flat clip_grad_norm_ clipping", "flat clip_grad_norm_ no clip", "flat l1l2_penalty", "flat l1l2_grad_",
+        "ModelEMA.update, flat", "clip_grad_norm_(model.parameters()) no clip, flattened",
+        "host overhead: flat clip_grad_norm_",
+    }
+    assert {r.yardstick for r in rows if r.op == "ModelEMA.update, flat"} == {"lerp_"}
