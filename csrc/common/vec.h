@@ -31,20 +31,37 @@ constexpr int64_t vec_step() {
   return at::vec::Vectorized<scalar_t>::size();
 }
 
-// Calls vop(OpVec) on every full vector of x[0, n) and sop(opmath) on the tail.
+// Independent accumulators a reduction deals its vectors to: with one, the loop waits on each
+// add's latency (~4 cycles), ~2.5x slower than torch.sum on cache-resident data; they are folded in
+// index order, so results stay deterministic.
+constexpr int kAccumulators = 4;
+
+// Calls vop(k, OpVec) on every full vector of x[0, n), k being the vector's position modulo
+// kAccumulators (both fp32 halves of an fp16/bf16 vector get the same k), and sop(opmath) on the
+// tail.
 template <typename scalar_t, typename VecOp, typename ScalarOp>
 inline void for_each_vec(const scalar_t* x, int64_t n, const VecOp& vop, const ScalarOp& sop) {
   constexpr int64_t step = vec_step<scalar_t>();
-  int64_t i = 0;
-  for (; i + step <= n; i += step) {
+  auto visit = [&](int k, const scalar_t* at) {
     if constexpr (kReducedFloat<scalar_t>) {
       OpVec<scalar_t> lo, hi;
-      at::vec::load_to_float(x + i, lo, hi);
-      vop(lo);
-      vop(hi);
+      at::vec::load_to_float(at, lo, hi);
+      vop(k, lo);
+      vop(k, hi);
     } else {
-      vop(OpVec<scalar_t>::loadu(x + i));
+      vop(k, OpVec<scalar_t>::loadu(at));
     }
+  };
+  static_assert(kAccumulators == 4, "the unrolled loop below deals to 4 accumulators");
+  int64_t i = 0;
+  for (; i + kAccumulators * step <= n; i += kAccumulators * step) {
+    visit(0, x + i);
+    visit(1, x + i + step);
+    visit(2, x + i + 2 * step);
+    visit(3, x + i + 3 * step);
+  }
+  for (int k = 0; i + step <= n; i += step, ++k) {
+    visit(k, x + i);
   }
   for (; i < n; ++i) {
     sop(static_cast<opmath_t<scalar_t>>(x[i]));

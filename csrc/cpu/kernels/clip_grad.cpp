@@ -95,13 +95,17 @@ void norm_accumulate(const std::vector<at::Tensor>& tensors, double p, double* p
       double acc = A::identity();
       // As for the penalty: op-math lanes flush into fp64 every kReduceBlock elements.
       for (int64_t off = 0; off < len; off += kReduceBlock) {
-        Vec vacc(static_cast<T>(A::identity()));
+        const Vec init(static_cast<T>(A::identity()));
+        Vec vacc[kAccumulators] = {init, init, init, init};
         T sacc = static_cast<T>(A::identity());
         for_each_vec(
             x + off, std::min(kReduceBlock, len - off),
-            [&](const Vec& v) { vacc = A::add(vacc, v, p_vec); },
+            [&](int k, const Vec& v) { vacc[k] = A::add(vacc[k], v, p_vec); },
             [&](T v) { sacc = A::add(sacc, v, p_scalar); });
-        acc = A::combine(acc, A::combine(A::fold_lanes(vacc), static_cast<double>(sacc)));
+        for (int k = 0; k < kAccumulators; ++k) {
+          acc = A::combine(acc, A::fold_lanes(vacc[k]));
+        }
+        acc = A::combine(acc, static_cast<double>(sacc));
       }
       pieces[c].emplace_back(t, acc);
     });

@@ -22,20 +22,25 @@ std::array<double, 2> abs_and_square_sums(const std::vector<at::Tensor>& tensors
       // Vector lanes sum at most kReduceBlock / lanes elements before flushing into fp64, which
       // keeps fp32 accumulation error near that of torch.sum's cascade.
       for (int64_t off = 0; off < len; off += kReduceBlock) {
-        Vec abs_acc(0), sq_acc(0);
+        Vec abs_acc[kAccumulators] = {Vec(0), Vec(0), Vec(0), Vec(0)};
+        Vec sq_acc[kAccumulators] = {Vec(0), Vec(0), Vec(0), Vec(0)};
         T abs_tail = 0, sq_tail = 0;
         for_each_vec(
             x + off, std::min(kReduceBlock, len - off),
-            [&](const Vec& v) {
-              abs_acc += v.abs();
-              sq_acc = at::vec::fmadd(v, v, sq_acc);
+            [&](int k, const Vec& v) {
+              abs_acc[k] += v.abs();
+              sq_acc[k] = at::vec::fmadd(v, v, sq_acc[k]);
             },
             [&](T v) {
               abs_tail += std::abs(v);
               sq_tail += v * v;
             });
-        abs_sum += sum_lanes(abs_acc) + abs_tail;
-        sq_sum += sum_lanes(sq_acc) + sq_tail;
+        for (int k = 0; k < kAccumulators; ++k) {
+          abs_sum += sum_lanes(abs_acc[k]);
+          sq_sum += sum_lanes(sq_acc[k]);
+        }
+        abs_sum += abs_tail;
+        sq_sum += sq_tail;
       }
     });
     partial[c] = {abs_sum, sq_sum};
