@@ -150,45 +150,58 @@ PyObject* bump_versions(PyObject*, PyObject* list) {
   Py_RETURN_NONE;
 }
 
-// flat_check(params, views, grads, requires_grad, modules, types) -> (kind, index) of the first break:
-// kind 0 none; 1 params[index]'s data left views[index] (its place in the buffer); 2 modules[index]
-// is no longer of class types[index] (FSDP2's fully_shard swaps the class of what it shards);
-// 3 params[index].grad is not grads[index] (the grad view, or None) or its requires_grad is not
-// requires_grad[index]. Kinds 1 and 2 are looked for over all entries before kind 3.
+// A fingerprint of a tensor's sizes and strides; fused_optim/flat.py computes the same in Python.
+int64_t geometry(const at::TensorImpl* impl) {
+  uint64_t h = static_cast<uint64_t>(impl->dim());
+  for (int64_t d = 0; d < impl->dim(); ++d) {
+    h = (h * 1000003u) ^ static_cast<uint64_t>(impl->sizes()[d]);
+    h = (h * 1000003u) ^ static_cast<uint64_t>(impl->strides()[d]);
+  }
+  return static_cast<int64_t>(h);
+}
+
+// flat_check(params, places, expected, storage, modules, types) -> (kind, index) of the first
+// break, one pass over the parameters (each is a few cache lines away from the next, so what is
+// expected of them is read from two packed int64 tables rather than from objects of their own):
+// - places[i] = (storage offset, numel, geometry) of params[i]'s view of the buffer, whose storage
+//   is the StorageImpl at address `storage`; expected[i] = (address of the TensorImpl its .grad must
+//   be, 0 for None; its requires_grad);
+// - kind 0 none; 1 params[index]'s data left its place; 2 modules[index] is no longer of class
+//   types[index] (FSDP2's fully_shard swaps the class of what it shards); 3 params[index]'s .grad
+//   or requires_grad is not as expected. Kinds 1 and 2 are looked for over all entries first.
 PyObject* flat_check(PyObject*, PyObject* args) {
-  PyObject *params = nullptr, *views = nullptr, *grads = nullptr, *requires_grad = nullptr, *modules = nullptr,
-           *types = nullptr;
-  if (!PyArg_ParseTuple(args, "O!O!O!O!O!O!", &PyList_Type, &params, &PyList_Type, &views, &PyList_Type, &grads,
-                        &PyBytes_Type, &requires_grad, &PyList_Type, &modules, &PyList_Type, &types)) {
+  PyObject *params = nullptr, *places_obj = nullptr, *expected_obj = nullptr, *modules = nullptr, *types = nullptr;
+  unsigned long long storage = 0;
+  if (!PyArg_ParseTuple(args, "O!OOKO!O!", &PyList_Type, &params, &places_obj, &expected_obj, &storage,
+                        &PyList_Type, &modules, &PyList_Type, &types)) {
     return nullptr;
   }
   const Py_ssize_t n = PyList_GET_SIZE(params);
-  if (PyList_GET_SIZE(views) != n || PyList_GET_SIZE(grads) != n || PyBytes_GET_SIZE(requires_grad) != n ||
-      PyList_GET_SIZE(modules) != PyList_GET_SIZE(types)) {
-    PyErr_SetString(PyExc_ValueError, "flat_check: lists of different lengths");
+  const at::Tensor* places = plain_tensor(places_obj);
+  const at::Tensor* expected = plain_tensor(expected_obj);
+  auto table_ok = [n](const at::Tensor* t, int64_t cols) {
+    return t != nullptr && t->device().is_cpu() && t->scalar_type() == at::kLong && t->is_contiguous() &&
+        t->dim() == 2 && t->size(0) == n && t->size(1) == cols;
+  };
+  if (!table_ok(places, 3) || !table_ok(expected, 2) || PyList_GET_SIZE(modules) != PyList_GET_SIZE(types)) {
+    PyErr_SetString(PyExc_ValueError, "flat_check: tables must be contiguous int64 CPU tensors of n x 3 and n x 2");
     return nullptr;
   }
-  // One pass over the parameters (each is a few cache lines away from the next): the first kind-3
-  // break is remembered while kinds 1 and 2 are looked for.
-  const char* req = PyBytes_AS_STRING(requires_grad);
+  const int64_t* place = places->const_data_ptr<int64_t>();
+  const int64_t* expect = expected->const_data_ptr<int64_t>();
   Py_ssize_t first_grad_break = -1;
-  for (Py_ssize_t i = 0; i < n; ++i) {
+  for (Py_ssize_t i = 0; i < n; ++i, place += 3, expect += 2) {
     const at::Tensor* t = plain_tensor(PyList_GET_ITEM(params, i));
-    const at::Tensor& view = THPVariable_Unpack(PyList_GET_ITEM(views, i));
-    if (t == nullptr || !t->storage().is_alias_of(view.storage()) ||
-        t->storage_offset() != view.storage_offset() || t->sizes() != view.sizes() ||
-        t->strides() != view.strides() || t->scalar_type() != view.scalar_type()) {
+    const at::TensorImpl* impl = t == nullptr ? nullptr : t->unsafeGetTensorImpl();
+    if (impl == nullptr || reinterpret_cast<uintptr_t>(impl->storage().unsafeGetStorageImpl()) != storage ||
+        impl->storage_offset() != place[0] || impl->numel() != place[1] || geometry(impl) != place[2]) {
       return Py_BuildValue("(in)", 1, i);
     }
     if (first_grad_break < 0) {
-      auto* impl = t->unsafeGetTensorImpl();
       // TensorImpl's grad(), not Tensor's: no is_leaf() test for the non-leaf warning.
       const at::Tensor& grad = impl->grad();
-      PyObject* expected = PyList_GET_ITEM(grads, i);
-      const bool same = expected == Py_None
-          ? !grad.defined()
-          : grad.defined() && grad.unsafeGetTensorImpl() == THPVariable_Unpack(expected).unsafeGetTensorImpl();
-      if (!same || impl->requires_grad() != (req[i] != 0)) {
+      const auto grad_impl = grad.defined() ? reinterpret_cast<int64_t>(grad.unsafeGetTensorImpl()) : 0;
+      if (grad_impl != expect[0] || impl->requires_grad() != (expect[1] != 0)) {
         first_grad_break = i;
       }
     }
@@ -210,5 +223,5 @@ PyMethodDef fused_optim_flat_methods[] = {
     {"one_view", one_view, METH_VARARGS,
      "one_view(lists: tuple[list[Tensor]], written: tuple[bool]) -> tuple[Tensor] | None"},
     {"bump_versions", bump_versions, METH_O, "bump_versions(tensors: list[Tensor]) -> None"},
-    {"flat_check", flat_check, METH_VARARGS, "flat_check(params, views, grads, requires_grad, modules, types) -> (kind, index)"},
+    {"flat_check", flat_check, METH_VARARGS, "flat_check(params, places, expected, storage, modules, types) -> (kind, index)"},
     {nullptr, nullptr, 0, nullptr}};

@@ -230,14 +230,34 @@ class _Group:
             p.grad = grad_view if had_grad else None
             self.expected.append(grad_view if had_grad else None)
         self.has_empty = any(p.numel() == 0 for p in params)
+        # What csrc/flat_views.cpp's flat_check compares each parameter with, packed (see there).
+        self.storage = self.data.untyped_storage()._cdata
+        self.places = torch.tensor(
+            [[v.storage_offset(), v.numel(), _geometry(v)] for v in self.views], dtype=torch.int64
+        ).reshape(-1, 3)
+        self._grad_addresses = [v._cdata for v in self.grad_views]
         self.expectations_changed()
 
     def expectations_changed(self) -> None:
         """Caches what the calls need of `expected` (kept off the per-call path: a Python loop over
         2000 parameters costs ~50 us)."""
         self.requires_grad = bytes(p.requires_grad for p in self.params)
+        self.expected_table = torch.tensor(
+            [[a if e is not None else 0, r] for a, e, r in zip(self._grad_addresses, self.expected, self.requires_grad)],
+            dtype=torch.int64,
+        ).reshape(-1, 2)
         self.missing = [v for v, e in zip(self.grad_views, self.expected) if e is None]  # kept zero
         self.to_attach = [i for i, (e, r) in enumerate(zip(self.expected, self.requires_grad)) if e is None and r]
+
+
+def _geometry(t: Tensor) -> int:
+    """A fingerprint of t's sizes and strides, as csrc/flat_views.cpp's geometry() (int64)."""
+    mask = (1 << 64) - 1
+    h = t.dim()
+    for size, stride in zip(t.shape, t.stride()):
+        h = ((h * 1000003) & mask) ^ size
+        h = ((h * 1000003) & mask) ^ stride
+    return h - (1 << 64) if h >= 1 << 63 else h
 
 
 class FlatBuffersBroken(RuntimeError):
@@ -403,7 +423,7 @@ class FlatParameters:
         # The module classes are checked with the first group only (they are the same for all).
         modules, types = (self._modules, self._types) if g is self._groups[0] else ([], [])
         if _C is not None:
-            return _C.flat_check(g.params, g.views, g.expected, g.requires_grad, modules, types)
+            return _C.flat_check(g.params, g.places, g.expected_table, g.storage, modules, types)
         for i, (p, view) in enumerate(zip(g.params, g.views)):
             same = (
                 type(p) in (Tensor, nn.Parameter)

@@ -227,11 +227,12 @@ def test_nonfinite_error_writes_nothing(backend):
         lambda m: m.half(),
         lambda m: m.to(torch.float64),
         lambda m: setattr(m[3].weight, "data", torch.zeros_like(m[3].weight)),
+        lambda m: setattr(m[3].weight, "data", m[3].weight.data.t()),  # same memory, other geometry
         lambda m: setattr(m[3], "weight", nn.Parameter(torch.zeros_like(m[3].weight))),
         lambda m: m.load_state_dict({k: v.clone() for k, v in m.state_dict().items()}, assign=True),
         lambda m: m.__setitem__(3, nn.Linear(64, 8)),
     ],
-    ids=["double", "half", "to", "data", "new-parameter", "load-assign", "new-submodule"],
+    ids=["double", "half", "to", "data", "transposed-data", "new-parameter", "load-assign", "new-submodule"],
 )
 def test_breaks_are_detected(backend, breaker):
     _, flat_model, flat = _pair()
