@@ -75,6 +75,21 @@ inline void update_each(const scalar_t* in, scalar_t* out, int64_t n, const Op& 
   using Vec = OpVec<scalar_t>;
   constexpr int64_t step = vec_step<scalar_t>();
   int64_t i = 0;
+  if constexpr (!kReducedFloat<scalar_t>) {
+    // Two vectors a step, as ATen's vectorized loops: on cache-resident data one a step ran the
+    // lerp ~1.3x slower than torch.lerp_ (fp16/bf16 steps are already two fp32 vectors).
+    for (; i + 2 * step <= n; i += 2 * step) {
+      Vec b0(0), b1(0);
+      const Vec a0 = Vec::loadu(in + i), a1 = Vec::loadu(in + i + step);
+      if constexpr (kReadOut) {
+        b0 = Vec::loadu(out + i);
+        b1 = Vec::loadu(out + i + step);
+      }
+      const Vec r0 = op(a0, b0), r1 = op(a1, b1);
+      r0.store(out + i);
+      r1.store(out + i + step);
+    }
+  }
   for (; i + step <= n; i += step) {
     if constexpr (kReducedFloat<scalar_t>) {
       Vec a_lo, a_hi, b_lo(0), b_hi(0);
