@@ -23,27 +23,27 @@ native_only = pytest.mark.skipif(EXT_DISABLED or _library._C is None, reason="ne
 NORM_TYPES = (2.0, 1.0, 3.5, math.inf, -math.inf, 0.0, -1.5)
 
 
-def _model(dtype=torch.float32, seed=0) -> nn.Module:
+def _model(dtype=torch.float32, seed=0, device="cpu") -> nn.Module:
     torch.manual_seed(seed)
     m = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 4 * 4, 8), nn.Tanh(), nn.Linear(8, 3))
-    return m.to(dtype)
+    return m.to(device, dtype)
 
 
-def _data(dtype=torch.float32, steps=3):
+def _data(dtype=torch.float32, steps=3, device="cpu"):
     g = torch.Generator().manual_seed(1)
-    return [torch.randn(5, 3, 6, 6, generator=g).to(dtype) for _ in range(steps)]
+    return [torch.randn(5, 3, 6, 6, generator=g).to(device, dtype) for _ in range(steps)]
 
 
 def _backward(model, x):
     model(x).float().square().mean().backward()
 
 
-def _pair(dtype=torch.float32):
+def _pair(dtype=torch.float32, device="cpu"):
     """A model, a copy flattened, and their gradients from the same batch."""
-    plain = _model(dtype)
+    plain = _model(dtype, device=device)
     flat_model = copy.deepcopy(plain)
     flat = flatten_parameters(flat_model)
-    x = _data(dtype)[0]
+    x = _data(dtype, device=device)[0]
     _backward(plain, x)
     _backward(flat_model, x)
     return plain, flat_model, flat
@@ -89,17 +89,17 @@ def test_channels_last_parameter_keeps_its_layout():
 @pytest.mark.parametrize("set_to_none", [True, False])
 @pytest.mark.parametrize("optimizer", ["sgd", "adamw"])
 @pytest.mark.parametrize("built", ["before", "after"])
-def test_training_matches_unflattened(backend, set_to_none, optimizer, built):
+def test_training_matches_unflattened(backend, device, set_to_none, optimizer, built):
     make = {
         "sgd": lambda ps: torch.optim.SGD(ps, lr=0.1, momentum=0.9, weight_decay=1e-3),
         "adamw": lambda ps: torch.optim.AdamW(ps, lr=1e-2),
     }[optimizer]
-    plain, flat_model = _model(), _model()
+    plain, flat_model = _model(device=device), _model(device=device)
     opt_plain = make(plain.parameters())
     opt_flat = make(flat_model.parameters()) if built == "before" else None
     flat = flatten_parameters(flat_model)
     opt_flat = opt_flat or make(flat_model.parameters())
-    for x in _data(steps=4):
+    for x in _data(steps=4, device=device):
         for model, opt in ((plain, opt_plain), (flat_model, opt_flat)):
             opt.zero_grad(set_to_none=set_to_none)
             _backward(model, x)
@@ -111,7 +111,7 @@ def test_training_matches_unflattened(backend, set_to_none, optimizer, built):
         for p, q in zip(plain.parameters(), flat_model.parameters()):
             torch.testing.assert_close(p, q)
     # Optimizer state and checkpoints are untouched by flattening.
-    restored = _model(seed=5)
+    restored = _model(seed=5, device=device)
     restored.load_state_dict(flat_model.state_dict())
     assert all(torch.equal(p, q) for p, q in zip(restored.parameters(), flat_model.parameters()))
     opt_plain.load_state_dict(opt_flat.state_dict())
@@ -122,8 +122,8 @@ def test_training_matches_unflattened(backend, set_to_none, optimizer, built):
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("norm_type", NORM_TYPES)
-def test_norms_and_clipping_equal_per_tensor(backend, dtype, norm_type):
-    plain, flat_model, flat = _pair(dtype)
+def test_norms_and_clipping_equal_per_tensor(backend, device, dtype, norm_type):
+    plain, flat_model, flat = _pair(dtype, device)
     expected = fused_optim.get_total_norm([p.grad for p in plain.parameters()], norm_type)
     torch.testing.assert_close(flat.get_total_norm(norm_type), expected)
     max_norm = float(expected) / 2 if math.isfinite(float(expected)) and float(expected) > 0 else 1.0
@@ -133,8 +133,8 @@ def test_norms_and_clipping_equal_per_tensor(backend, dtype, norm_type):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_clip_value_penalty_and_penalty_grad_equal_per_tensor(backend, dtype):
-    plain, flat_model, flat = _pair(dtype)
+def test_clip_value_penalty_and_penalty_grad_equal_per_tensor(backend, device, dtype):
+    plain, flat_model, flat = _pair(dtype, device)
     flat.clip_grad_value_(0.01)
     fused_optim.clip_grad_value_(plain.parameters(), 0.01)
     _assert_grads_equal(plain, flat_model)  # elementwise: bitwise
@@ -395,8 +395,8 @@ def test_public_functions_equal_torch_on_any_list(backend, case, norm_type):
         torch.testing.assert_close(t, c)
 
 
-def test_public_functions_on_a_flattened_model_equal_per_tensor(backend):
-    plain, flat_model, flat = _pair()
+def test_public_functions_on_a_flattened_model_equal_per_tensor(backend, device):
+    plain, flat_model, flat = _pair(device=device)
     for fn in (
         lambda m: fused_optim.clip_grad_norm_(m.parameters(), 0.1),
         lambda m: fused_optim.clip_grad_value_(m.parameters(), 0.001),
@@ -426,8 +426,8 @@ def test_written_leaves_take_the_per_tensor_path(backend):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_model_ema_flat_equals_per_tensor(backend, dtype):
-    model = nn.Sequential(nn.Linear(6, 8), nn.BatchNorm1d(8), nn.Linear(8, 3)).to(dtype)
+def test_model_ema_flat_equals_per_tensor(backend, device, dtype):
+    model = nn.Sequential(nn.Linear(6, 8), nn.BatchNorm1d(8), nn.Linear(8, 3)).to(device, dtype)
     per_tensor = fused_optim.ModelEMA(model, decay=0.9, warmup=True, buffers="average")
     flatten_parameters(model)
     flat_ema = fused_optim.ModelEMA(model, decay=0.9, warmup=True, buffers="average", flat=True)
@@ -437,7 +437,7 @@ def test_model_ema_flat_equals_per_tensor(backend, dtype):
         with torch.no_grad():
             for p in model.parameters():
                 p.add_(torch.randn_like(p))
-        model.train()(torch.randn(4, 6).to(dtype))
+        model.train()(torch.randn(4, 6).to(device, dtype))
         unflat_source.load_state_dict(model.state_dict())
         for ema, source in ((per_tensor, model), (flat_ema, model), (other_ema, unflat_source)):
             ema.update(source)
