@@ -13,7 +13,7 @@ from torch import Tensor, nn
 
 from . import _distributed
 from ._utils import as_float, as_int
-from .flat import FlatParameters, flat_call, flat_parameters_of, flatten_parameters
+from .flat import FlatBuffersBroken, FlatParameters, flat_call, flat_parameters_of, flatten_parameters
 
 
 def _normalized(weights: Sequence[float] | None, k: int) -> list[float]:
@@ -311,8 +311,7 @@ class ModelEMA(nn.Module):
         if self.flat:
             # The averaged weights are views of one buffer per dtype (the shadow: one fp32 buffer per
             # half dtype, `flat_shadow_<group>`); the update of a flattened model is one lerp call.
-            self._flat = flatten_parameters(self.module)
-            self._slots = {id(p): (gi, v) for gi, g in enumerate(self._flat._groups) for p, v in zip(g.params, g.views)}
+            self._flatten_module()
             self._matched: weakref.ref | None = None
             for gi, g in enumerate(self._flat._groups):
                 if fp32_shadow and g.dtype in half:
@@ -369,6 +368,11 @@ class ModelEMA(nn.Module):
         (ema_params, params), (ema_buffers, model_buffers) = pairs
         return ema_params, params, ema_buffers, model_buffers
 
+    def _flatten_module(self) -> None:
+        """Flat mode: the EMA's module flattened, and each parameter's (group, view) for its shadow."""
+        self._flat = flatten_parameters(self.module)
+        self._slots = {id(p): (gi, v) for gi, g in enumerate(self._flat._groups) for p, v in zip(g.params, g.views)}
+
     def _shadow(self, i: int, ema_p: Tensor) -> Tensor:
         """The fp32 shadow of the EMA's parameter number i (in flat mode, a view of its buffer)."""
         if not self.flat:
@@ -402,9 +406,8 @@ class ModelEMA(nn.Module):
             src.check()
             try:
                 self._flat.check()
-            except RuntimeError:  # the EMA was moved (ema.to(...)): its module is flattened again
-                self._flat = flatten_parameters(self.module)
-                self._slots = {id(p): (gi, v) for gi, g in enumerate(self._flat._groups) for p, v in zip(g.params, g.views)}
+            except FlatBuffersBroken:  # the EMA was moved (ema.to(...)): its module is flattened again
+                self._flatten_module()
             ema_buffers, model_buffers = list(self.module.buffers()), list(model.buffers())
             if len(ema_buffers) != len(model_buffers) or any(a.shape != b.shape for a, b in zip(ema_buffers, model_buffers)):
                 self._check_matches(model)  # raises, naming the mismatch

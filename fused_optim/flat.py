@@ -25,7 +25,7 @@ from typing import TypeVar
 import torch
 from torch import Tensor, nn
 
-from . import _distributed
+from . import _distributed, reference
 from ._library import _C
 from ._utils import as_float, to_float
 
@@ -52,7 +52,7 @@ def _one_run(tensors: list[Tensor], written: bool) -> tuple[Tensor, int, int] | 
             or t.is_neg()
             or t.is_conj()
             or t.numel() == 0
-            or not _non_overlapping_and_dense(t)
+            or not reference._non_overlapping_and_dense(t)
         ):
             return None
         if written and (t.requires_grad or t.is_inference()):
@@ -215,7 +215,7 @@ class _Group:
             for p in params:
                 # A dense parameter keeps its strides (channels_last included): the optimizer's and
                 # autograd's gradients then have the same layout as the view they land in.
-                stride = p.stride() if _non_overlapping_and_dense(p) else _contiguous_strides(p.shape)
+                stride = p.stride() if reference._non_overlapping_and_dense(p) else _contiguous_strides(p.shape)
                 view = self.data.as_strided(p.shape, stride, offset)
                 grad_view = self.grad.as_strided(p.shape, stride, offset)
                 view.copy_(p)
@@ -262,17 +262,6 @@ def _geometry(t: Tensor) -> int:
 
 class FlatBuffersBroken(RuntimeError):
     """A flattened parameter left its buffer or its module (see :class:`FlatParameters`)."""
-
-
-def _non_overlapping_and_dense(t: Tensor) -> bool:
-    """Its elements fill a block of memory exactly once, in some order of its dimensions."""
-    order = sorted(range(t.dim()), key=lambda d: t.stride(d))
-    expected = 1
-    for d in order:
-        if t.size(d) != 1 and t.stride(d) != expected:
-            return False
-        expected *= t.size(d)
-    return True
 
 
 def _contiguous_strides(shape: torch.Size) -> tuple[int, ...]:
@@ -369,9 +358,9 @@ class FlatParameters:
         return [g.grad for g in self._groups]
 
     def _check_structure(self) -> None:
-        module = self._module() if self._module is not None else None
         if self._module is None:
             return
+        module = self._module()
         if module is None:
             raise FlatBuffersBroken("FlatParameters: the module it was built from no longer exists")
         for m, cls in zip(self._modules, self._types):
@@ -486,8 +475,10 @@ class FlatParameters:
         """The gradient buffers, or None when the call must run per tensor."""
         return [g.grad for g in self._groups] if self.check() else None
 
-    def _actual_grads(self) -> list[Tensor]:
-        return [p.grad for p in self._params if p.grad is not None]
+    def _params_with_grads(self) -> list[Tensor]:
+        """The parameters that have a gradient: what the per-tensor functions see, when a call
+        runs per tensor."""
+        return [p for p in self._params if p.grad is not None]
 
     # ------------------------------------------------------------ the glue, one call each
 
@@ -497,7 +488,7 @@ class FlatParameters:
         ``optimizer.zero_grad(set_to_none=False)`` does, in one fill); parameters without a
         gradient keep None."""
         if self._grads() is None:
-            torch._foreach_zero_(self._actual_grads())
+            torch._foreach_zero_([p.grad for p in self._params_with_grads()])
             return
         for g in self._groups:
             g.grad.zero_()
@@ -508,7 +499,7 @@ class FlatParameters:
 
         grads = self._norm_grads(to_float(norm_type, "norm_type"))
         if grads is None:
-            return get_total_norm(self._actual_grads(), norm_type, error_if_nonfinite)
+            return get_total_norm([p.grad for p in self._params_with_grads()], norm_type, error_if_nonfinite)
         with torch.no_grad():
             return torch.ops.fused_optim.multi_tensor_norm.default(
                 grads, float(norm_type), False, bool(error_if_nonfinite)
@@ -535,7 +526,7 @@ class FlatParameters:
         norm_type, max_norm = to_float(norm_type, "norm_type"), to_float(max_norm, "max_norm")
         grads = self._norm_grads(norm_type)
         if grads is None:
-            return clip_grad_norm_(self._actual_grads_as_params(), max_norm, norm_type, error_if_nonfinite)
+            return clip_grad_norm_(self._params_with_grads(), max_norm, norm_type, error_if_nonfinite)
         with torch.no_grad():
             total = torch.ops.fused_optim.clip_grad_norm_.default(grads, max_norm, norm_type, bool(error_if_nonfinite))
         self._rezero_missing()  # a nan or inf norm scales zero slots to nan
@@ -548,15 +539,12 @@ class FlatParameters:
         clip_value = to_float(clip_value, "clip_value")
         grads = self._grads()
         if grads is None:
-            clip_grad_value_(self._actual_grads_as_params(), clip_value)
+            clip_grad_value_(self._params_with_grads(), clip_value)
             return
         with torch.no_grad():
             torch.ops.fused_optim.clip_grad_value_.default(grads, clip_value)
         if not clip_value >= 0:  # a nan or negative clip value fills every element, zero slots too
             self._rezero_missing()
-
-    def _actual_grads_as_params(self) -> list[Tensor]:
-        return [p for p in self._params if p.grad is not None]
 
     def l1l2_penalty(self, l1: float = 0.0, l2: float = 0.0) -> Tensor:
         """:func:`fused_optim.l1l2_penalty` of the parameters: one call on the buffers when no
