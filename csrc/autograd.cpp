@@ -170,8 +170,8 @@ void bump_written_versions(const c10::OperatorHandle& op, c10::DispatchKeySet ke
 
 // Keep in step with fused_optim/_library.py's SCHEMAS (tests/test_library.py checks every op).
 constexpr const char* kWritingOps[] = {
-    "l1l2_grad_", "multi_tensor_scale_", "clip_grad_norm_", "clip_grad_value_",
-    "multi_tensor_weighted_sum_", "multi_tensor_lerp_", "dropout_"};
+    "l1l2_grad_", "multi_tensor_scale_", "clip_grad_norm_", "clip_grad_value_", "pre_step_",
+    "multi_tensor_weighted_sum_", "multi_tensor_lerp_", "dropout_", "drop_groups_"};
 constexpr const char* kNoDerivativeOps[] = {
     "l1l2_penalty_backward", "multi_tensor_norm", "multi_tensor_weighted_sum", "dropout_mask"};
 

@@ -7,7 +7,23 @@ pure-Python reference kernel that runs wherever no native kernel is registered (
 
 from ._library import backend_info
 from .ensemble import ModelEnsemble
-from .dropout import CustomDropout, Dropout, dropout, unpack_dropout_mask
+from .dropout import (
+    CustomDropout,
+    Dropout,
+    Dropout1d,
+    Dropout2d,
+    Dropout3d,
+    DropPath,
+    StochasticDepth,
+    drop_path,
+    drop_path_add,
+    dropout,
+    dropout1d,
+    dropout2d,
+    dropout3d,
+    stochastic_depth,
+    unpack_dropout_mask,
+)
 from .averaging import (
     ModelEMA,
     average_model_weights,
@@ -23,28 +39,41 @@ from .averaging import (
 from .clip_grad import clip_grad_norm_, clip_grad_value_, clip_gradients, clip_grads_with_norm_, get_total_norm
 from .flat import FlatParameters, flatten_parameters
 from .regularization import L1L2Regularizer, l1l2_grad_, l1l2_penalty
+from .step import AttachHandle, attach, pre_step_
 from .training import EarlyStopping, GradientAccumulator, train_with_gradient_clipping
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "AttachHandle",
     "CustomDropout",
     "EarlyStopping",
     "FlatParameters",
     "GradientAccumulator",
     "Dropout",
+    "Dropout1d",
+    "Dropout2d",
+    "Dropout3d",
+    "DropPath",
+    "StochasticDepth",
     "L1L2Regularizer",
     "ModelEMA",
     "ModelEnsemble",
     "average_model_weights",
     "average_state_dicts",
     "average_tensors",
+    "attach",
     "backend_info",
     "clip_grad_norm_",
     "clip_grad_value_",
     "clip_gradients",
     "clip_grads_with_norm_",
+    "drop_path",
+    "drop_path_add",
     "dropout",
+    "dropout1d",
+    "dropout2d",
+    "dropout3d",
     "flatten_parameters",
     "ema_update_",
     "get_ema_multi_avg_fn",
@@ -53,6 +82,8 @@ __all__ = [
     "get_total_norm",
     "l1l2_grad_",
     "l1l2_penalty",
+    "pre_step_",
+    "stochastic_depth",
     "swa_update_",
     "train_with_gradient_clipping",
     "uniform_soup",

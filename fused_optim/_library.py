@@ -35,6 +35,10 @@ SCHEMAS = {
         " -> Tensor"
     ),
     "clip_grad_value_": "clip_grad_value_(Tensor(a!)[] grads, float clip_value) -> ()",
+    "pre_step_": (
+        "pre_step_(Tensor[] params, Tensor(a!)[] grads, float l1, float l2, float? max_norm, float norm_type,"
+        " float? clip_value, bool error_if_nonfinite) -> Tensor"
+    ),
     "multi_tensor_weighted_sum": "multi_tensor_weighted_sum(Tensor[] inputs, float[] weights) -> Tensor[]",
     "multi_tensor_weighted_sum_": (
         "multi_tensor_weighted_sum_(Tensor[] inputs, float[] weights, Tensor(a!)[] out) -> ()"
@@ -43,6 +47,11 @@ SCHEMAS = {
     "dropout": "dropout(Tensor input, float p, Tensor seed_offset) -> Tensor",
     "dropout_": "dropout_(Tensor(a!) input, float p, Tensor seed_offset) -> ()",
     "dropout_mask": "dropout_mask(Tensor input, float p, Tensor seed_offset) -> Tensor",
+    "drop_groups": "drop_groups(Tensor input, int group_dims, float p, bool scale, Tensor seed_offset) -> Tensor",
+    "drop_groups_": "drop_groups_(Tensor(a!) input, int group_dims, float p, bool scale, Tensor seed_offset) -> ()",
+    "drop_groups_add": (
+        "drop_groups_add(Tensor x, Tensor branch, int group_dims, float p, bool scale, Tensor seed_offset) -> Tensor"
+    ),
 }
 
 for _name, _schema in SCHEMAS.items():
@@ -122,6 +131,14 @@ def _(grads: list[Tensor], clip_value: float) -> None:
     reference.check_clip_value(grads, clip_value)
 
 
+@torch.library.register_fake("fused_optim::pre_step_", lib=_lib)
+def _(params: list[Tensor], grads: list[Tensor], l1: float, l2: float, max_norm: float | None, norm_type: float,
+      clip_value: float | None, error_if_nonfinite: bool) -> Tensor:
+    reference.check_pre_step_meta(params, grads, l1, l2, max_norm, norm_type, clip_value)
+    device = grads[0].device if grads else None
+    return torch.empty((), dtype=reference.norm_dtype(grads), device=device)
+
+
 @torch.library.register_fake("fused_optim::multi_tensor_weighted_sum", lib=_lib)
 def _(inputs: list[Tensor], weights: list[float]) -> list[Tensor]:
     out = [torch.empty_like(t) for t in inputs[: reference.num_outputs(inputs, weights)]]
@@ -156,6 +173,23 @@ def _(input: Tensor, p: float, seed_offset: Tensor) -> Tensor:
     return torch.empty((input.numel() + 7) // 8, dtype=torch.uint8, device=input.device)
 
 
+@torch.library.register_fake("fused_optim::drop_groups", lib=_lib)
+def _(input: Tensor, group_dims: int, p: float, scale: bool, seed_offset: Tensor) -> Tensor:
+    reference.check_drop_groups_args(input, group_dims, p, seed_offset)
+    return torch.empty_like(input)
+
+
+@torch.library.register_fake("fused_optim::drop_groups_", lib=_lib)
+def _(input: Tensor, group_dims: int, p: float, scale: bool, seed_offset: Tensor) -> None:
+    reference.check_drop_groups_args(input, group_dims, p, seed_offset)
+
+
+@torch.library.register_fake("fused_optim::drop_groups_add", lib=_lib)
+def _(x: Tensor, branch: Tensor, group_dims: int, p: float, scale: bool, seed_offset: Tensor) -> Tensor:
+    reference.check_drop_groups_add_args(x, branch, group_dims, p, seed_offset)
+    return torch.empty_like(x)
+
+
 # Dropout's backward regenerates the mask from (seed, offset): the same op applied to the gradient.
 # Saved for backward: p and the 2-element seed_offset tensor, nothing the size of the input.
 def _dropout_setup_context(ctx, inputs, output) -> None:
@@ -170,6 +204,32 @@ def _dropout_backward(ctx, grad: Tensor):
 
 torch.library.register_autograd(
     "fused_optim::dropout", _dropout_backward, setup_context=_dropout_setup_context, lib=_lib
+)
+
+
+# The structured forms regenerate their group mask the same way: d input = drop_groups(grad), and
+# for the residual form d x = grad, d branch = drop_groups(grad). Saved: the 2-element seed_offset.
+def _drop_groups_setup_context(ctx, inputs, output) -> None:
+    *_, ctx.group_dims, ctx.p, ctx.scale, seed_offset = inputs
+    ctx.save_for_backward(seed_offset)
+
+
+def _drop_groups_of(ctx, grad: Tensor) -> Tensor:
+    (seed_offset,) = ctx.saved_tensors
+    return torch.ops.fused_optim.drop_groups.default(grad, ctx.group_dims, ctx.p, ctx.scale, seed_offset)
+
+
+torch.library.register_autograd(
+    "fused_optim::drop_groups",
+    lambda ctx, grad: (_drop_groups_of(ctx, grad), None, None, None, None),
+    setup_context=_drop_groups_setup_context,
+    lib=_lib,
+)
+torch.library.register_autograd(
+    "fused_optim::drop_groups_add",
+    lambda ctx, grad: (grad, _drop_groups_of(ctx, grad), None, None, None, None),
+    setup_context=_drop_groups_setup_context,
+    lib=_lib,
 )
 
 
@@ -289,7 +349,7 @@ def _no_derivative(name: str, op):
     return kernel
 
 
-DIFFERENTIABLE = {"l1l2_penalty", "dropout"}  # the ops with a derivative (registered above and below)
+DIFFERENTIABLE = {"l1l2_penalty", "dropout", "drop_groups", "drop_groups_add"}  # the ops with a derivative (registered above and below)
 
 if not _has_kernel("l1l2_penalty", "Autograd"):
     torch.library.register_autograd(

@@ -429,6 +429,70 @@ def dropout_rows(bench: Bench, case: str) -> list[Row]:
     return rows
 
 
+def timm_drop_path(x: torch.Tensor, drop_prob: float) -> torch.Tensor:
+    """timm's drop_path formula: a per-sample bernoulli tensor in x's dtype, scaled, multiplied."""
+    keep = 1 - drop_prob
+    return x * x.new_empty((x.shape[0],) + (1,) * (x.ndim - 1)).bernoulli_(keep).div_(keep)
+
+
+# The issue's two activations: a ViT-B token tensor and a ResNet stage-1 feature map (fp32).
+STRUCTURED_CASES = {"a": (64, 197, 768), "b": (32, 256, 56, 56)}
+
+
+def structured_dropout_rows(bench: Bench, case: str) -> list[Row]:
+    """DropPath, channel dropout and the fused residual form on case (a) (64, 197, 768) or (b)
+    (32, 256, 56, 56), against timm's / torch's forms and the memory-speed yardsticks of the same
+    traffic: x * 2 (out of place), x.mul_(2) (in place), x + y (the residual)."""
+    if case not in STRUCTURED_CASES:
+        return []
+    shape = STRUCTURED_CASES[case]
+    label = "x".join(map(str, shape))
+    p = 0.1
+    g = torch.Generator(device=bench.device).manual_seed(0)
+    x, branch = (torch.randn(shape, generator=g, device=bench.device) for _ in range(2))
+    channel = fused_optim.dropout1d if len(shape) == 3 else fused_optim.dropout2d
+    torch_channel = torch.nn.functional.dropout1d if len(shape) == 3 else torch.nn.functional.dropout2d
+    rows = bench.rows(
+        "drop_path fwd", label,
+        fused=lambda: fused_optim.drop_path(x, p, True),
+        references={"timm drop_path": lambda: timm_drop_path(x, p), "yardstick x * 2": lambda: x * 2},
+    )
+    rows += bench.rows(
+        f"{channel.__name__} fwd", label,
+        fused=lambda: channel(x, p),
+        references={f"F.{channel.__name__}": lambda: torch_channel(x, p), "yardstick x * 2": lambda: x * 2},
+    )
+    y, z, w = x.clone(), x.clone(), x.clone()
+    rows += bench.rows(
+        f"{channel.__name__} fwd inplace", label,
+        fused=lambda: channel(y, p, inplace=True),
+        references={f"F.{channel.__name__} inplace": lambda: torch_channel(z, p, inplace=True),
+                    "yardstick x.mul_(2)": lambda: w.mul_(2)},
+    )
+    leaf = x.clone().requires_grad_()
+    grad = torch.ones_like(x)
+
+    def fwd_bwd(fn):
+        return lambda: torch.autograd.grad(fn(leaf), leaf, grad)
+
+    rows += bench.rows(
+        "drop_path fwd+bwd", label,
+        fused=fwd_bwd(lambda t: fused_optim.drop_path(t, p, True)),
+        references={"timm drop_path": fwd_bwd(lambda t: timm_drop_path(t, p)), "yardstick x * 2": fwd_bwd(lambda t: t * 2)},
+    )
+    rows += bench.rows(
+        "drop_path_add (x + drop_path(branch))", label,
+        fused=lambda: fused_optim.drop_path_add(x, branch, p, True),
+        references={"x + timm drop_path(branch)": lambda: x + timm_drop_path(branch, p), "yardstick x + y": lambda: x + branch},
+    )
+    saved = {
+        name: saved_bytes(fn, leaf)
+        for name, fn in [("fused", lambda t: fused_optim.drop_path(t, p, True)), ("timm", lambda t: timm_drop_path(t, p))]
+    }
+    bench.notes.append(f"drop_path {label}: bytes saved for backward: " + ", ".join(f"{k} {v:,}" for k, v in saved.items()))
+    return rows
+
+
 def _module_with_grads(case: str, device: str, seed: int) -> torch.nn.Module:
     """The case's tensors as the parameters of one module, each with a gradient."""
     module = torch.nn.ParameterList([torch.nn.Parameter(t) for t in make_case(case, device=device, seed=seed)])
@@ -527,6 +591,146 @@ def flat_rows(bench: Bench, case: str) -> list[Row]:
     return rows
 
 
+def _torch_glue(params: list[torch.Tensor], max_norm: float) -> None:
+    """torch's best way to the pre-step: the penalty's gradient with foreach ops, then
+    clip_grad_norm_(foreach=True)."""
+    foreach_grad_(params)
+    torch.nn.utils.clip_grad_norm_(params, max_norm, foreach=True)
+
+
+def _seed_glue(params: list[torch.Tensor], max_norm: float) -> None:
+    """The seed's way: the penalty through autograd (its L1L2Regularizer loop, backward), then
+    torch's clip_grad_norm_."""
+    seed_penalty(params).backward()
+    torch.nn.utils.clip_grad_norm_(params, max_norm)
+
+
+def _fused_separate(params: list[torch.Tensor], max_norm: float) -> None:
+    fused_optim.l1l2_grad_(params, L1, L2)
+    fused_optim.clip_grad_norm_(params, max_norm)
+
+
+def pre_step_rows(bench: Bench, case: str) -> list[Row]:
+    """The fused pre-step (penalty gradient + norm in one pass, then the clip) against the separate
+    fused calls, torch's foreach sequence and the seed's autograd penalty; on flat buffers against
+    the foreach sequence. Bytes: params and grads read, grads written (3 passes' worth), plus a
+    read and a write of the grads when clipping (5); the separate calls move 4 and 6."""
+    if case not in ("a", "b"):
+        return []
+    names = ["fused", "fused separate", "torch", "seed", "flat"]
+    models = {name: _module_with_grads(case, bench.device, 0) for name in names}
+    flat = fused_optim.flatten_parameters(models["flat"])
+    params = {name: list(m.parameters()) for name, m in models.items()}
+    size = nbytes(params["fused"])
+    norm = float(fused_optim.get_total_norm([p.grad for p in params["fused"]]))
+    no_clip = 1e30
+    rows = []
+    for clipping in (False, True):
+        def each(fn, name):
+            if clipping:
+                return clip_by_norm_each_call(fn, params[name], norm / 2)
+            return lambda: fn(params[name], no_clip)
+
+        label = "clipping" if clipping else "no clip"
+        references = {
+            "fused l1l2_grad_ + clip_grad_norm_": each(_fused_separate, "fused separate"),
+            "torch _foreach_* + clip foreach=True": each(_torch_glue, "torch"),
+        }
+        if case == "a":  # the seed's autograd loop over 2000 tensors takes seconds a round
+            references["seed: autograd penalty + clip"] = each(_seed_glue, "seed")
+        rows += bench.rows(
+            f"pre_step_ {label}", case,
+            fused=each(lambda ps, m: fused_optim.pre_step_(ps, L1, L2, max_norm=m), "fused"),
+            references=references,
+            bytes_moved=(5 if clipping else 3) * size, yardstick="mul_", yardstick_bytes=size,
+        )
+        rows += bench.rows(
+            f"flat pre_step_ {label}", case,
+            fused=each(lambda _, m: flat.pre_step_(L1, L2, max_norm=m), "flat"),
+            references={"torch _foreach_* + clip foreach=True": references["torch _foreach_* + clip foreach=True"]},
+            bytes_moved=(5 if clipping else 3) * size, yardstick="mul_", yardstick_bytes=size,
+        )
+    return rows
+
+
+def _transformer_step_setups(device: str):
+    """A training step of a small transformer block stack (4 layers, width 256, dropout 0.1; a
+    batch of 16 x 64 tokens): forward, loss, backward, the glue (L1+L2 penalty gradient, clip by
+    norm, EMA), AdamW. Three ways to write the glue: torch's foreach ops, fused_optim.attach on the
+    per-tensor model, attach on a flattened model (EMA flat too). Returns {name: (step, glue)}."""
+    torch.manual_seed(0)
+    x = torch.randn(16, 64, 256, device=device)
+
+    def build():
+        torch.manual_seed(0)
+        layer = torch.nn.TransformerEncoderLayer(256, 4, 1024, dropout=0.1, batch_first=True)
+        return torch.nn.TransformerEncoder(layer, 4, enable_nested_tensor=False).to(device).train()
+
+    setups = {}
+    plain = build()
+    plain_params = list(plain.parameters())
+    plain_opt = torch.optim.AdamW(plain_params, lr=1e-4, foreach=True)
+    shadow = [p.detach().clone() for p in plain_params]
+
+    def plain_glue():
+        with torch.no_grad():
+            foreach_grad_(plain_params)
+            torch.nn.utils.clip_grad_norm_(plain_params, 1.0, foreach=True)
+
+    def plain_ema():
+        with torch.no_grad():
+            torch._foreach_lerp_(shadow, [p.detach() for p in plain_params], 1e-3)
+
+    def plain_step():
+        plain_opt.zero_grad(set_to_none=False)
+        plain(x).square().mean().backward()
+        plain_glue()
+        plain_opt.step()
+        plain_ema()
+
+    setups["plain PyTorch (foreach)"] = (plain_step, lambda: (plain_glue(), plain_ema()))
+    for name, flat in (("fused attach, per-tensor", False), ("fused attach, flat", True)):
+        model = build()
+        if flat:
+            fused_optim.flatten_parameters(model)
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-4, foreach=True)
+        ema = fused_optim.ModelEMA(model, decay=0.999, flat=flat)
+        fused_optim.attach(opt, l1=L1, l2=L2, max_norm=1.0, ema=ema, model=model)
+
+        def step(model=model, opt=opt):
+            opt.zero_grad(set_to_none=False)
+            model(x).square().mean().backward()
+            opt.step()
+
+        def glue(model=model, ema=ema, flat=flat):  # what attach's hooks call
+            params = model.parameters() if flat else list(model.parameters())
+            fused_optim.pre_step_(params, L1, L2, max_norm=1.0)
+            ema.update(model)
+
+        setups[name] = (step, glue)
+    return setups
+
+
+def step_rows(bench: Bench, case: str) -> list[Row]:
+    """End to end: the transformer step of _transformer_step_setups, plain PyTorch against attach
+    per-tensor and flat; the glue's share of each step goes in the notes."""
+    if case != "a":
+        return []
+    setups = _transformer_step_setups(bench.device)
+    for step, _ in setups.values():  # gradients and optimizer state exist before the glue is timed
+        step()
+    steps = bench.time({name: step for name, (step, _) in setups.items()})
+    glues = bench.time({name: glue for name, (_, glue) in setups.items()})
+    reference = "plain PyTorch (foreach)"
+    rows = [Row("transformer training step", "4 x 256, 16 x 64 tokens", reference, steps[reference], steps[name])
+            for name in setups if name != reference]
+    for row, name in zip(rows, [n for n in setups if n != reference]):
+        row.reference = f"{reference} vs {name}"
+    bench.notes.append("glue (penalty + clip + EMA) share of the transformer step: " + "; ".join(
+        f"{name} {glues[name]:.2f} of {steps[name]:.2f} ms ({100 * glues[name] / steps[name]:.1f}%)" for name in setups))
+    return rows
+
+
 # One entry per area; each returns its rows for one case.
 SUITES: dict[str, Callable[[Bench, str], list[Row]]] = {
     "regularization": regularization_rows,
@@ -535,6 +739,9 @@ SUITES: dict[str, Callable[[Bench, str], list[Row]]] = {
     "averaging": averaging_rows,
     "ensemble": ensemble_rows,
     "flat": flat_rows,
+    "pre_step": pre_step_rows,
+    "step": step_rows,
+    "structured_dropout": structured_dropout_rows,
 }
 
 

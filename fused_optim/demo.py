@@ -1,6 +1,7 @@
 """python -m fused_optim.demo: trains a small MLP on a synthetic classification task with every
-feature of the package (L1+L2 penalty, fused Dropout, gradient accumulation, norm clipping, early
-stopping with best-weight restoration, EMA weights), then a 3-model ensemble and a uniform soup;
+feature of the package (fused Dropout, gradient accumulation, and the L1+L2 penalty, norm clipping
+and EMA weights run by fused_optim.attach inside the optimizer's step, early stopping with
+best-weight restoration), then a 3-model ensemble and a uniform soup;
 and the same training on the plain-PyTorch path with the same seeds, to compare epoch times.
 """
 
@@ -59,9 +60,10 @@ def train(model, train_data, val_data, args, fused: bool, seed: int, progress):
     micro = args.batch // steps
     batches_per_epoch = x.shape[0] // args.batch
     accumulator = fused_optim.GradientAccumulator(model, steps)
-    regularizer = fused_optim.L1L2Regularizer(1e-6, 1e-5)
     stopper = fused_optim.EarlyStopping(patience=3, mode="max", restore_best_weights=True, model=model)
     ema = fused_optim.ModelEMA(model, decay=0.98) if fused else copy.deepcopy(model)
+    if fused:  # the glue in the optimizer's step: penalty gradient + clip before it, the EMA after
+        fused_optim.attach(opt, l1=1e-6, l2=1e-5, max_norm=1.0, ema=ema, model=model)
     epoch_times = []
     for _ in range(args.epochs):
         start = time.perf_counter()
@@ -72,18 +74,14 @@ def train(model, train_data, val_data, args, fused: bool, seed: int, progress):
             for m in range(steps):
                 xi, yi = x[idx[m * micro : (m + 1) * micro]], y[idx[m * micro : (m + 1) * micro]]
                 if fused:  # the window is the whole batch: the optimizer steps after it
-                    accumulator.step(F.cross_entropy(model(xi), yi) + regularizer(model))
+                    accumulator.step(F.cross_entropy(model(xi), yi))
                 else:
                     (F.cross_entropy(model(xi), yi) + seed_penalty(model, 1e-6, 1e-5)).div(steps).backward()
-            if fused:
-                fused_optim.clip_grad_norm_(model.parameters(), 1.0)
-            else:
+            if not fused:
                 torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
             opt.step()
             opt.zero_grad()
-            if fused:
-                ema.update(model)
-            else:
+            if not fused:
                 with torch.no_grad():
                     for e, p in zip(ema.parameters(), model.parameters()):
                         e.mul_(0.98).add_(p, alpha=0.02)

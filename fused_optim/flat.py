@@ -154,11 +154,17 @@ def via_flat(parameters: object, method: str, *args) -> tuple[bool, object]:
     flat = _flat_of.get(args_of.get("self")) if args_of.get("recurse") is True else None
     if flat is None:
         return False, None
+    return call_flat(flat, method, *args)
+
+
+def call_flat(flat: FlatParameters, method: str, *args, **kwargs) -> tuple[bool, object]:
+    """(True, the FlatParameters method's result), or (False, None) when `flat` is found broken:
+    it warns once, and the caller runs the call per tensor."""
     try:
-        return True, getattr(flat, method)(*args)
+        return True, getattr(flat, method)(*args, **kwargs)
     except FlatBuffersBroken as e:
         if not flat._warned_broken:
-            warnings.warn(f"{e}; until then, the per-tensor path runs", stacklevel=3)
+            warnings.warn(f"{e}; until then, the per-tensor path runs", stacklevel=4)
             flat._warned_broken = True
         return False, None
 
@@ -247,6 +253,8 @@ class _Group:
             dtype=torch.int64,
         ).reshape(-1, 2)
         self.missing = [v for v, e in zip(self.grad_views, self.expected) if e is None]  # kept zero
+        # A parameter that does not require grad but has a gradient: a penalty on the buffer would reach it.
+        self.frozen_with_grad = any(e is not None and not r for e, r in zip(self.expected, self.requires_grad))
         self.to_attach = [i for i, (e, r) in enumerate(zip(self.expected, self.requires_grad)) if e is None and r]
 
 
@@ -437,8 +445,8 @@ class FlatParameters:
         (and replaced by their views), the slots of missing ones zeroed. False, touching nothing,
         when a gradient is a view of another buffer."""
         grads = [p.grad for p in g.params]
-        for p, grad in zip(g.params, grads):
-            if grad is not None and (grad._base is not None or grad.layout != torch.strided):
+        for grad, v in zip(grads, g.grad_views):
+            if grad is not None and grad is not v and (grad._base is not None or grad.layout != torch.strided):
                 if not self._warned:
                     warnings.warn(
                         "FlatParameters: a gradient is a view of another buffer (DDP's "
@@ -470,6 +478,15 @@ class FlatParameters:
         if zeros:
             with torch.no_grad():
                 torch._foreach_zero_(zeros)
+
+    def _attach_missing(self) -> None:
+        """After the penalty's gradient was added into the buffers: parameters that require grad
+        and had no gradient get their view (which now holds the penalty's gradient)."""
+        for g in self._groups:
+            if g.to_attach:
+                for i in g.to_attach:
+                    g.params[i].grad = g.expected[i] = g.grad_views[i]
+                g.expectations_changed()
 
     def _grads(self) -> list[Tensor] | None:
         """The gradient buffers, or None when the call must run per tensor."""
@@ -564,17 +581,44 @@ class FlatParameters:
 
         l1, l2 = as_float(l1, "l1"), as_float(l2, "l2")
         grads = self._grads()
-        if grads is None:
+        if grads is None or any(g.frozen_with_grad for g in self._groups):
             l1l2_grad_(self._params, l1, l2)
             return
         with torch.no_grad():
             torch.ops.fused_optim.l1l2_grad_.default(self.data, grads, l1, l2)
-        for g in self._groups:
-            if g.to_attach:
-                for i in g.to_attach:
-                    g.params[i].grad = g.expected[i] = g.grad_views[i]
-                g.expectations_changed()
+        self._attach_missing()
         self._rezero_missing()  # what is still missing does not require grad: it gets no gradient
+
+    def pre_step_(
+        self,
+        l1: float = 0.0,
+        l2: float = 0.0,
+        max_norm: float | None = None,
+        norm_type: float = 2.0,
+        clip_value: float | None = None,
+        error_if_nonfinite: bool = False,
+    ) -> Tensor:
+        """:func:`fused_optim.pre_step_` of the parameters, one call on the buffers: parameters that
+        require grad and have none get one (their view). Per tensor where a buffer's norm is not the
+        gradients' (see :meth:`get_total_norm`) or where the penalty would reach the slot of a
+        parameter that does not require grad (it gets no penalty, and no gradient)."""
+        from .step import _options, pre_step_
+
+        l1, l2, max_norm, norm_type, clip_value = _options(l1, l2, max_norm, norm_type, clip_value)
+        grads = self._norm_grads(norm_type)
+        penalized = l1 != 0.0 or l2 != 0.0
+        if grads is None or (
+            penalized and any(g.frozen_with_grad or len(g.missing) > len(g.to_attach) for g in self._groups)
+        ):
+            return pre_step_(self._params, l1, l2, max_norm, norm_type, clip_value, error_if_nonfinite)
+        with torch.no_grad():
+            total = torch.ops.fused_optim.pre_step_.default(
+                self.data, grads, l1, l2, max_norm, norm_type, clip_value, bool(error_if_nonfinite)
+            )
+        if penalized:
+            self._attach_missing()
+        self._rezero_missing()  # a nan or inf norm, a nan or negative clip value fill zero slots too
+        return total
 
     def __repr__(self) -> str:
         groups = ", ".join(f"{g.dtype}: {len(g.params)} tensors / {g.data.numel()} elements" for g in self._groups)

@@ -264,6 +264,53 @@ def clip_grad_value_(grads: list[Tensor], clip_value: float) -> None:
         g.clamp_(min=-clip_value, max=clip_value)
 
 
+def check_one_clip(max_norm, clip_value) -> None:
+    if max_norm is not None and clip_value is not None:
+        raise ValueError("pre_step_: pass max_norm or clip_value, not both")
+
+
+def check_pre_step_meta(params, grads, l1, l2, max_norm, norm_type, clip_value) -> None:
+    """pre_step_'s checks that read no memory (the fake kernel's): l1l2_grad_'s, the norm's, and
+    the clamp's for clip_value."""
+    check_coefficient(l1, "l1")
+    check_coefficient(l2, "l2")
+    check_norm_type(norm_type)
+    check_one_clip(max_norm, clip_value)
+    check_floating_list(params, "params")
+    check_paired_lists(params, grads)
+    check_norm_defined(grads, norm_type)
+    if clip_value is not None:
+        check_clip_value(grads, clip_value)
+
+
+def check_pre_step_args(params, grads, l1, l2, max_norm, norm_type, clip_value) -> None:
+    """pre_step_'s checks: the above, and the gradients' memory (writable, apart from params)."""
+    check_pre_step_meta(params, grads, l1, l2, max_norm, norm_type, clip_value)
+    check_writable(grads, "grads")
+    check_same_or_disjoint(grads, "grads", params, "params")
+
+
+def pre_step_(params, grads, l1, l2, max_norm, norm_type, clip_value, error_if_nonfinite) -> Tensor:
+    """The glue before an optimizer step as its sequence of ops: l1l2_grad_ (skipped when l1 = l2 =
+    0), the total norm of the resulting gradients (returned), then clip_grad_norm_'s scaling by that
+    total (max_norm) or clip_grad_value_'s clamp (clip_value). With error_if_nonfinite, a nan or inf
+    total raises RuntimeError (torch's message) and every gradient is left as it was."""
+    check_pre_step_args(params, grads, l1, l2, max_norm, norm_type, clip_value)
+    saved = [g.clone() for g in grads] if error_if_nonfinite else []
+    if l1 != 0.0 or l2 != 0.0:
+        l1l2_grad_(params, grads, l1, l2)
+    total, _ = multi_tensor_norm(grads, norm_type, False)
+    if error_if_nonfinite and not math.isfinite(total.item()):
+        for g, s in zip(grads, saved):
+            g.copy_(s)
+        raise RuntimeError(nonfinite_norm_message(norm_type))
+    if max_norm is not None and grads:
+        multi_tensor_scale_(grads, torch.clamp(max_norm / (total + 1e-6), max=1.0))
+    elif clip_value is not None:
+        clip_grad_value_(grads, clip_value)
+    return total
+
+
 # ---------------------------------------------------------------- averaging
 
 
@@ -419,3 +466,48 @@ def dropout_mask(input: Tensor, p: float, seed_offset: Tensor) -> Tensor:
     padded[: keep.numel()] = keep
     weights = torch.tensor([1, 2, 4, 8, 16, 32, 64, 128], dtype=torch.uint8, device=keep.device)
     return (padded.view(-1, 8) * weights).sum(1, dtype=torch.uint8)
+
+
+# ---------------------------------------------------------------- structured dropout
+
+
+def check_drop_groups_args(input: Tensor, group_dims: int, p: float, seed_offset: Tensor) -> None:
+    check_dropout_args(input, p, seed_offset)
+    if not 0 <= group_dims <= input.dim():
+        raise ValueError(f"group_dims must be between 0 and input.dim() = {input.dim()}, got {group_dims}")
+
+
+def check_drop_groups_add_args(x: Tensor, branch: Tensor, group_dims: int, p: float, seed_offset: Tensor) -> None:
+    check_drop_groups_args(branch, group_dims, p, seed_offset)
+    if x.shape != branch.shape:
+        raise ValueError(f"x and branch must have the same shape, got {list(x.shape)} and {list(branch.shape)}")
+    if x.dtype != branch.dtype:
+        raise TypeError(f"x and branch must have the same dtype, got {x.dtype} and {branch.dtype}")
+    if x.device != branch.device:
+        raise RuntimeError(f"x and branch must be on the same device, got {x.device} and {branch.device}")
+
+
+def group_multipliers(input: Tensor, group_dims: int, p: float, scale: bool, seed_offset: Tensor) -> Tensor:
+    """One multiplier per group (an index into the first group_dims dims, in row-major order):
+    element g of the dropout stream decides group g; kept groups get 1 / (1 - p) rounded to the
+    input's dtype (1 without `scale`), dropped ones 0. Shaped to broadcast against the input."""
+    shape = tuple(input.shape[:group_dims]) + (1,) * (input.dim() - group_dims)
+    m = dropout(torch.ones(shape, dtype=input.dtype, device=input.device), p, seed_offset)
+    return m if scale else (m != 0).to(input.dtype)
+
+
+def drop_groups(input: Tensor, group_dims: int, p: float, scale: bool, seed_offset: Tensor) -> Tensor:
+    check_drop_groups_args(input, group_dims, p, seed_offset)
+    return input * group_multipliers(input, group_dims, p, scale, seed_offset)
+
+
+def drop_groups_(input: Tensor, group_dims: int, p: float, scale: bool, seed_offset: Tensor) -> None:
+    check_drop_groups_args(input, group_dims, p, seed_offset)
+    check_writable([input], "input")
+    input.mul_(group_multipliers(input, group_dims, p, scale, seed_offset))
+
+
+def drop_groups_add(x: Tensor, branch: Tensor, group_dims: int, p: float, scale: bool, seed_offset: Tensor) -> Tensor:
+    """x + drop_groups(branch), in one addcmul (the product is not rounded before the sum)."""
+    check_drop_groups_add_args(x, branch, group_dims, p, seed_offset)
+    return torch.addcmul(x, branch, group_multipliers(branch, group_dims, p, scale, seed_offset))

@@ -72,6 +72,9 @@ def l1l2_grad_(params: Tensor | Iterable[Tensor], l1: float = 0.0, l2: float = 0
         TypeError, ValueError, RuntimeError: as :func:`l1l2_penalty`, and RuntimeError when a
             ``.grad`` differs from its parameter in shape, dtype or device. Nothing is written
             (no ``.grad`` is created or changed) when an error is raised.
+
+    DTensors (FSDP2, tensor parallel): each rank adds into its own shards of the gradients, which
+    must have their parameters' mesh and placements.
     """
     if via_flat(params, "l1l2_grad_", l1, l2)[0]:
         return
@@ -81,8 +84,13 @@ def l1l2_grad_(params: Tensor | Iterable[Tensor], l1: float = 0.0, l2: float = 0
     for i in missing:
         grads[i] = torch.zeros_like(params[i])
     l1, l2, add = as_float(l1, "l1"), as_float(l2, "l2"), torch.ops.fused_optim.l1l2_grad_.default
-    if missing or not flat_call((params, grads), (False, True), lambda p, g: add([p], [g], l1, l2))[0]:
-        add(params, grads, l1, l2)
+
+    def fused() -> None:
+        if missing or not flat_call((params, grads), (False, True), lambda p, g: add([p], [g], l1, l2))[0]:
+            add(params, grads, l1, l2)
+
+    # DTensors: element by element, so each rank adds into its gradients' shards.
+    _distributed.fused_or_sharded(fused, lambda: add(*_distributed.local_lists(params, grads), l1, l2), params, grads)
     for i in missing:  # attached only once the op has succeeded
         params[i].grad = grads[i]
 

@@ -136,6 +136,28 @@ def fsdp2(rank: int, world: int) -> None:
         torch.testing.assert_close(a.full_tensor(), 0.25 * r + 0.75 * p.detach())
 
 
+def fsdp2_attach(rank: int, world: int) -> None:
+    """attach(optimizer) on an FSDP2 model (pre_step_ on DTensors: the penalty into each rank's
+    gradient shards, the global norm, the clip) gives the unsharded loop's weights."""
+    model, reference = _fsdp2(_mlp(), world), _mlp()
+    opt, ref_opt = torch.optim.SGD(model.parameters(), lr=0.5), torch.optim.SGD(reference.parameters(), lr=0.5)
+    handle = fused_optim.attach(opt, l1=L1, l2=L2, max_norm=0.05)
+    data = torch.randn(3, world, 4, 6, generator=torch.Generator().manual_seed(2))  # step, rank, sample, feature
+    for step in range(3):
+        opt.zero_grad()
+        model(data[step, rank]).square().mean().backward()
+        opt.step()
+        ref_opt.zero_grad()
+        reference(data[step].reshape(-1, 6)).square().mean().backward()
+        params = list(reference.parameters())
+        torch._foreach_add_([p.grad for p in params], [L1 * p.sign() + 2 * L2 * p for p in params])
+        total = torch.nn.utils.clip_grad_norm_(params, 0.05)
+        ref_opt.step()
+        torch.testing.assert_close(_full(handle.total_norm), total)
+    for p, q in zip(model.parameters(), reference.parameters()):
+        torch.testing.assert_close(p.full_tensor(), q.detach())
+
+
 def fsdp2_model_ema(rank: int, world: int) -> None:
     """ModelEMA of an FSDP2 model: built before sharding (FSDP2 refuses deepcopy, with a clear
     error here), its module sharded the same way, then updated shard-local."""

@@ -28,3 +28,20 @@ def test_flat_suite_reports_its_rows():
         "host overhead: flat clip_grad_norm_",
     }
     assert {r.yardstick for r in rows if r.op == "ModelEMA.update, flat"} == {"lerp_"}
+
+
+def test_pre_step_and_step_suites_report_their_rows():
+    rows = bm.main(["--rounds", "1", "--suites", "pre_step", "--cases", "b"])
+    assert {r.op for r in rows} == {"pre_step_ no clip", "pre_step_ clipping", "flat pre_step_ no clip", "flat pre_step_ clipping"}
+    assert all(r.ref_ms > 0 and r.fused_ms > 0 for r in rows)
+    rows = bm.main(["--rounds", "1", "--suites", "step", "--cases", "a"])
+    assert len(rows) == 2 and all(r.op == "transformer training step" for r in rows)
+
+
+def test_structured_dropout_suite_reports_its_rows():
+    rows = bm.main(["--rounds", "1", "--suites", "structured_dropout", "--cases", "a"])
+    assert {r.op for r in rows} == {
+        "drop_path fwd", "dropout1d fwd", "dropout1d fwd inplace", "drop_path fwd+bwd", "drop_path_add (x + drop_path(branch))",
+    }
+    assert {r.reference for r in rows if r.op == "drop_path_add (x + drop_path(branch))"} == {
+        "x + timm drop_path(branch)", "yardstick x + y"}

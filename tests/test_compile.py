@@ -81,6 +81,8 @@ def test_dropout_inductor_keeps_the_eager_mask(backend):
         "functional": lambda t: fused_optim.dropout(t, 0.4),
         "module": fused_optim.Dropout(0.4),
         "in-place on a non-leaf": lambda t: fused_optim.dropout(t * 1.0, 0.4, inplace=True),
+        "drop_path_add": lambda t: fused_optim.drop_path_add(t, t * 2.0, 0.4, True),
+        "Dropout1d in place": lambda t: fused_optim.dropout1d(t * 1.0, 0.4, inplace=True),
     }
     for name, f in forms.items():
         compiled = torch.compile(f, fullgraph=True)
@@ -126,6 +128,17 @@ def _public_calls():
         "ModelEMA.update": lambda s: s["ema"].update(s["model"]),
         "ModelEMA.forward": lambda s: s["ema"](s["x"]),
         "ModelEnsemble.predict": lambda s: s["ensemble"].predict(s["x"]),
+        "pre_step_": lambda s: fused_optim.pre_step_(s["model"].parameters(), 0.01, 0.02, max_norm=0.1),
+        "pre_step_(clip_value)": lambda s: fused_optim.pre_step_(list(s["model"].parameters()), 0.01, 0.0, clip_value=0.01),
+        "drop_path": lambda s: fused_optim.drop_path(s["x"], 0.3, True),
+        "DropPath": lambda s: fused_optim.DropPath(0.3)(s["x"]),
+        "drop_path_add": lambda s: fused_optim.drop_path_add(s["x"], s["x"] * 2, 0.3, True),
+        "stochastic_depth": lambda s: fused_optim.stochastic_depth(s["x"], 0.3, "row"),
+        "StochasticDepth(batch)": lambda s: fused_optim.StochasticDepth(0.3, "batch")(s["x"]),
+        "dropout1d": lambda s: fused_optim.dropout1d(s["x"], 0.3),
+        "Dropout1d(inplace)": lambda s: fused_optim.Dropout1d(0.3, inplace=True)(s["x"].view(2, 3, 8)),
+        "dropout2d": lambda s: fused_optim.dropout2d(s["x"].view(3, 2, 4, 2), 0.3),
+        "Dropout3d": lambda s: fused_optim.Dropout3d(0.3)(s["x"].view(3, 2, 2, 2, 2)),
     }
 
 

@@ -1,9 +1,9 @@
 """Sharded training on 2 and 4 gloo processes (CPU, localhost), each compared with the unsharded
 computation on the same seed (the checks are in tests/distributed_checks.py): FSDP2 (penalty value
-and gradient, global norms of every order, clipping, shard-local EMA and averages, gradient
-accumulation, early stopping with best-weight restore), tensor-parallel DTensors on 1-D and 2x2
-meshes, ZeRO-style flat shards with process_group=, and DDP over flattened parameters (and FSDP2
-refusing them)."""
+and gradient, global norms of every order, clipping, attach(optimizer), shard-local EMA and
+averages, gradient accumulation, early stopping with best-weight restore), tensor-parallel DTensors
+on 1-D and 2x2 meshes, ZeRO-style flat shards with process_group=, and DDP over flattened
+parameters (and FSDP2 refusing them)."""
 
 from __future__ import annotations
 
@@ -19,7 +19,7 @@ from test_training import HERE, run_distributed
 @pytest.mark.parametrize("world", [2, 4])
 def test_sharded_training_matches_unsharded(world):
     run_distributed(
-        "fsdp2", "fsdp2_model_ema", "tensor_parallel", "flat_shards", "fsdp2_early_stopping", "early_stopping",
+        "fsdp2", "fsdp2_model_ema", "fsdp2_attach", "tensor_parallel", "flat_shards", "fsdp2_early_stopping", "early_stopping",
         "bad_sharded_input", "ddp_flat", "fsdp2_flat", world=world,
     )
 

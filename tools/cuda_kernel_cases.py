@@ -10,12 +10,14 @@ less one, a chunk, a chunk plus one (the CUDA chunk, 65536 elements), a tensor o
 one launch's block table holds (in fp32 only; with --small, left out), more tensors than one launch holds at the
 list depth of each op (110 at depth 1, 64 at depth 2), the widest kernel arguments (the weighted
 sum with 8 inputs: 9 lists) and the folded case beyond it (9 and 17 inputs), dropout on unaligned
-views, and every floating dtype. Exits non-zero at the first mismatch.
+views, structured dropout over group counts across the dropout tiles, and every floating dtype.
+Exits non-zero at the first mismatch.
 """
 
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 
 import torch
@@ -112,6 +114,12 @@ def main() -> int:
                 run_op(f"clip_grad_norm_ {max_norm} {tag}", ops.clip_grad_norm_, reference.clip_grad_norm_,
                        lambda max_norm=max_norm: (ts(), max_norm, 2.0, False))
             run_op(f"clip_grad_value_ {tag}", ops.clip_grad_value_, reference.clip_grad_value_, lambda: (ts(), 0.5))
+            for max_norm, clip_value, error in ((None, None, False), (1.0, None, False), (1e30, None, True), (None, 0.5, False)):
+                # No clip, clipping, a coefficient of 1 (after the no-write pass of error_if_nonfinite), the clamp.
+                run_op(f"pre_step_ {max_norm} {clip_value} {error} {tag}", ops.pre_step_, reference.pre_step_,
+                       lambda m=max_norm, v=clip_value, e=error: (ts(), ts(1), 0.3, 0.7, m, 2.0, v, e))
+            run_op(f"pre_step_ p=inf {tag}", ops.pre_step_, reference.pre_step_,
+                   lambda: ([t for t in ts() if t.numel()], [t for t in ts(1) if t.numel()], 0.3, 0.0, 1.0, float("inf"), None, False))
             for k in (1, 8, 9, 17):
                 if k > 1 and len(sizes) > MAX_TENSORS[9] + 1 and dtype != torch.float32:
                     continue  # the many-tensor lists at full depth once, in fp32, keep the run short
@@ -140,6 +148,21 @@ def main() -> int:
                     run_op(f"dropout {tag}", ops.dropout, reference.dropout, lambda: (x(), 0.3, so))
                     run_op(f"dropout_mask {tag}", ops.dropout_mask, reference.dropout_mask, lambda: (x(), 0.3, so))
                     run_op(f"dropout_ {tag}", ops.dropout_, reference.dropout_, lambda: (x(), 0.3, so))
+    # Structured dropout: group counts across the dropout kernel's tiles (128 elements), group dims
+    # 0, 1, 2, a channels_last input, and the residual form.
+    for shape, group_dims in (((0, 3), 1), ((1, 5), 1), ((129, 7), 1), ((3, 300, 4, 4), 2), ((6, 5, 4), 0)):
+        for dtype in DTYPES:
+            so = torch.tensor([99, 3], device=dev)
+
+            def t(k=0, shape=shape, dtype=dtype):
+                x = make([math.prod(shape)], dtype, dev, k)[0].view(shape)
+                return x.contiguous(memory_format=torch.channels_last) if x.dim() == 4 else x
+
+            tag = f"{shape} group_dims={group_dims} {dtype}"
+            run_op(f"drop_groups {tag}", ops.drop_groups, reference.drop_groups, lambda: (t(), group_dims, 0.3, True, so))
+            run_op(f"drop_groups_ {tag}", ops.drop_groups_, reference.drop_groups_, lambda: (t(), group_dims, 0.3, False, so))
+            run_op(f"drop_groups_add {tag}", ops.drop_groups_add, reference.drop_groups_add,
+                   lambda: (t(), t(1), group_dims, 0.3, True, so))
     if dev != "cpu":
         torch.cuda.synchronize()
     print(f"cuda_kernel_cases: every op agrees with the reference on {calls} list cases and the dropout cases ({dev})")

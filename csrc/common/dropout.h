@@ -5,11 +5,16 @@
 #include "common/tensor_list.h"
 
 #include <ATen/core/Tensor.h>
+#include <ATen/ops/addcmul.h>
 #include <ATen/ops/empty_like.h>
+#include <ATen/ops/mul.h>
+#include <ATen/ops/ne.h>
+#include <ATen/ops/ones.h>
 #include <c10/macros/Macros.h>
 #include <c10/util/Exception.h>
 
 #include <cstdint>
+#include <vector>
 
 namespace fused_optim {
 
@@ -102,6 +107,58 @@ void dropout_in_place(const at::Tensor& input, const Run& run) {
   const at::Tensor tmp = input.contiguous();
   run(tmp, tmp);
   input.copy_(tmp);
+}
+
+// Structured dropout (DropPath, channel dropout): one keep/drop decision per group of elements, a
+// group being an index into the first group_dims dims of the input (a sample for DropPath, a
+// (sample, channel) for channel dropout, the whole tensor for group_dims = 0). Group g, in
+// row-major order over those dims, takes element g of the dropout stream above, so its decision
+// does not depend on the threads, the layout or the device. The kept groups are multiplied by
+// keep_scale(p) rounded to the input's dtype (by 1 without `scale`), as torch's and timm's
+// broadcast multiply does, in one ATen elementwise pass over the input.
+inline void check_drop_groups_args(const at::Tensor& input, int64_t group_dims, double p) {
+  check_dropout_args(input, p);
+  TORCH_CHECK_VALUE(group_dims >= 0 && group_dims <= input.dim(), "group_dims must be between 0 and input.dim() = ",
+                    input.dim(), ", got ", group_dims);
+}
+
+// The groups' multipliers, shaped to broadcast against the input (its first group_dims sizes, then
+// ones), from the backend's element dropout run(in, out) on a tensor of ones.
+template <typename Run>
+at::Tensor group_multipliers(const at::Tensor& input, int64_t group_dims, double p, bool scale, const Run& run) {
+  std::vector<int64_t> shape(input.sizes().begin(), input.sizes().begin() + group_dims);
+  shape.resize(input.dim(), 1);
+  const at::Tensor m = at::ones(shape, input.options());
+  run(m, m);
+  return scale ? m : at::ne(m, 0).to(input.scalar_type());
+}
+
+template <typename Run>
+at::Tensor drop_groups_out_of_place(const at::Tensor& input, int64_t group_dims, double p, bool scale, const Run& run) {
+  check_drop_groups_args(input, group_dims, p);
+  return at::mul(input, group_multipliers(input, group_dims, p, scale, run));
+}
+
+// Refuses an input whose elements share memory before anything is written, as dropout_in_place.
+template <typename Run>
+void drop_groups_in_place(const at::Tensor& input, int64_t group_dims, double p, bool scale, const Run& run) {
+  check_drop_groups_args(input, group_dims, p);
+  check_writable(input, "input");
+  input.mul_(group_multipliers(input, group_dims, p, scale, run));
+}
+
+// x + drop_groups(branch) in one pass (the residual of a block with stochastic depth).
+template <typename Run>
+at::Tensor drop_groups_add(const at::Tensor& x, const at::Tensor& branch, int64_t group_dims, double p, bool scale,
+                           const Run& run) {
+  check_drop_groups_args(branch, group_dims, p);
+  TORCH_CHECK_VALUE(x.sizes() == branch.sizes(), "x and branch must have the same shape, got ", x.sizes(), " and ",
+                    branch.sizes());
+  TORCH_CHECK_TYPE(x.scalar_type() == branch.scalar_type(), "x and branch must have the same dtype, got ",
+                   x.scalar_type(), " and ", branch.scalar_type());
+  TORCH_CHECK(x.device() == branch.device(), "x and branch must be on the same device, got ", x.device(), " and ",
+              branch.device());
+  return at::addcmul(x, branch, group_multipliers(branch, group_dims, p, scale, run));
 }
 
 } // namespace fused_optim

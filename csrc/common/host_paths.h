@@ -109,9 +109,14 @@ inline void check_scale_args(at::TensorList tensors, const at::Tensor& scale, c1
   TORCH_CHECK(scale.numel() == 1, "scale must hold one element, got shape ", scale.sizes());
 }
 
+// torch's clipping coefficient, computed in the total's dtype where the total is:
+// min(1, max_norm / (total + 1e-6)).
+inline at::Tensor clip_coefficient(const at::Tensor& total, double max_norm) {
+  return at::clamp_max(at::mul(at::reciprocal(at::add(total, 1e-6)), max_norm), 1.0);
+}
+
 // clip_grad_norm_: total = norm(grads, norm_type, error_if_nonfinite) (raising before anything is
-// written), then scale(grads, coefficient) with torch's coefficient, computed in the total's dtype
-// where the total is: min(1, max_norm / (total + 1e-6)).
+// written), then scale(grads, clip_coefficient(total, max_norm)).
 template <typename Norm, typename Scale>
 at::Tensor clip_grad_norm_host(at::TensorList grads, double max_norm, double norm_type, bool error_if_nonfinite,
                                c10::DeviceType device, const Norm& norm, const Scale& scale) {
@@ -120,7 +125,7 @@ at::Tensor clip_grad_norm_host(at::TensorList grads, double max_norm, double nor
   check_writable(grads, "grads");
   at::Tensor total = norm(grads, norm_type, error_if_nonfinite);
   if (!grads.empty()) {
-    scale(grads, at::clamp_max(at::mul(at::reciprocal(at::add(total, 1e-6)), max_norm), 1.0));
+    scale(grads, clip_coefficient(total, max_norm));
   }
   return total;
 }
@@ -140,6 +145,65 @@ void clip_grad_value_host(at::TensorList grads, double clip_value, c10::DeviceTy
   }
   for_each_dense_group({grads}, [&](at::ScalarType dtype, const std::vector<at::Tensor>& g,
                                     const std::vector<std::vector<at::Tensor>>&) { clamp(dtype, g); });
+}
+
+// pre_step_: equal to its sequence of ops: l1l2_grad_ (skipped when l1 = l2 = 0), the total norm of
+// the resulting gradients (returned), then clip_grad_norm_'s scaling by that total (max_norm) or
+// clip_grad_value_'s clamp (clip_value, at most one of the two). With error_if_nonfinite a nan or
+// inf total raises before anything is written. The backend's callables: fused(write) runs the
+// penalty and the norm in one pass, writing the gradients when `write`, and returns the total
+// (used when no two positions share memory, the usual case); add() is l1l2_grad_, norm(error)
+// multi_tensor_norm's total, scale(coefficient) multi_tensor_scale_, clamp(dtype, grads) the clamp
+// of one dtype group.
+template <typename Fused, typename Add, typename Norm, typename Scale, typename Clamp>
+at::Tensor pre_step_host(at::TensorList params, at::TensorList grads, double l1, double l2, std::optional<double> max_norm,
+                         double norm_type, std::optional<double> clip_value, bool error_if_nonfinite,
+                         c10::DeviceType device, const Fused& fused, const Add& add, const Norm& norm,
+                         const Scale& scale, const Clamp& clamp) {
+  check_coefficient(l1, "l1");
+  check_coefficient(l2, "l2");
+  check_norm_type(norm_type);
+  TORCH_CHECK_VALUE(!(max_norm && clip_value), "pre_step_: pass max_norm or clip_value, not both");
+  check_floating_list(params, "params", device);
+  check_paired_lists(params, "params", grads, "grads");
+  check_norm_defined(grads, norm_type);
+  if (clip_value) {
+    check_clip_value(grads, *clip_value);
+  }
+  check_writable(grads, "grads");
+  check_same_or_disjoint(grads, "grads", params, "params");
+  at::Tensor total;
+  if (l1 == 0.0 && l2 == 0.0) {
+    total = norm(error_if_nonfinite);  // raises before anything is written
+  } else if (!positions_share_memory({grads, params}, 1)) {
+    total = fused(/*write=*/!error_if_nonfinite);
+    if (error_if_nonfinite) {
+      check_finite_norm(total, norm_type);
+      add();
+    }
+  } else {
+    // Positions share memory: the ops in sequence, on a snapshot to restore when the total is refused.
+    std::vector<at::Tensor> saved;
+    if (error_if_nonfinite) {
+      for (const at::Tensor& g : grads) {
+        saved.push_back(g.clone());
+      }
+    }
+    add();
+    total = norm(false);
+    if (error_if_nonfinite && !std::isfinite(total.item<double>())) {
+      for (size_t i = 0; i < grads.size(); ++i) {
+        grads[i].copy_(saved[i]);
+      }
+      check_finite_norm(total, norm_type);
+    }
+  }
+  if (max_norm && !grads.empty()) {
+    scale(clip_coefficient(total, *max_norm));
+  } else if (clip_value) {
+    clip_grad_value_host(grads, *clip_value, device, clamp);
+  }
+  return total;
 }
 
 // multi_tensor_weighted_sum_: sum(dtype, out, inputs) per dtype group writes

@@ -379,6 +379,10 @@ void run_in_sequential_passes(
   }
 }
 
+bool positions_share_memory(const std::vector<at::TensorList>& lists, size_t num_written) {
+  return !sequential_passes(lists, num_written).empty();
+}
+
 at::Tensor scalar_result(double value, const at::TensorOptions& options) {
   return at::scalar_tensor(value, options.dtype(at::kDouble)).to(options.dtype());
 }

@@ -94,6 +94,9 @@ void run_in_sequential_passes(
     const std::vector<at::TensorList>& lists, size_t num_written,
     const std::function<void(const std::vector<at::TensorList>&)>& f);
 
+// True when run_in_sequential_passes(lists, num_written, f) would run f more than once.
+bool positions_share_memory(const std::vector<at::TensorList>& lists, size_t num_written);
+
 // A 0-dim tensor of `options` holding `value`, converted as torch converts tensors (a finite double
 // beyond fp32's range becomes inf, as torch's own fp32 reductions give, instead of an error).
 at::Tensor scalar_result(double value, const at::TensorOptions& options);

@@ -36,33 +36,40 @@ constexpr int64_t vec_step() {
 // index order, so results stay deterministic.
 constexpr int kAccumulators = 4;
 
-// Calls vop(k, OpVec) on every full vector of x[0, n), k being the vector's position modulo
-// kAccumulators (both fp32 halves of an fp16/bf16 vector get the same k), and sop(opmath) on the
-// tail.
-template <typename scalar_t, typename VecOp, typename ScalarOp>
-inline void for_each_vec(const scalar_t* x, int64_t n, const VecOp& vop, const ScalarOp& sop) {
+// Calls visit(k, i) for the offset i of every full vector of [0, n), k being the vector's position
+// modulo kAccumulators (constant in the unrolled loop, so accumulators indexed by it stay in
+// registers); returns the offset where the scalar tail begins.
+template <typename scalar_t, typename Visit>
+inline int64_t for_each_vec_offset(int64_t n, const Visit& visit) {
   constexpr int64_t step = vec_step<scalar_t>();
-  auto visit = [&](int k, const scalar_t* at) {
-    if constexpr (kReducedFloat<scalar_t>) {
-      OpVec<scalar_t> lo, hi;
-      at::vec::load_to_float(at, lo, hi);
-      vop(k, lo);
-      vop(k, hi);
-    } else {
-      vop(k, OpVec<scalar_t>::loadu(at));
-    }
-  };
   static_assert(kAccumulators == 4, "the unrolled loop below deals to 4 accumulators");
   int64_t i = 0;
   for (; i + kAccumulators * step <= n; i += kAccumulators * step) {
-    visit(0, x + i);
-    visit(1, x + i + step);
-    visit(2, x + i + 2 * step);
-    visit(3, x + i + 3 * step);
+    visit(0, i);
+    visit(1, i + step);
+    visit(2, i + 2 * step);
+    visit(3, i + 3 * step);
   }
   for (int k = 0; i + step <= n; i += step, ++k) {
-    visit(k, x + i);
+    visit(k, i);
   }
+  return i;
+}
+
+// Calls vop(k, OpVec) on every full vector of x[0, n), k as for_each_vec_offset (both fp32 halves
+// of an fp16/bf16 vector get the same k), and sop(opmath) on the tail.
+template <typename scalar_t, typename VecOp, typename ScalarOp>
+inline void for_each_vec(const scalar_t* x, int64_t n, const VecOp& vop, const ScalarOp& sop) {
+  int64_t i = for_each_vec_offset<scalar_t>(n, [&](int k, int64_t at) {
+    if constexpr (kReducedFloat<scalar_t>) {
+      OpVec<scalar_t> lo, hi;
+      at::vec::load_to_float(x + at, lo, hi);
+      vop(k, lo);
+      vop(k, hi);
+    } else {
+      vop(k, OpVec<scalar_t>::loadu(x + at));
+    }
+  });
   for (; i < n; ++i) {
     sop(static_cast<opmath_t<scalar_t>>(x[i]));
   }

@@ -3,6 +3,7 @@
 // (common/host_paths.h); the inner loops are in kernels/clip_grad.cpp.
 #include "common/host_paths.h"
 #include "cpu/kernels.h"
+#include "cpu/ops.h"
 
 #include <ATen/ops/empty.h>
 #include <torch/library.h>
@@ -12,9 +13,11 @@
 namespace fused_optim {
 
 DEFINE_DISPATCH(norm_stub);
+DEFINE_DISPATCH(penalty_norm_stub);
 DEFINE_DISPATCH(scale_stub);
 DEFINE_DISPATCH(clamp_stub);
 REGISTER_AVX512_DISPATCH(norm_stub, nullptr)
+REGISTER_AVX512_DISPATCH(penalty_norm_stub, nullptr)
 REGISTER_AVX512_DISPATCH(scale_stub, nullptr)
 REGISTER_AVX512_DISPATCH(clamp_stub, nullptr)
 
@@ -113,9 +116,42 @@ void clip_grad_value_cpu(at::TensorList grads, double clip_value) {
   });
 }
 
+at::Tensor pre_step_cpu(at::TensorList params, at::TensorList grads, double l1, double l2,
+                        std::optional<double> max_norm, double norm_type, std::optional<double> clip_value,
+                        bool error_if_nonfinite) {
+  const auto options = at::TensorOptions().dtype(norm_dtype(grads));
+  return pre_step_host(
+      params, grads, l1, l2, max_norm, norm_type, clip_value, error_if_nonfinite, c10::kCPU,
+      [&](bool write) {
+        // One pass per dtype group; per-tensor norms in position order, combined as
+        // multi_tensor_norm combines them, so the total equals its total over the written gradients.
+        const NormKind kind = norm_kind(norm_type);
+        std::vector<double> norms(grads.size());
+        const DenseTargets targets(grads);
+        const std::vector<at::Tensor> laid_out = in_layout_of(params, targets.dense());
+        for (const auto& [dtype, idx] : group_by_dtype(grads)) {
+          std::vector<double> acc(idx.size());
+          penalty_norm_stub(c10::kCPU, select(laid_out, idx), select(targets.dense(), idx), l1, 2.0 * l2, write, kind,
+                            norm_type, acc.data());
+          for (size_t k = 0; k < idx.size(); ++k) {
+            norms[idx[k]] = norm_from_acc(acc[k], kind, norm_type);
+          }
+        }
+        if (write) {
+          targets.write_back();
+        }
+        return scalar_result(total_norm(norms, kind, norm_type), options);
+      },
+      [&] { cpu::l1l2_grad_cpu(params, grads, l1, l2); },
+      [&](bool error) { return std::get<0>(multi_tensor_norm_cpu(grads, norm_type, false, error)); },
+      [&](const at::Tensor& coef) { scale_in_place(grads, coef.item<double>()); },
+      [&](at::ScalarType, const std::vector<at::Tensor>& g) { clamp_stub(c10::kCPU, g, *clip_value); });
+}
+
 } // namespace
 
 TORCH_LIBRARY_IMPL(fused_optim, CPU, m) {
+  m.impl("pre_step_", &pre_step_cpu);
   m.impl("multi_tensor_norm", &multi_tensor_norm_cpu);
   m.impl("multi_tensor_scale_", &multi_tensor_scale_cpu);
   m.impl("clip_grad_norm_", &clip_grad_norm_cpu);

@@ -35,6 +35,13 @@ enum class NormKind { kSumAbs, kSumSquares, kSumPow, kCount, kMax, kMin };
 using norm_fn = void (*)(const std::vector<at::Tensor>& tensors, NormKind kind, double p, double* per_tensor_acc);
 DECLARE_DISPATCH(norm_fn, norm_stub)
 
+// The pre-step's pass: x = grads[i] + a * sign(params[i]) + b * params[i], rounded to the dtype,
+// written into grads[i] when `write`, and folded into per_tensor_acc[i] as norm_fn folds x (the
+// same order: the norm equals norm_fn's over the written gradients, bit for bit).
+using penalty_norm_fn = void (*)(const std::vector<at::Tensor>& params, const std::vector<at::Tensor>& grads, double a,
+                                 double b, bool write, NormKind kind, double p, double* per_tensor_acc);
+DECLARE_DISPATCH(penalty_norm_fn, penalty_norm_stub)
+
 // tensors[i] *= scale, computed in the op-math type.
 using scale_fn = void (*)(const std::vector<at::Tensor>& tensors, double scale);
 DECLARE_DISPATCH(scale_fn, scale_stub)

@@ -4,6 +4,7 @@
 #include "common/elementwise.h"
 #include "common/host_paths.h"
 #include "cpu/kernels.h"
+#include "cpu/ops.h"
 
 #include <torch/library.h>
 
@@ -36,6 +37,10 @@ std::vector<at::Tensor> l1l2_penalty_backward_cpu(
       });
 }
 
+} // namespace
+
+namespace cpu {
+
 void l1l2_grad_cpu(at::TensorList params, at::TensorList grads, double l1, double l2) {
   l1l2_grad_host(params, grads, l1, l2, c10::kCPU,
                  [&](at::ScalarType, const std::vector<at::Tensor>& p, const std::vector<at::Tensor>& g) {
@@ -43,12 +48,12 @@ void l1l2_grad_cpu(at::TensorList params, at::TensorList grads, double l1, doubl
                  });
 }
 
-} // namespace
+} // namespace cpu
 
 TORCH_LIBRARY_IMPL(fused_optim, CPU, m) {
   m.impl("l1l2_penalty", &l1l2_penalty_cpu);
   m.impl("l1l2_penalty_backward", &l1l2_penalty_backward_cpu);
-  m.impl("l1l2_grad_", &l1l2_grad_cpu);
+  m.impl("l1l2_grad_", &cpu::l1l2_grad_cpu);
 }
 
 } // namespace fused_optim

@@ -1,11 +1,13 @@
 // CUDA kernels of gradient clipping: multi-tensor norms (per-chunk partials, then per-tensor norms,
 // a block each, then the total, each combined in a fixed order), scaling by a coefficient read
-// from device memory (blocks exit without writing when it is 1), clamping in one pass.
+// from device memory (blocks exit without writing when it is 1), clamping in one pass, and the
+// pre-step (the penalty's gradient added and the norm's partials taken in the same pass).
 // clip_grad_norm_ makes no host synchronization unless error_if_nonfinite asks for the norm's value.
 #include "common/elementwise.h"
 #include "common/host_paths.h"
 #include "common/reduce_order.h"
 #include "cuda/multi_tensor_apply.cuh"
+#include "cuda/ops.h"
 
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
@@ -34,6 +36,19 @@ __device__ double block_combine(Kind kind, double value) {
   return shared[0];
 }
 
+// What element v adds to its chunk's fold, in the op-math type.
+template <typename T>
+__device__ T norm_term(Kind kind, T v, double p) {
+  const T a = ::fabs(v);
+  switch (kind) {
+    case kSumAbs: return a;
+    case kSumSquares: return v * v;
+    case kSumPow: return ::pow(a, static_cast<T>(p));
+    case kCount: return static_cast<T>(v != T(0));
+    default: return a;  // kMax, kMin
+  }
+}
+
 template <typename scalar_t>
 struct NormPartials {
   __device__ void operator()(TensorListMetadata<1>& meta, Kind kind, double p, double* partials) const {
@@ -44,17 +59,7 @@ struct NormPartials {
     const auto* x = static_cast<const scalar_t*>(meta.addresses[0][tensor]);
     double acc = identity(kind);
     for (int64_t i = begin + threadIdx.x; i < end; i += blockDim.x) {
-      const T v = static_cast<T>(x[i]);
-      const T a = ::fabs(v);
-      T term;
-      switch (kind) {
-        case kSumAbs: term = a; break;
-        case kSumSquares: term = v * v; break;
-        case kSumPow: term = ::pow(a, static_cast<T>(p)); break;
-        case kCount: term = static_cast<T>(v != T(0)); break;
-        default: term = a; break;  // kMax, kMin
-      }
-      acc = combine(kind, acc, static_cast<double>(term));
+      acc = combine(kind, acc, static_cast<double>(norm_term(kind, static_cast<T>(x[i]), p)));
     }
     acc = block_combine(kind, acc);
     if (threadIdx.x == 0) {
@@ -95,27 +100,58 @@ __global__ void __launch_bounds__(kBlockSize) total_norm(const double* terms, in
   }
 }
 
-std::tuple<at::Tensor, at::Tensor> multi_tensor_norm_cuda(
-    at::TensorList tensors, double norm_type, bool per_tensor, bool error_if_nonfinite) {
-  check_norm_args(tensors, norm_type, c10::kCUDA);
-  const Kind kind = norm_kind(norm_type);
+// x = g + a * sign(w) + b * w (l1l2_grad_'s arithmetic, rounded to the dtype), written into g when
+// kWrite, folded into the chunk's partial as NormPartials folds x: the same order, so the norm is
+// multi_tensor_norm's over the written gradients, bit for bit.
+template <typename scalar_t, bool kWrite>
+struct PenaltyNormPartials {
+  __device__ void operator()(TensorListMetadata<2>& meta, double l1, double l2, Kind kind, double p, double* partials) const {
+    using T = at::opmath_type<scalar_t>;
+    const int tensor = meta.block_to_tensor[blockIdx.x];
+    const int64_t begin = static_cast<int64_t>(meta.block_to_chunk[blockIdx.x]) * kChunkSize;
+    const int64_t end = min(begin + kChunkSize, meta.sizes[tensor]);
+    const auto* w = static_cast<const scalar_t*>(meta.addresses[0][tensor]);
+    auto* g = static_cast<scalar_t*>(meta.addresses[1][tensor]);
+    const T a = static_cast<T>(l1), b = static_cast<T>(2.0 * l2);
+    double acc = identity(kind);
+    for (int64_t i = begin + threadIdx.x; i < end; i += blockDim.x) {
+      const T v = static_cast<T>(w[i]);
+      const T sign = static_cast<T>((v > T(0)) - (v < T(0)));
+      const scalar_t x = static_cast<scalar_t>(static_cast<T>(g[i]) + a * sign + b * v);
+      if constexpr (kWrite) {
+        g[i] = x;
+      }
+      acc = combine(kind, acc, static_cast<double>(norm_term(kind, static_cast<T>(x), p)));
+    }
+    acc = block_combine(kind, acc);
+    if (threadIdx.x == 0) {
+      partials[meta.first_global_chunk + blockIdx.x] = acc;
+    }
+  }
+};
+
+// The total norm (fp64, on the device) and the per-tensor norms of dense `tensors`, from per-chunk
+// partials that partials_of(dtype, idx, first_chunk, partials) writes for each dtype group (the
+// tensors idx, chunks numbered from first_chunk): then per-tensor norms, a block each, then the
+// total, each combined in a fixed order.
+template <typename PartialsOf>
+std::tuple<at::Tensor, at::Tensor> norm_from_chunks(const std::vector<at::Tensor>& tensors, Kind kind, double norm_type,
+                                                     const PartialsOf& partials_of) {
   const auto options = tensors[0].options();
   // Chunks are numbered group by group; bounds maps each tensor (in input order) to its chunks.
   std::vector<int64_t> bounds(2 * tensors.size());
   at::Tensor partials = at::empty({std::max<int64_t>(num_chunks(tensors), 1)}, options.dtype(at::kDouble));
   int64_t first = 0;
-  for_each_dense_subset(tensors, [&](at::ScalarType dtype, const std::vector<int64_t>& idx, const std::vector<at::Tensor>& dense) {
+  for (const auto& [dtype, idx] : group_by_dtype(tensors)) {
     int64_t chunk = first;
     for (int64_t i : idx) {
       bounds[2 * i] = chunk;
       chunk += chunks_of(tensors[i].numel());
       bounds[2 * i + 1] = chunk;
     }
-    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, "multi_tensor_norm_cuda", [&] {
-      multi_tensor_apply<1>({dense}, first, NormPartials<scalar_t>{}, kind, norm_type, partials.data_ptr<double>());
-    });
+    partials_of(dtype, idx, first, partials.data_ptr<double>());
     first = chunk;
-  });
+  }
   // Per-tensor chunk ranges, copied without a host synchronization (pinned, non-blocking).
   at::Tensor ranges = at::empty({static_cast<int64_t>(bounds.size())}, at::TensorOptions().dtype(at::kLong).pinned_memory(true));
   std::copy(bounds.begin(), bounds.end(), ranges.data_ptr<int64_t>());
@@ -131,11 +167,27 @@ std::tuple<at::Tensor, at::Tensor> multi_tensor_norm_cuda(
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   total_norm<<<1, kBlockSize, 0, stream>>>(terms.data_ptr<double>(), n, kind, norm_type, total.data_ptr<double>());
   C10_CUDA_KERNEL_LAUNCH_CHECK();
+  return {total, per};
+}
+
+std::tuple<at::Tensor, at::Tensor> multi_tensor_norm_cuda(
+    at::TensorList tensors, double norm_type, bool per_tensor, bool error_if_nonfinite) {
+  check_norm_args(tensors, norm_type, c10::kCUDA);
+  const Kind kind = norm_kind(norm_type);
+  std::vector<at::Tensor> dense;
+  for (const at::Tensor& t : tensors) {
+    dense.push_back(as_dense(t));
+  }
+  const auto [total, per] = norm_from_chunks(dense, kind, norm_type, [&](at::ScalarType dtype, const std::vector<int64_t>& idx, int64_t first, double* partials) {
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, "multi_tensor_norm_cuda", [&] {
+      multi_tensor_apply<1>({select(dense, idx)}, first, NormPartials<scalar_t>{}, kind, norm_type, partials);
+    });
+  });
   const auto dtype = norm_dtype(tensors);
   if (error_if_nonfinite) {  // the one case that reads the norm on the host, as torch does
     check_finite_norm(total.to(dtype), norm_type);
   }
-  return {total.to(dtype), per_tensor ? per.to(dtype) : at::empty({0}, options.dtype(dtype))};
+  return {total.to(dtype), per_tensor ? per.to(dtype) : at::empty({0}, tensors[0].options().dtype(dtype))};
 }
 
 // x *= *scale, skipped (no write) when *scale == 1: the coefficient stays in device memory.
@@ -260,17 +312,55 @@ at::Tensor clip_grad_norm_cuda(at::TensorList grads, double max_norm, double nor
       [](at::TensorList g, const at::Tensor& coef) { scale_by(g, coef); });
 }
 
+// The clamp of one dtype group of dense gradients (clip_grad_value_'s and pre_step_'s).
+void clamp_group(at::ScalarType dtype, const std::vector<at::Tensor>& g, double clip_value) {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, "clip_grad_value_cuda", [&] {
+    multi_tensor_apply<1>({g}, 0, Clamp<scalar_t>{}, clip_value);
+  });
+}
+
 void clip_grad_value_cuda(at::TensorList grads, double clip_value) {
   clip_grad_value_host(grads, clip_value, c10::kCUDA, [&](at::ScalarType dtype, const std::vector<at::Tensor>& g) {
-    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, "clip_grad_value_cuda", [&] {
-      multi_tensor_apply<1>({g}, 0, Clamp<scalar_t>{}, clip_value);
-    });
+    clamp_group(dtype, g, clip_value);
   });
+}
+
+// The coefficient stays on the device: no host synchronization unless error_if_nonfinite.
+at::Tensor pre_step_cuda(at::TensorList params, at::TensorList grads, double l1, double l2,
+                         std::optional<double> max_norm, double norm_type, std::optional<double> clip_value,
+                         bool error_if_nonfinite) {
+  return pre_step_host(
+      params, grads, l1, l2, max_norm, norm_type, clip_value, error_if_nonfinite, c10::kCUDA,
+      [&](bool write) {
+        const Kind kind = norm_kind(norm_type);
+        const DenseTargets targets(grads);
+        const std::vector<at::Tensor>& dense = targets.dense();
+        const std::vector<at::Tensor> laid_out = in_layout_of(params, dense);
+        const auto [total, per] = norm_from_chunks(dense, kind, norm_type, [&](at::ScalarType dtype, const std::vector<int64_t>& idx, int64_t first, double* partials) {
+          AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, "pre_step_cuda", [&] {
+            const std::vector<std::vector<at::Tensor>> lists = {select(laid_out, idx), select(dense, idx)};
+            if (write) {
+              multi_tensor_apply<2>(lists, first, PenaltyNormPartials<scalar_t, true>{}, l1, l2, kind, norm_type, partials);
+            } else {
+              multi_tensor_apply<2>(lists, first, PenaltyNormPartials<scalar_t, false>{}, l1, l2, kind, norm_type, partials);
+            }
+          });
+        });
+        if (write) {
+          targets.write_back();
+        }
+        return total.to(norm_dtype(grads));
+      },
+      [&] { l1l2_grad_cuda(params, grads, l1, l2); },
+      [&](bool error) { return std::get<0>(multi_tensor_norm_cuda(grads, norm_type, false, error)); },
+      [&](const at::Tensor& coef) { scale_by(grads, coef); },
+      [&](at::ScalarType dtype, const std::vector<at::Tensor>& g) { clamp_group(dtype, g, *clip_value); });
 }
 
 } // namespace
 
 TORCH_LIBRARY_IMPL(fused_optim, CUDA, m) {
+  m.impl("pre_step_", &pre_step_cuda);
   m.impl("multi_tensor_norm", &multi_tensor_norm_cuda);
   m.impl("multi_tensor_scale_", &multi_tensor_scale_cuda);
   m.impl("clip_grad_norm_", &clip_grad_norm_cuda);

@@ -185,12 +185,38 @@ at::Tensor dropout_mask_cuda(const at::Tensor& input, double p, const at::Tensor
   return mask;
 }
 
+// The structured forms: the groups' multipliers from run_dropout (seed_offset read on the device:
+// no host sync), then one ATen pass.
+at::Tensor drop_groups_cuda(const at::Tensor& input, int64_t group_dims, double p, bool scale, const at::Tensor& seed_offset) {
+  return drop_groups_out_of_place(input, group_dims, p, scale, [&](const at::Tensor& in, const at::Tensor& out) {
+    run_dropout(in, out, p, seed_offset);
+  });
+}
+
+void drop_groups_inplace_cuda(const at::Tensor& input, int64_t group_dims, double p, bool scale, const at::Tensor& seed_offset) {
+  at::Tensor holder;
+  seed_offset_arg(seed_offset, input, holder);  // checked before anything is written
+  drop_groups_in_place(input, group_dims, p, scale, [&](const at::Tensor& in, const at::Tensor& out) {
+    run_dropout(in, out, p, seed_offset);
+  });
+}
+
+at::Tensor drop_groups_add_cuda(const at::Tensor& x, const at::Tensor& branch, int64_t group_dims, double p, bool scale,
+                                const at::Tensor& seed_offset) {
+  return drop_groups_add(x, branch, group_dims, p, scale, [&](const at::Tensor& in, const at::Tensor& out) {
+    run_dropout(in, out, p, seed_offset);
+  });
+}
+
 } // namespace
 
 TORCH_LIBRARY_IMPL(fused_optim, CUDA, m) {
   m.impl("dropout", &dropout_cuda);
   m.impl("dropout_", &dropout_inplace_cuda);
   m.impl("dropout_mask", &dropout_mask_cuda);
+  m.impl("drop_groups", &drop_groups_cuda);
+  m.impl("drop_groups_", &drop_groups_inplace_cuda);
+  m.impl("drop_groups_add", &drop_groups_add_cuda);
 }
 
 } // namespace fused_optim::cuda

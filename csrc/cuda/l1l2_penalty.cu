@@ -5,6 +5,7 @@
 #include "common/elementwise.h"
 #include "common/host_paths.h"
 #include "cuda/multi_tensor_apply.cuh"
+#include "cuda/ops.h"
 
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
@@ -119,14 +120,14 @@ std::vector<at::Tensor> l1l2_penalty_backward_cuda(const at::Tensor& grad_out, a
       });
 }
 
+} // namespace
+
 void l1l2_grad_cuda(at::TensorList params, at::TensorList grads, double l1, double l2) {
   l1l2_grad_host(params, grads, l1, l2, c10::kCUDA,
                  [&](at::ScalarType dtype, const std::vector<at::Tensor>& p, const std::vector<at::Tensor>& g) {
                    add_penalty_grad<true>(dtype, p, g, nullptr, l1, l2);
                  });
 }
-
-} // namespace
 
 TORCH_LIBRARY_IMPL(fused_optim, CUDA, m) {
   m.impl("l1l2_penalty", &l1l2_penalty_cuda);

@@ -2,10 +2,10 @@
 fused_optim.Dropout / fused_optim.dropout, on the native and the reference kernels. Each test names
 the upstream test it mirrors; the facts are PyTorch's, the code is ours.
 
-Upstream items for things fused_optim does not provide (listed, not tested here):
+Channel dropout (test_Dropout1d, test_Dropout2d, test_Dropout3d) is mirrored in
+test_dropout_nd_conformance.py. Upstream items for things fused_optim does not provide (listed,
+not tested here):
 - test_AlphaDropout, test_FeatureAlphaDropout: alpha dropout (nn.AlphaDropout, FeatureAlphaDropout).
-- test_Dropout1d, test_Dropout2d, test_Dropout3d: channel dropout (whole channels zeroed, the
-  dimension checks and warnings of dropout1d/2d/3d).
 - test_native_dropout_corner_case: torch.native_dropout against torch.dropout on CUDA.
 """
 
