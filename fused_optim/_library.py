@@ -173,10 +173,12 @@ def _(input: Tensor, p: float, seed_offset: Tensor) -> Tensor:
     return torch.empty((input.numel() + 7) // 8, dtype=torch.uint8, device=input.device)
 
 
+# The structured forms' results take the layout of the broadcast multiply the kernels run (which
+# differs from empty_like's for expanded inputs): the fakes run that multiply on fake multipliers.
 @torch.library.register_fake("fused_optim::drop_groups", lib=_lib)
 def _(input: Tensor, group_dims: int, p: float, scale: bool, seed_offset: Tensor) -> Tensor:
     reference.check_drop_groups_args(input, group_dims, p, seed_offset)
-    return torch.empty_like(input)
+    return input * reference.group_multipliers_like(input, group_dims)
 
 
 @torch.library.register_fake("fused_optim::drop_groups_", lib=_lib)
@@ -187,7 +189,7 @@ def _(input: Tensor, group_dims: int, p: float, scale: bool, seed_offset: Tensor
 @torch.library.register_fake("fused_optim::drop_groups_add", lib=_lib)
 def _(x: Tensor, branch: Tensor, group_dims: int, p: float, scale: bool, seed_offset: Tensor) -> Tensor:
     reference.check_drop_groups_add_args(x, branch, group_dims, p, seed_offset)
-    return torch.empty_like(x)
+    return torch.addcmul(x, branch, reference.group_multipliers_like(branch, group_dims))
 
 
 # Dropout's backward regenerates the mask from (seed, offset): the same op applied to the gradient.

@@ -231,10 +231,11 @@ def regularization_rows(bench: Bench, case: str) -> list[Row]:
 
 
 def params_with_grads(grads: list[torch.Tensor]) -> list[torch.Tensor]:
-    """Parameters holding copies of `grads` (the parameters' own storage is never touched)."""
+    """Parameters and their gradients, each a copy of `grads` (initialized values: uninitialized
+    weights hold NaNs and denormals that would time the penalty's slow paths)."""
     params = []
     for g in grads:
-        p = torch.empty_like(g).requires_grad_()
+        p = g.clone().requires_grad_()
         p.grad = g.clone()
         params.append(p)
     return params

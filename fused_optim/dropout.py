@@ -4,6 +4,7 @@ Drop-in for torch.nn.functional.dropout and torch.nn.Dropout."""
 from __future__ import annotations
 
 import numbers
+import re
 import warnings
 
 import torch
@@ -15,33 +16,59 @@ from . import reference
 _SEED_BOUND = 2**62
 
 
-def _check(input: Tensor, p: float, generator: torch.Generator | None) -> float:
-    if not isinstance(input, Tensor):
-        raise TypeError(f"input must be a tensor, got {type(input).__name__}")
+def _check_p(p: float) -> float:
     if isinstance(p, bool) or not isinstance(p, numbers.Real):
         raise TypeError(f"dropout probability p must be a real number, got {type(p).__name__}")
     p = float(p)
     if not 0.0 <= p <= 1.0:
         raise ValueError(f"dropout probability has to be between 0 and 1, but got {p}")
-    if not input.is_floating_point():
+    return p
+
+
+def _check_input(input: Tensor, generator: torch.Generator | None = None) -> None:
+    """What the kernels need of the tensor they drop from (and of the generator they draw from)."""
+    if not isinstance(input, Tensor):
+        raise TypeError(f"input must be a tensor, got {type(input).__name__}")
+    if input.dtype not in reference._FLOATING:
         raise TypeError(f"input must be a real floating tensor (fp32, fp64, fp16 or bf16), got {input.dtype}")
     if generator is not None:
         if not isinstance(generator, torch.Generator):
             raise TypeError(f"generator must be a torch.Generator or None, got {type(generator).__name__}")
         if generator.device.type != input.device.type:
             raise ValueError(f"generator is on {generator.device}, but input is on {input.device}")
-    return p
+
+
+# torch's refusals (autograd's handle_view_on_rebase) of an in-place write to a view, by how the view
+# was created; "{}" is the view's output number and the function that made it.
+_VIEW_REFUSALS = {
+    "MULTI_OUTPUT_NODE": "Output {} is a view and is being modified inplace. This view is the output of a function "
+    "that returns multiple views. Such functions do not allow the output views to be modified inplace. You should "
+    "replace the inplace operation by an out-of-place one.",
+    "NO_GRAD_MODE": "A view was created in no_grad mode and is being modified inplace with grad mode enabled. Given "
+    "that this use case is ambiguous and error-prone, it is forbidden. You can clarify your code by moving both the "
+    "view and the inplace either both inside the no_grad block (if you don't want the inplace to be tracked) or both "
+    "outside (if you want the inplace to be tracked).",
+    "INFERENCE_MODE": "A view was created in inference mode and is being modified inplace in normal mode.",
+    "IN_CUSTOM_FUNCTION": "A view was created inside a custom Function (or because an input was returned as-is) and "
+    "the autograd logic to handle view+inplace would override the custom backward associated with the custom "
+    "Function, leading to incorrect gradients. This behavior is forbidden.",
+}
 
 
 def _check_inplace(input: Tensor) -> None:
-    """torch's refusals of an in-place op under autograd, made before anything is written (autograd
-    itself would raise only once the data is overwritten)."""
+    """torch's refusals of an in-place op under autograd, in torch's order, made before anything is
+    written (autograd itself would raise only once the data is overwritten)."""
     if not (torch.is_grad_enabled() and input.requires_grad):
         return
+    if input._is_view():
+        meta = torch._C._autograd._get_creation_meta(input).name
+        if meta in _VIEW_REFUSALS:
+            made_by = re.sub(r"Backward\d*$", "", input.grad_fn.name()) if input.grad_fn is not None else "a view"
+            raise RuntimeError(_VIEW_REFUSALS[meta].format(f"{input.output_nr} of {made_by}"))
+        if input._base.is_leaf:
+            raise RuntimeError("a view of a leaf Variable that requires grad is being used in an in-place operation.")
     if input.is_leaf:
         raise RuntimeError("a leaf Variable that requires grad is being used in an in-place operation.")
-    if input._base is not None and input._base.is_leaf:
-        raise RuntimeError("a view of a leaf Variable that requires grad is being used in an in-place operation.")
 
 
 def draw_seed_offset(generator: torch.Generator | None = None, device: torch.device | str = "cpu") -> Tensor:
@@ -53,21 +80,24 @@ def draw_seed_offset(generator: torch.Generator | None = None, device: torch.dev
     return torch.randint(0, _SEED_BOUND, (2,), generator=generator, device=device, dtype=torch.int64)
 
 
-class _DropoutInPlace(torch.autograd.Function):
-    """In-place dropout under autograd: the input is marked dirty; backward regenerates the mask."""
+class _InPlace(torch.autograd.Function):
+    """In-place dropout under autograd, element (dropout_) or structured (drop_groups_): the input
+    is marked dirty; backward runs the out-of-place op on the gradient with the same arguments and
+    seed_offset, which regenerates the mask."""
 
     @staticmethod
-    def forward(ctx, input: Tensor, p: float, seed_offset: Tensor) -> Tensor:
-        torch.ops.fused_optim.dropout_.default(input, p, seed_offset)
+    def forward(ctx, input: Tensor, name: str, seed_offset: Tensor, *args) -> Tensor:
+        getattr(torch.ops.fused_optim, name + "_").default(input, *args, seed_offset)
         ctx.mark_dirty(input)
-        ctx.p = p
+        ctx.name, ctx.args = name, args
         ctx.save_for_backward(seed_offset)
         return input
 
     @staticmethod
     def backward(ctx, grad: Tensor):
         (seed_offset,) = ctx.saved_tensors
-        return torch.ops.fused_optim.dropout.default(grad, ctx.p, seed_offset), None, None
+        out = getattr(torch.ops.fused_optim, ctx.name).default(grad, *ctx.args, seed_offset)
+        return (out, None, None) + (None,) * len(ctx.args)
 
 
 def dropout(
@@ -101,7 +131,8 @@ def dropout(
     input), RuntimeError (``inplace=True`` under autograd on a leaf that requires grad or a view of
     one, torch's messages), before anything is written.
     """
-    p = _check(input, p, generator)
+    p = _check_p(p)
+    _check_input(input, generator)
     needs_graph = inplace and torch.is_grad_enabled() and input.requires_grad
     if inplace and training and p > 0.0:
         _check_inplace(input)
@@ -114,7 +145,7 @@ def dropout(
         if not inplace:
             out = torch.ops.fused_optim.dropout.default(input, p, seed_offset)
         elif needs_graph:
-            out = _DropoutInPlace.apply(input, p, seed_offset)
+            out = _InPlace.apply(input, "dropout", seed_offset, p)
         else:
             torch.ops.fused_optim.dropout_.default(input, p, seed_offset)
             out = input
@@ -155,36 +186,21 @@ class CustomDropout(Dropout):
 # drop_groups). Backward regenerates the group mask from (seed, offset): 16 bytes saved.
 
 
-class _DropGroupsInPlace(torch.autograd.Function):
-    """In-place structured dropout under autograd, as _DropoutInPlace."""
-
-    @staticmethod
-    def forward(ctx, input: Tensor, group_dims: int, p: float, scale: bool, seed_offset: Tensor) -> Tensor:
-        torch.ops.fused_optim.drop_groups_.default(input, group_dims, p, scale, seed_offset)
-        ctx.mark_dirty(input)
-        ctx.group_dims, ctx.p, ctx.scale = group_dims, p, scale
-        ctx.save_for_backward(seed_offset)
-        return input
-
-    @staticmethod
-    def backward(ctx, grad: Tensor):
-        (seed_offset,) = ctx.saved_tensors
-        return torch.ops.fused_optim.drop_groups.default(grad, ctx.group_dims, ctx.p, ctx.scale, seed_offset), None, None, None, None
-
-
 def _drop_groups(input: Tensor, group_dims: int, p: float, training: bool, inplace: bool, scale: bool = True,
                  generator: torch.Generator | None = None) -> Tensor:
     """input with each group (an index into its first group_dims dims) zeroed with probability p,
     the others scaled by 1 / (1 - p) when `scale`; `input` itself when not training or p == 0
-    (or it is empty), as torch's feature dropout. p is checked by the caller."""
+    (or it is empty), as torch's feature dropout, whatever its dtype. p is checked by the caller."""
     if not training or p == 0.0 or input.numel() == 0:
         return input
+    _check_input(input, generator)
+    if inplace:
+        _check_inplace(input)
     seed_offset = draw_seed_offset(generator, input.device)
     if not inplace:
         return torch.ops.fused_optim.drop_groups.default(input, group_dims, p, scale, seed_offset)
-    _check_inplace(input)
     if torch.is_grad_enabled() and input.requires_grad:
-        return _DropGroupsInPlace.apply(input, group_dims, p, scale, seed_offset)
+        return _InPlace.apply(input, "drop_groups", seed_offset, group_dims, p, scale)
     torch.ops.fused_optim.drop_groups_.default(input, group_dims, p, scale, seed_offset)
     return input
 
@@ -196,9 +212,13 @@ def drop_path(x: Tensor, drop_prob: float = 0.0, training: bool = False, scale_b
     ``training=False``). One pass, the per-sample mask drawn from the counter-based stream (so
     ``torch.manual_seed`` reproduces it) and regenerated in backward, not stored.
 
-    Raises TypeError (non-floating ``x``, non-numeric ``drop_prob``), ValueError (``drop_prob``
-    outside [0, 1]; a 0-dim ``x``, which has no sample dimension)."""
-    drop_prob = _check(x, drop_prob, None)
+    When it drops (``training`` and ``drop_prob > 0``), raises TypeError (non-floating ``x``,
+    non-numeric ``drop_prob``), ValueError (``drop_prob`` outside [0, 1]; a 0-dim ``x``, which has
+    no sample dimension); otherwise it returns ``x`` unchecked, as timm's."""
+    if drop_prob == 0.0 or not training:
+        return x
+    drop_prob = _check_p(drop_prob)
+    _check_input(x)
     if x.dim() == 0:
         raise ValueError("drop_path: x must have a sample (batch) dimension, got a 0-dim tensor")
     return _drop_groups(x, 1, drop_prob, training, False, scale_by_keep)
@@ -210,8 +230,10 @@ def drop_path_add(x: Tensor, branch: Tensor, drop_prob: float = 0.0, training: b
     every block with stochastic depth: read x, read branch, write the sum; torch's form makes two
     passes and a temporary). The product is not rounded before the sum (fp16/bf16: one rounding,
     not two). Backward: ``grad`` for ``x``, ``drop_path(grad)`` with the same mask for ``branch``.
-    ``x`` and ``branch``: the same shape, dtype and device (ValueError/TypeError/RuntimeError)."""
-    drop_prob = _check(branch, drop_prob, None)
+    ``x`` and ``branch``: the same shape, dtype and device, in training and in eval alike (unlike
+    ``x + branch``, no broadcasting and no type promotion: ValueError/TypeError/RuntimeError)."""
+    drop_prob = _check_p(drop_prob)
+    _check_input(branch)
     if not isinstance(x, Tensor):
         raise TypeError(f"x must be a tensor, got {type(x).__name__}")
     if branch.dim() == 0:
@@ -229,7 +251,7 @@ class DropPath(nn.Module):
 
     def __init__(self, drop_prob: float = 0.0, scale_by_keep: bool = True) -> None:
         super().__init__()
-        _check(torch.empty(0), drop_prob, None)
+        _check_p(drop_prob)
         self.drop_prob = drop_prob
         self.scale_by_keep = scale_by_keep
 
@@ -245,12 +267,15 @@ def stochastic_depth(input: Tensor, p: float, mode: str, training: bool = True) 
     ``p``, ``mode="batch"`` the whole batch at once; survivors are scaled by ``1 / (1 - p)``;
     ``input`` itself when not ``training`` or ``p == 0``. torchvision's errors: ValueError for
     ``p`` outside [0, 1] ("drop probability has to be between 0 and 1, but got ...") and for
-    another mode."""
+    another mode. When it drops, TypeError for a non-floating input and ValueError for a 0-dim one
+    in ``"row"`` mode."""
     if isinstance(p, bool) or not isinstance(p, numbers.Real) or not 0.0 <= p <= 1.0:
         raise ValueError(f"drop probability has to be between 0 and 1, but got {p}")
     if mode not in ("batch", "row"):
         raise ValueError(f"mode has to be either 'batch' or 'row', but got {mode}")
-    _check(input, p, None)
+    if not training or p == 0.0:
+        return input
+    _check_input(input)
     if mode == "row" and input.dim() == 0:
         raise ValueError("stochastic_depth: mode='row' needs a sample (batch) dimension, got a 0-dim tensor")
     return _drop_groups(input, 1 if mode == "row" else 0, float(p), training, False)
@@ -281,6 +306,9 @@ def _channel_dropout(name: str, input: Tensor, p: float, training: bool, inplace
         raise TypeError(f"input must be a tensor, got {type(input).__name__}")
     if isinstance(p, bool) or not isinstance(p, numbers.Real) or not 0.0 <= p <= 1.0:
         raise ValueError(f"dropout probability has to be between 0 and 1, but got {p}")
+    # torch warns at run time, also in compiled code; Dynamo cannot trace warnings.warn, so a
+    # compiled call does not warn (fullgraph works, as with torch's).
+    warn = warnings.warn if not torch.compiler.is_compiling() else lambda *args, **kwargs: None
     dim = input.dim()
     spatial = batched_dim - 2
     if name == "dropout1d" and dim not in (2, 3):
@@ -290,7 +318,7 @@ def _channel_dropout(name: str, input: Tensor, p: float, training: bool, inplace
             "optional batch dimension (i.e. 2D or 3D inputs)."
         )
     if name != "dropout1d" and dim not in (batched_dim - 1, batched_dim):
-        warnings.warn(
+        warn(
             f"{name}: Received a {dim}-D input to {name}, which is deprecated and will result in an error in a "
             f"future release. To retain the behavior and silence this warning, please use dropout instead. Note "
             f"that {name} exists to provide channel-wise dropout on inputs with {spatial} spatial dimensions, a "
@@ -298,7 +326,7 @@ def _channel_dropout(name: str, input: Tensor, p: float, training: bool, inplace
             stacklevel=3,
         )
     if name == "dropout2d" and dim == 3:
-        warnings.warn(
+        warn(
             "dropout2d: Received a 3D input to dropout2d and assuming that channel-wise 1D dropout behavior is "
             "desired - input is interpreted as shape (N, C, L), where C is the channel dim. This behavior will "
             "change in a future release to interpret the input as one without a batch dimension, i.e. shape "
@@ -310,7 +338,6 @@ def _channel_dropout(name: str, input: Tensor, p: float, training: bool, inplace
     dropping = training and 0.0 < p < 1.0 and input.numel() > 0
     if dropping and dim + (0 if batched else 1) < 2:
         raise RuntimeError("Feature dropout requires at least 2 dimensions in the input")
-    _check(input, float(p), None)
     # p = 1 zeroes everything whatever the groups: torch accepts any dims then.
     return _drop_groups(input, min(group_dims, dim), float(p), training, inplace)
 

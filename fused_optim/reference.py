@@ -487,12 +487,18 @@ def check_drop_groups_add_args(x: Tensor, branch: Tensor, group_dims: int, p: fl
         raise RuntimeError(f"x and branch must be on the same device, got {x.device} and {branch.device}")
 
 
+def group_multipliers_like(input: Tensor, group_dims: int) -> Tensor:
+    """An uninitialized tensor of the groups' multipliers' shape (the input's first group_dims
+    sizes, then ones: it broadcasts against the input) and dtype, contiguous."""
+    shape = tuple(input.shape[:group_dims]) + (1,) * (input.dim() - group_dims)
+    return torch.empty(shape, dtype=input.dtype, device=input.device)
+
+
 def group_multipliers(input: Tensor, group_dims: int, p: float, scale: bool, seed_offset: Tensor) -> Tensor:
     """One multiplier per group (an index into the first group_dims dims, in row-major order):
     element g of the dropout stream decides group g; kept groups get 1 / (1 - p) rounded to the
-    input's dtype (1 without `scale`), dropped ones 0. Shaped to broadcast against the input."""
-    shape = tuple(input.shape[:group_dims]) + (1,) * (input.dim() - group_dims)
-    m = dropout(torch.ones(shape, dtype=input.dtype, device=input.device), p, seed_offset)
+    input's dtype (1 without `scale`), dropped ones 0. Shaped as group_multipliers_like."""
+    m = dropout(torch.ones_like(group_multipliers_like(input, group_dims)), p, seed_offset)
     return m if scale else (m != 0).to(input.dtype)
 
 

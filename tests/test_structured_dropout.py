@@ -37,7 +37,7 @@ CASES = [((64, 197, 8), 1), ((8, 6, 5, 5), 2), ((3, 4, 5), 0), ((4, 3, 7), 2), (
 
 
 @pytest.mark.parametrize("scale", [True, False])
-@pytest.mark.parametrize("p", [0.3, 0.9, 1.0, 1e-12])
+@pytest.mark.parametrize("p", [0.0, 0.3, 0.9, 1.0, 1e-12, 1e-17])  # 1e-17: 1 - p rounds to 1 in fp64
 @pytest.mark.parametrize("shape, group_dims", CASES, ids=[f"{s}-{g}" for s, g in CASES])
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_exact_masks_out_of_place_in_place_and_residual(backend, device, dtype, shape, group_dims, p, scale):
@@ -136,8 +136,10 @@ def test_stochastic_depth_equals_torchvisions_formula(backend, device, mode):
         assert abs(kept.mean().item() - 0.7) < 5 * math.sqrt(0.21 / 2000)
         nonzero = (out != 0).flatten(1)
         assert torch.all(nonzero.all(1) | ~nonzero.any(1))  # one decision a sample
-    else:  # one decision for the whole batch
+    else:  # one decision for the whole batch, kept with probability 0.7 over calls
         assert bool((out != 0).all()) or not bool((out != 0).any())
+        kept = [bool(fused_optim.stochastic_depth(x[:2], 0.3, mode).any()) for _ in range(2000)]
+        assert abs(sum(kept) / 2000 - 0.7) < 5 * math.sqrt(0.21 / 2000)
     assert torch.all((ratio == 0) | torch.isclose(ratio, torch.tensor(1 / 0.7, device=device)))
     assert fused_optim.stochastic_depth(x, 0.3, mode, training=False) is x
     assert fused_optim.stochastic_depth(x, 0.0, mode) is x
@@ -283,6 +285,112 @@ def test_in_place_under_autograd_and_version_counters(backend, device):
         y.backward()
 
 
+def _torchvision_stochastic_depth(input, p, mode):
+    """torchvision.ops.stochastic_depth's formula in training (torchvision is not installed here)."""
+    size = [input.shape[0]] + [1] * (input.ndim - 1) if mode == "row" else [1] * input.ndim
+    survival = 1.0 - p
+    noise = torch.empty(size, dtype=input.dtype, device=input.device).bernoulli_(survival)
+    if survival > 0.0:
+        noise.div_(survival)
+    return input * noise
+
+
+@pytest.mark.parametrize("mode", ["row", "batch"])
+def test_stochastic_depth_equals_torchvision_in_distribution_and_expectation(backend, device, mode):
+    torch.manual_seed(0)
+    x = torch.rand(64, 3, 4, device=device) + 0.5
+    runs = 600
+    ours = torch.stack([fused_optim.stochastic_depth(x, 0.3, mode) for _ in range(runs)])
+    theirs = torch.stack([_torchvision_stochastic_depth(x, 0.3, mode) for _ in range(runs)])
+    for out in (ours, theirs):  # the same values: 0 or x / 0.7 rounded in fp32
+        assert torch.all((out == 0) | (out == x * torch.tensor(1 / 0.7, device=device)))
+    # Kept fractions agree (per sample in "row" mode, per call in "batch" mode) and E[out] = x.
+    draws = runs * (x.shape[0] if mode == "row" else 1)
+    k_ours, k_theirs = ((t != 0).flatten(2)[..., 0].double().mean().item() for t in (ours, theirs))
+    assert abs(k_ours - k_theirs) < 5 * math.sqrt(2 * 0.21 / draws)
+    for out in (ours, theirs):
+        sigma = math.sqrt(x.double().square().mean().item() * 0.3 / 0.7 / draws)
+        assert abs(out.double().mean() - x.double().mean()).item() < 5 * sigma
+
+
+def test_eval_and_zero_p_return_the_input_unchecked_as_the_originals(backend):
+    ints, scalar = torch.arange(24).view(2, 3, 4), torch.tensor(2.0)
+    assert fused_optim.drop_path(ints, 0.5, False) is ints  # timm checks nothing either
+    assert fused_optim.drop_path(scalar, 0.5, False) is scalar
+    assert fused_optim.drop_path(scalar, 0.0, True) is scalar
+    assert fused_optim.stochastic_depth(scalar, 0.5, "row", training=False) is scalar  # torchvision
+    assert fused_optim.stochastic_depth(ints, 0.0, "batch") is ints
+    assert fused_optim.dropout1d(ints, 0.5, training=False) is ints  # torch's feature dropout
+    with pytest.raises(TypeError, match="floating"):  # dropping needs a floating input
+        fused_optim.drop_path(ints, 0.5, True)
+
+
+@pytest.mark.parametrize("name", ["drop_groups", "drop_groups_add"])
+def test_fake_kernels_give_the_kernels_layout(backend, name):
+    """torch.compile lays out its buffers from the fake kernels: their strides must be the real
+    ones, for expanded, permuted and channels_last inputs too."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    base = torch.randn(4, 3, 1)
+    layouts = [
+        torch.randn(4, 3, 5),
+        torch.randn(5, 3, 4).transpose(0, 2),
+        base.expand(4, 3, 5),
+        base.expand(4, 3, 5).permute(1, 2, 0),
+        torch.randn(1, 1, 5).expand(4, 3, 5),
+        torch.randn(2, 3, 4, 5).to(memory_format=torch.channels_last)[:, :, :, 0],
+    ]
+    mode = FakeTensorMode()
+    for x in layouts:
+        for group_dims in range(x.dim() + 1):
+            args = (group_dims, 0.3, True)
+            if name == "drop_groups":
+                inputs = (x,)
+            else:
+                inputs = (x, torch.randn(x.shape[::-1]).permute(*range(x.dim() - 1, -1, -1)))
+            real = getattr(ops, name)(*inputs, *args, SEED_OFFSET)
+            with mode:
+                fakes = [mode.from_tensor(t) for t in (*inputs, SEED_OFFSET)]
+                fake = getattr(ops, name)(*fakes[:-1], *args, fakes[-1])
+            assert fake.stride() == real.stride(), (x.stride(), group_dims)
+
+
+def test_compiled_residual_with_an_expanded_embedding(backend):
+    """The reviewer's Inductor case: an expanded positional embedding plus a transposed branch."""
+    def f(pos, branch):
+        return fused_optim.drop_path_add(pos.expand(6, 8, 5, 4), branch.transpose(0, 3), 0.3, True) * 2
+
+    pos, branch = torch.randn(1, 1, 1, 4), torch.randn(4, 8, 5, 6)
+    torch.manual_seed(3)
+    eager = f(pos, branch)
+    torch.manual_seed(3)
+    # Inductor's caches key on the graph, not on the fake kernels' code: compile afresh.
+    with torch._inductor.config.patch(force_disable_caches=True):
+        torch.testing.assert_close(torch.compile(f, fullgraph=True)(pos, branch), eager)
+
+
+@pytest.mark.parametrize("fn", [fused_optim.dropout, fused_optim.dropout1d], ids=["element", "channel"])
+@pytest.mark.parametrize("view", ["unbind", "split", "no_grad", "leaf-view"])
+def test_in_place_on_a_refused_view_raises_torchs_error_before_writing(backend, fn, view):
+    leaf = torch.ones(2, 4, 3, requires_grad=True)
+    h = leaf * 1
+    if view == "unbind":
+        v, fragment = h.unbind(0)[0], "Output 0 of Unbind is a view and is being modified inplace"
+    elif view == "split":
+        v, fragment = h.split(1)[1], "Output 1 of Split is a view and is being modified inplace"
+    elif view == "no_grad":
+        with torch.no_grad():
+            v = h[0]
+        fragment = "A view was created in no_grad mode and is being modified inplace with grad mode enabled"
+    else:
+        v, fragment = leaf[0], "a view of a leaf Variable that requires grad"
+    with pytest.raises(RuntimeError, match=fragment):
+        fn(v, 0.5, True, inplace=True)
+    assert torch.equal(h.detach(), torch.ones(2, 4, 3)) and torch.equal(leaf.detach(), torch.ones(2, 4, 3))
+    with pytest.raises(RuntimeError, match=fragment.split(" is ")[0]):  # torch's own in-place refuses it alike
+        v.mul_(2)
+
+
 def test_bad_input_writes_nothing(backend, device):
     x = torch.randn(4, 3, device=device)
     expanded = torch.randn(1, 3, device=device).expand(4, 3)
@@ -298,6 +406,9 @@ def test_bad_input_writes_nothing(backend, device):
         (lambda: ops.dropout(x, 0.0, torch.zeros(3, dtype=torch.int64)), RuntimeError, "seed_offset"),
         (lambda: ops.drop_groups_(expanded, 1, 0.5, True, SEED_OFFSET), RuntimeError, "memory|overlap"),
         (lambda: ops.drop_groups_(torch.arange(4), 1, 0.5, True, SEED_OFFSET), TypeError, "floating"),
+        # fp8 is floating to torch, not to the kernels: the same TypeError on every path
+        (lambda: ops.drop_groups(x.to(torch.float8_e4m3fn), 1, 0.5, True, SEED_OFFSET), TypeError, "floating"),
+        (lambda: fused_optim.drop_path(x.to(torch.float8_e4m3fn), 0.5, True), TypeError, "floating"),
         (lambda: fused_optim.drop_path(x, "0.5", True), TypeError, "real number"),
         (lambda: fused_optim.drop_path(torch.tensor(1.0, device=device), 0.5, True), ValueError, "sample"),
         (lambda: fused_optim.dropout2d(x, -0.5, inplace=True), ValueError, "between 0 and 1"),
@@ -335,6 +446,18 @@ def test_compile_fullgraph_same_masks_as_eager(backend):
     compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
     torch.manual_seed(5)
     torch.testing.assert_close(compiled(x), eager)
+
+
+def test_compile_fullgraph_on_inputs_torch_warns_about(backend):
+    """dropout2d on (N, C, L) (torch's historical rule) and dropout3d on 4-D warn in eager, and
+    trace without a graph break (the compiled call does not warn), giving eager's masks."""
+    for fn, x in [(fused_optim.dropout2d, torch.randn(4, 3, 5)), (fused_optim.dropout3d, torch.randn(2, 3, 4, 5, 6, 1))]:
+        torch.manual_seed(2)
+        with pytest.warns(UserWarning, match=fn.__name__):
+            eager = fn(x, 0.5)
+        torch.manual_seed(2)
+        compiled = torch.compile(lambda t, fn=fn: fn(t, 0.5), fullgraph=True, backend="aot_eager")
+        torch.testing.assert_close(compiled(x), eager)
 
 
 @native_cuda_test

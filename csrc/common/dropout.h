@@ -75,7 +75,7 @@ inline double keep_scale(double p) {
 inline void check_dropout_args(const at::Tensor& input, double p) {
   TORCH_CHECK_VALUE(p >= 0.0 && p <= 1.0, "dropout probability has to be between 0 and 1, but got ", p);
   TORCH_CHECK_TYPE(
-      at::isFloatingType(input.scalar_type()),
+      is_kernel_float(input.scalar_type()),
       "input must be a real floating tensor (fp32, fp64, fp16 or bf16), got ", input.scalar_type());
 }
 

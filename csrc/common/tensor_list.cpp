@@ -22,7 +22,7 @@ void check_floating_list(at::TensorList tensors, const char* name, c10::DeviceTy
     const at::Tensor& t = tensors[i];
     TORCH_CHECK(t.defined(), name, "[", i, "] is an undefined tensor");
     TORCH_CHECK_TYPE(
-        at::isFloatingType(t.scalar_type()),
+        is_kernel_float(t.scalar_type()),
         name, "[", i, "] must be a real floating tensor (fp32, fp64, fp16 or bf16), got ",
         t.scalar_type());
     TORCH_CHECK(

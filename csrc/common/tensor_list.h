@@ -10,6 +10,12 @@
 
 namespace fused_optim {
 
+// The dtypes every op takes (fp32, fp64, fp16, bf16; not fp8, which at::isFloatingType admits and
+// the kernels are not built for), as reference._FLOATING.
+inline bool is_kernel_float(at::ScalarType t) {
+  return t == at::kFloat || t == at::kDouble || t == at::kHalf || t == at::kBFloat16;
+}
+
 // Every tensor of `tensors` (the argument called `name`) is a real floating tensor on `device`.
 void check_floating_list(at::TensorList tensors, const char* name, c10::DeviceType device);
 

@@ -24,12 +24,19 @@ def seeded():
     torch.manual_seed(0)
 
 
-# test_invalid_dropout_p: p outside [0, 1] raises ValueError from Dropout1d/2d/3d.
-@pytest.mark.parametrize("cls", list(MODULES.values()), ids=list(MODULES))
+# test_invalid_dropout_p: p outside [0, 1] raises ValueError from Dropout1d/2d/3d (their
+# constructors are torch's, inherited) and from the functional forms (ours), before any write.
+@pytest.mark.parametrize("dims", list(MODULES))
 @pytest.mark.parametrize("p", [-0.1, 1.1])
-def test_invalid_dropout_p(backend, cls, p):
+def test_invalid_dropout_p(backend, dims, p):
     with pytest.raises(ValueError):
-        cls(p)
+        MODULES[dims](p)
+    fn = getattr(fused_optim, f"dropout{dims}")
+    x = torch.ones((2, 3) + (4,) * int(dims[0]))
+    for inplace in (False, True):
+        with pytest.raises(ValueError, match="dropout probability has to be between 0 and 1"):
+            fn(x, p, inplace=inplace)
+    assert torch.equal(x, torch.ones_like(x))
 
 
 def _check_dropout(cls, device, input, memory_format=torch.contiguous_format):
