@@ -1,9 +1,11 @@
 // The Python module fused_optim._C. Importing it runs the TORCH_LIBRARY_IMPL registrations of
-// every kernel; the module itself reports how it was built and holds the flat-buffer helpers.
+// every kernel; the module itself reports how it was built and holds the flat-buffer helpers and
+// the argument checks that run without an op call.
 #include <Python.h>
 
 #include <torch/version.h>
 
+#include "checks.h"
 #include "flat_views.h"
 
 namespace {
@@ -40,7 +42,8 @@ PyModuleDef module = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, methods};
 
 PyMODINIT_FUNC PyInit__C(void) {
   PyObject* m = PyModule_Create(&module);
-  if (m != nullptr && PyModule_AddFunctions(m, fused_optim_flat_methods) < 0) {
+  if (m != nullptr && (PyModule_AddFunctions(m, fused_optim_flat_methods) < 0 ||
+                       PyModule_AddFunctions(m, fused_optim_check_methods) < 0)) {
     Py_DECREF(m);
     return nullptr;
   }

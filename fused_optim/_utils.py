@@ -8,6 +8,7 @@ from __future__ import annotations
 import numbers
 from collections.abc import Iterable
 
+import torch
 from torch import Tensor
 
 
@@ -49,3 +50,18 @@ def as_int(value, name: str, minimum: int) -> int:
     if value < minimum:
         raise ValueError(f"{name} must be >= {minimum}, got {value}")
     return int(value)
+
+
+def fill_missing_grads(params: list[Tensor], grads: list[Tensor | None]) -> list[int]:
+    """Gives each position of `grads` holding None zeros like its parameter, one tensor per
+    parameter (a parameter listed twice shares it, as it would share an existing ``.grad``, so the
+    penalty is added twice, as into an existing one); returns those positions. The caller attaches
+    them (``params[i].grad = grads[i]``) once its op has succeeded."""
+    missing = [i for i, g in enumerate(grads) if g is None]
+    made: dict[int, Tensor] = {}
+    for i in missing:
+        key = id(params[i])
+        if key not in made:
+            made[key] = torch.zeros_like(params[i])
+        grads[i] = made[key]
+    return missing

@@ -60,8 +60,9 @@ def _check_inplace(input: Tensor) -> None:
     written (autograd itself would raise only once the data is overwritten)."""
     if not (torch.is_grad_enabled() and input.requires_grad):
         return
-    if input._is_view():
-        meta = torch._C._autograd._get_creation_meta(input).name
+    if input._base is not None:
+        # Dynamo cannot trace the creation meta; a compiled graph functionalizes views anyway.
+        meta = "DEFAULT" if torch.compiler.is_compiling() else torch._C._autograd._get_creation_meta(input).name
         if meta in _VIEW_REFUSALS:
             made_by = re.sub(r"Backward\d*$", "", input.grad_fn.name()) if input.grad_fn is not None else "a view"
             raise RuntimeError(_VIEW_REFUSALS[meta].format(f"{input.output_nr} of {made_by}"))

@@ -10,7 +10,7 @@ import torch
 from torch import Tensor, nn
 
 from . import _distributed
-from ._utils import as_float, as_tensor_list
+from ._utils import as_float, as_tensor_list, fill_missing_grads
 from .flat import flat_call, via_flat
 
 
@@ -80,9 +80,7 @@ def l1l2_grad_(params: Tensor | Iterable[Tensor], l1: float = 0.0, l2: float = 0
         return
     params = [p for p in as_tensor_list(params, "params") if p.requires_grad]
     grads = [p.grad for p in params]
-    missing = [i for i, g in enumerate(grads) if g is None]
-    for i in missing:
-        grads[i] = torch.zeros_like(params[i])
+    missing = fill_missing_grads(params, grads)
     l1, l2, add = as_float(l1, "l1"), as_float(l2, "l2"), torch.ops.fused_optim.l1l2_grad_.default
 
     def fused() -> None:

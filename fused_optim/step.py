@@ -11,10 +11,11 @@ from typing import TypeVar
 import torch
 from torch import Tensor, nn
 
-from . import _distributed
-from ._utils import as_float, to_float
+from . import _distributed, reference
+from ._library import _C
+from ._utils import as_float, fill_missing_grads, to_float
 from .flat import FlatParameters, call_flat, flat_call, flat_parameters_of, via_flat
-from .reference import check_coefficient, check_one_clip
+from .reference import check_coefficient, check_norm_type, check_one_clip
 
 T = TypeVar("T")
 
@@ -24,14 +25,63 @@ def _options(l1, l2, max_norm, norm_type, clip_value) -> tuple[float, float, flo
     l1, l2, norm_type = as_float(l1, "l1"), as_float(l2, "l2"), to_float(norm_type, "norm_type")
     max_norm = None if max_norm is None else to_float(max_norm, "max_norm")
     clip_value = None if clip_value is None else to_float(clip_value, "clip_value")
+    check_norm_type(norm_type)
     check_one_clip(max_norm, clip_value)
     return l1, l2, max_norm, norm_type, clip_value
+
+
+def _check_before_writing(params: list[Tensor], grads: list[Tensor], max_norm, norm_type, clip_value) -> None:
+    """Raises what pre_step_(params, grads, ...) would raise, writing nothing: for the paths that
+    write in several calls, so that none is refused after another has written."""
+    if _distributed.any_dtensor(params) or _distributed.any_dtensor(grads):
+        params, grads = _distributed.local_lists(params, grads)
+        # An empty local shard has no max or min, the whole tensor may: the sharded norm decides.
+        norm_type = 2.0
+    check = _C.check_pre_step if _C is not None else reference.check_pre_step_args
+    check(params, grads, 0.0, 0.0, max_norm, norm_type, clip_value)
+
+
+def _in_separate_calls(
+    penalties: list[tuple[list[Tensor], float, float]],
+    params: list[Tensor],
+    max_norm: float | None,
+    norm_type: float,
+    clip_value: float | None,
+    error_if_nonfinite: bool,
+) -> Tensor:
+    """pre_step_ as its sequence of public calls, each with its DTensor path: l1l2_grad_(ps, l1, l2)
+    for each (ps, l1, l2) of `penalties` with a coefficient, then clip_grad_norm_ over `params`
+    (or their gradients' norm, then clip_grad_value_). For what one op call cannot take: a
+    parameter with a gradient that does not require grad, DTensors, param groups with their own
+    coefficients. Everything the calls could refuse is checked first, and with error_if_nonfinite
+    the gradients are restored when the norm is refused: a refused call writes nothing."""
+    from .clip_grad import clip_grad_norm_, clip_grad_value_, get_total_norm
+    from .regularization import l1l2_grad_
+
+    penalties = [(ps, a, b) for ps, a, b in penalties if a != 0.0 or b != 0.0]
+    # What the calls will see: every gradient, and (its stand-in, of the same metadata) the one
+    # l1l2_grad_ creates for a penalized parameter that has none.
+    penalized = {id(p) for ps, _, _ in penalties for p in ps if p.requires_grad}
+    pairs = [(p, p.grad if p.grad is not None else p.detach()) for p in params if p.grad is not None or id(p) in penalized]
+    _check_before_writing([p for p, _ in pairs], [g for _, g in pairs], max_norm, norm_type, clip_value)
+
+    def in_order() -> Tensor:
+        for ps, a, b in penalties:
+            l1l2_grad_(ps, a, b)
+        if max_norm is not None:
+            return clip_grad_norm_(params, max_norm, norm_type, error_if_nonfinite)
+        total = get_total_norm([p.grad for p in params if p.grad is not None], norm_type, error_if_nonfinite)
+        if clip_value is not None:
+            clip_grad_value_(params, clip_value)
+        return total
+
+    return _grads_restored_on_error(params, in_order) if penalties and error_if_nonfinite else in_order()
 
 
 def _grads_restored_on_error(params: list[Tensor], run: Callable[[], T]) -> T:
     """run(), which writes the parameters' gradients (creating missing ones); if it raises, every
     gradient is put back as it was (its values, or None), so that a refused call wrote nothing.
-    For the paths that add the penalty before the norm can refuse it (the separate calls)."""
+    For the separate calls with error_if_nonfinite, which add the penalty before the norm."""
     before = [(p, p.grad, None if p.grad is None else p.grad.clone()) for p in params]
     try:
         return run()
@@ -74,55 +124,44 @@ def pre_step_(
 
     A flattened model's ``model.parameters()`` (see :func:`flatten_parameters`) runs as one call
     on its buffers. DTensors (FSDP2, tensor parallel) and a parameter that has a gradient but does
-    not require grad (it gets no penalty) take the separate calls, each with its sharded path (with
-    ``error_if_nonfinite``, the gradients are then snapshotted and restored on the error).
+    not require grad (it gets no penalty) take the separate calls, each with its sharded path; their
+    arguments are all checked before the first writes (with ``error_if_nonfinite``, the gradients
+    are snapshotted and restored on the error). A parameter listed twice gets the penalty twice (a
+    missing gradient is created once and shared), as the separate calls give it.
     """
     done, total = via_flat(parameters, "pre_step_", l1, l2, max_norm, norm_type, clip_value, error_if_nonfinite)
     if done:
         return total
-    from .clip_grad import _as_list, clip_grad_norm_, clip_grad_value_, get_total_norm
-    from .regularization import l1l2_grad_
+    from .clip_grad import _as_list
 
     l1, l2, max_norm, norm_type, clip_value = _options(l1, l2, max_norm, norm_type, clip_value)
     params = _as_list(parameters, "parameters")
     penalized = l1 != 0.0 or l2 != 0.0
 
-    def in_order() -> Tensor:
-        if penalized:
-            l1l2_grad_(params, l1, l2)
-        if max_norm is not None:
-            return clip_grad_norm_(params, max_norm, norm_type, error_if_nonfinite)
-        total = get_total_norm([p.grad for p in params if p.grad is not None], norm_type, error_if_nonfinite)
-        if clip_value is not None:
-            clip_grad_value_(params, clip_value)
-        return total
-
     def separate() -> Tensor:
-        return _grads_restored_on_error(params, in_order) if penalized and error_if_nonfinite else in_order()
+        return _in_separate_calls([(params, l1, l2)], params, max_norm, norm_type, clip_value, error_if_nonfinite)
 
     # What each step sees: the penalty goes to parameters that require grad (a missing gradient is
     # created), the norm and the clip to every gradient; the op pairs them, so a frozen parameter
     # with a gradient (rare) takes the separate calls. One loop: for 2000 parameters each pass over
     # them costs ~0.1 ms.
-    held, grads, missing = [], [], []
+    held, grads, frozen_with_grad = [], [], False
     try:
         for p in params:
             g = p.grad
             if penalized and not p.requires_grad:
-                if g is not None:
-                    return separate()
-                continue
-            if g is None:
-                if not penalized:
-                    continue
-                missing.append(len(held))
-            held.append(p)
-            grads.append(g)
+                frozen_with_grad = g is not None
+                if frozen_with_grad:
+                    break
+            elif g is not None or penalized:
+                held.append(p)
+                grads.append(g)
     except AttributeError:
         i, p = next((i, p) for i, p in enumerate(params) if not isinstance(p, Tensor))
         raise TypeError(f"parameters[{i}] must be a tensor, got {type(p).__name__}") from None
-    for i in missing:
-        grads[i] = torch.zeros_like(held[i])
+    if frozen_with_grad:
+        return separate()
+    missing = fill_missing_grads(held, grads)
     op = torch.ops.fused_optim.pre_step_.default
     args = (l1, l2, max_norm, norm_type, clip_value, bool(error_if_nonfinite))
 
@@ -190,16 +229,19 @@ def attach(
     trainer needs no other change:
 
     - before each step (a step pre-hook): :func:`pre_step_` over every parameter of every param
-      group: the penalty's gradient (``l1``, ``l2``; a param group's own ``"l1"``/``"l2"`` entries
-      override them for its parameters), then clipping by the total norm (``max_norm``,
-      ``norm_type``) or by value (``clip_value``), in one call;
+      group: the penalty's gradient (``l1``, ``l2``), then clipping by the total norm
+      (``max_norm``, ``norm_type``) or by value (``clip_value``), in one call. A param group's own
+      ``"l1"``/``"l2"`` entries (so named: an optimizer whose own hyperparameters bear these names
+      would have them read as the penalty's) override them for its parameters; groups that differ
+      take two passes: each group's ``l1l2_grad_``, then one clip of all;
     - after each step (a post-hook): ``ema.update(model)`` for a :class:`ModelEMA`, or
       ``ema.update_parameters(model)`` for torch's ``AveragedModel`` (``model`` is then required:
       the model the optimizer trains).
 
     When ``step`` gets a closure (LBFGS, PyTorch Lightning's automatic optimization, which runs
     the forward and backward inside it), the closure is wrapped so that the glue runs on the
-    gradients it produces. With ``torch.amp.GradScaler``, ``scaler.step(optimizer)`` unscales the
+    gradients it produces (the loss it returns is the closure's, without the penalty: a line
+    search such as LBFGS's strong Wolfe sees gradients of a loss it is not given). With ``torch.amp.GradScaler``, ``scaler.step(optimizer)`` unscales the
     gradients before calling ``step`` (clipping sees unscaled gradients), and a step it skips for
     inf/nan gradients runs no hook: no penalty, no clip, no EMA update. (Optimizers that unscale
     inside their step, such as ``Adam(fused=True)``, get still-scaled gradients from
@@ -229,22 +271,28 @@ def attach(
     handle = AttachHandle(optimizer)
     model_ref = weakref.ref(model) if model is not None else None
     skipped = [False]
-    # The optimizer's parameters and the model's FlatParameters holding exactly them (or None),
-    # found again only when the param groups' lists change (add_param_group, a new list).
-    layout: dict = {"key": None}
+    # The model's FlatParameters holding exactly the optimizer's parameters (or None), matched
+    # again only when the parameters (compared by identity, ~30 us for 2000) or the model's
+    # FlatParameters (flattened later, or again) change. The cache holds the parameters, so their
+    # ids are not reused while it compares them.
+    layout: dict = {"ids": None, "flat": None, "model_flat": None}
 
-    def parameters_and_flat(groups: list[dict]) -> tuple[list[Tensor], FlatParameters | None]:
-        key = tuple((id(g["params"]), len(g["params"])) for g in groups)
-        if layout["key"] != key:
-            params = [p for g in groups for p in g["params"]]
-            flat = flat_parameters_of(model_ref()) if model_ref is not None and model_ref() is not None else None
-            if flat is not None and (len(flat._params) != len(params) or {id(p) for p in flat._params} != {id(p) for p in params}):
-                flat = None
-            layout.update(key=key, params=params, flat=flat)
-        return layout["params"], layout["flat"]
+    def flat_of(params: list[Tensor]) -> FlatParameters | None:
+        model_flat = flat_parameters_of(model_ref()) if model_ref is not None and model_ref() is not None else None
+        if model_flat is None:
+            return None
+        ids = list(map(id, params))
+        if layout["ids"] != ids or layout["model_flat"] is not model_flat:
+            same = len(model_flat._params) == len(params) and {id(p) for p in model_flat._params} == set(ids)
+            layout.update(ids=ids, params=params, model_flat=model_flat, flat=model_flat if same else None)
+        return layout["flat"]
 
     def glue() -> None:
         if getattr(optimizer, "grad_scale", None) is not None:
+            # GradScaler deletes these after step returns, not when it raises: without this, every
+            # later step, with or without the scaler, would be refused too.
+            for name in ("grad_scale", "found_inf"):
+                optimizer.__dict__.pop(name, None)
             raise RuntimeError(
                 "attach: GradScaler is stepping this optimizer on still-scaled gradients (an optimizer "
                 "that unscales inside its step, such as fused=True); call scaler.unscale_(optimizer) "
@@ -255,23 +303,19 @@ def attach(
         if skipped[0]:
             return
         groups = optimizer.param_groups
-        params, flat = parameters_and_flat(groups)
+        params = [p for g in groups for p in g["params"]]
         coefficients = [group_coefficients(i, g) for i, g in enumerate(groups)]  # all checked before any write
         clip = dict(max_norm=max_norm, norm_type=norm_type, clip_value=clip_value, error_if_nonfinite=error_if_nonfinite)
         if len(set(coefficients)) == 1:
             a, b = coefficients[0]
+            flat = flat_of(params)
             done, total = call_flat(flat, "pre_step_", a, b, **clip) if flat is not None else (False, None)
             handle.total_norm = total if done else pre_step_(params, a, b, **clip)
             return
-        from .regularization import l1l2_grad_
-
-        def each_penalty_then_one_clip() -> Tensor:
-            for g, (a, b) in zip(groups, coefficients):
-                l1l2_grad_(g["params"], a, b)
-            return pre_step_(params, **clip)
-
-        run = each_penalty_then_one_clip
-        handle.total_norm = _grads_restored_on_error(params, run) if error_if_nonfinite else run()
+        # Groups with their own coefficients: each group's penalty (groups without one create no
+        # gradients), then one clip of all: two passes, every argument checked before the first.
+        penalties = [(g["params"], a, b) for g, (a, b) in zip(groups, coefficients)]
+        handle.total_norm = _in_separate_calls(penalties, params, **clip)
 
     def group_coefficients(i: int, group: dict) -> tuple[float, float]:
         """A param group's own "l1"/"l2" (checked, named in the errors), or attach's."""

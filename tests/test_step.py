@@ -70,18 +70,20 @@ def test_op_equals_the_separate_calls(backend, device, dtype, norm_type, clip):
 
 
 @pytest.mark.parametrize("clip", list(CLIPS))
+@pytest.mark.parametrize("norm_type", NORM_TYPES)
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_op_against_plain_fp64_formulas(backend, device, dtype, clip):
+def test_op_against_plain_fp64_formulas(backend, device, dtype, norm_type, clip):
     max_norm, clip_value = CLIPS[clip]
-    params, grads = make(dtype, device, seed=3), make(dtype, device, seed=4)
+    sizes = sizes_for(norm_type)
+    params, grads = make(dtype, device, sizes, seed=3), make(dtype, device, sizes, seed=4)
     l1, l2 = 0.003, 0.04
     ours = [g.clone() for g in grads]
-    total = ops.pre_step_(params, ours, l1, l2, max_norm, 2.0, clip_value, False)
+    total = ops.pre_step_(params, ours, l1, l2, max_norm, norm_type, clip_value, False)
     # The seed's penalty gradient written plainly in fp64, torch's own norm and clipping.
     want = [g.double() + l1 * torch.sign(p.double()) + 2 * l2 * p.double() for p, g in zip(params, grads)]
-    want_total = torch.nn.utils.get_total_norm(want, 2.0)
+    want_total = torch.nn.utils.get_total_norm(want, norm_type)
     plain = [(g + l1 * torch.sign(p) + 2 * l2 * p) for p, g in zip(params, grads)]
-    plain_total = torch.nn.utils.get_total_norm(plain)
+    plain_total = torch.nn.utils.get_total_norm(plain, norm_type)
     if max_norm is not None:
         # torch's coefficient: in the total's dtype (bf16 for bf16 gradients), as clip_grad_norm_'s.
         want = [w * min(1.0, max_norm / (want_total.item() + 1e-6)) for w in want]
@@ -340,6 +342,51 @@ def test_public_error_writes_nothing_and_creates_no_gradient(backend, device, fr
             torch.testing.assert_close(p.grad, snapshot[n], equal_nan=True, rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("case", ["clip-value-overflows-fp16", "empty-parameter-inf-norm"])
+def test_public_separate_calls_refuse_before_the_first_write(backend, case):
+    # A frozen parameter with a gradient sends the call to the separate calls; what the clip would
+    # refuse is refused before the penalty is added.
+    model = nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 0))
+    model(torch.randn(3, 4)).sum().backward()
+    model[0].weight.grad = torch.randn(4, 4)
+    model[0].bias.requires_grad_(False)
+    kwargs = dict(clip_value=1e6) if case == "clip-value-overflows-fp16" else dict(norm_type=INF)
+    if case == "clip-value-overflows-fp16":
+        model.half()
+        model[0].weight.grad = torch.randn(4, 4).half()
+    snapshot = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    with pytest.raises(RuntimeError, match="cannot be converted|empty"):
+        fused_optim.pre_step_(model.parameters(), 0.1, 0.1, **kwargs)
+    for n, p in model.named_parameters():
+        assert (p.grad is None) == (n not in snapshot)
+        if n in snapshot:
+            assert torch.equal(p.grad, snapshot[n]), n
+
+
+def test_public_parameter_listed_twice_without_a_gradient(backend):
+    # One gradient is created for it and shared by both positions, as an existing one would be:
+    # the penalty is added twice, the norm counts it twice, the scale applies twice (torch's foreach
+    # semantics for a tensor listed twice), as the separate calls and torch's clip_grad_norm_ give.
+    torch.manual_seed(0)
+    p, q = torch.randn(5, requires_grad=True), torch.randn(3, requires_grad=True)
+    q.grad = torch.randn(3)
+    q_grad = q.grad.clone()
+    total = fused_optim.pre_step_([p, q, p], 0.1, 0.5, max_norm=0.5)
+    p2, q2 = p.detach().clone().requires_grad_(), q.detach().clone().requires_grad_()
+    q2.grad = q_grad.clone()
+    fused_optim.l1l2_grad_([p2, q2, p2], 0.1, 0.5)
+    separate = fused_optim.clip_grad_norm_([p2, q2, p2], 0.5)
+    p3, q3 = p.detach().double().requires_grad_(), q.detach().double().requires_grad_()
+    p3.grad = 2 * (0.1 * p3.detach().sign() + 2 * 0.5 * p3.detach())  # plain fp64: twice the penalty
+    q3.grad = q_grad.double() + 0.1 * q3.detach().sign() + 2 * 0.5 * q3.detach()
+    plain = torch.nn.utils.clip_grad_norm_([p3, q3, p3], 0.5, foreach=True)
+    for got in (total, separate):
+        torch.testing.assert_close(got.double(), plain)
+    torch.testing.assert_close(p.grad, p2.grad, rtol=0, atol=0)
+    torch.testing.assert_close(p.grad.double(), p3.grad)
+    torch.testing.assert_close(q.grad.double(), q3.grad)
+
+
 def test_public_bad_arguments(backend, device):
     model = model_with_grads(device)
     snapshot = [p.grad.clone() for p in model.parameters()]
@@ -533,6 +580,89 @@ def test_attach_param_groups_refused_steps_write_nothing(backend):
         assert torch.equal(value, weights[name]), name  # no step taken
 
 
+def test_attach_group_without_penalty_creates_no_gradient(backend):
+    # An unused module in a group with l1 = l2 = 0 (a "no decay" group): its parameters keep no
+    # gradient, so AdamW neither decays them nor starts their state, as with the separate calls.
+    used, unused = nn.Linear(4, 4), nn.Linear(4, 4)
+    before = copy.deepcopy(unused.state_dict())
+    opt = torch.optim.AdamW([{"params": used.parameters()}, {"params": unused.parameters(), "l1": 0.0, "l2": 0.0}], lr=0.1)
+    fused_optim.attach(opt, l2=0.01, max_norm=1.0)
+    for _ in range(2):
+        opt.zero_grad()
+        used(torch.randn(3, 4)).sum().backward()
+        opt.step()
+    assert all(p.grad is None for p in unused.parameters())
+    assert all(torch.equal(v, before[k]) for k, v in unused.state_dict().items())
+    assert not any(opt.state[p] for p in unused.parameters())
+
+
+@pytest.mark.parametrize("case", ["expanded-grad", "complex-param", "clip-value-overflows-fp16"])
+def test_attach_param_groups_refuse_before_any_group_is_written(backend, case):
+    # Each group's penalty is its own call: what the second call or the clip would refuse is
+    # refused before the first writes (here without error_if_nonfinite, so with no snapshot).
+    w1, w2 = torch.ones(4, requires_grad=True), torch.ones(4, requires_grad=True)
+    w1.grad, w2.grad = torch.ones(4), torch.full((4,), 2.0)
+    kwargs = {}
+    if case == "expanded-grad":
+        w2.grad = torch.zeros(1).expand(4)
+    elif case == "complex-param":
+        w2 = torch.ones(4, dtype=torch.complex64, requires_grad=True)
+        w2.grad = torch.ones(4, dtype=torch.complex64)
+    else:
+        w1.data, w1.grad = w1.data.half(), w1.grad.half()
+        kwargs = dict(clip_value=1e6)
+    opt = torch.optim.SGD([{"params": [w1]}, {"params": [w2], "l2": 0.5}], lr=0.1)
+    fused_optim.attach(opt, l2=0.25, **kwargs)
+    snapshot = [(w, w.detach().clone(), w.grad.clone()) for w in (w1, w2)]
+    with pytest.raises((RuntimeError, TypeError), match="grads|params|cannot be converted"):
+        opt.step()
+    for w, value, grad in snapshot:
+        assert torch.equal(w.detach(), value) and torch.equal(w.grad, grad)
+
+
+def test_attach_refuses_a_nan_norm_type_at_once():
+    opt = torch.optim.SGD(tiny_model().parameters(), lr=0.1)
+    with pytest.raises(ValueError, match="norm_type must be a number, got nan"):
+        fused_optim.attach(opt, l2=0.1, norm_type=float("nan"))
+
+
+def test_attach_follows_parameters_replaced_in_place(backend):
+    # The optimizer's own list edited in place, or replaced by a new list twice (whose id may be
+    # the freed one's): the glue penalizes the parameters the optimizer holds now.
+    old, new = torch.ones(3, requires_grad=True), torch.full((3,), 2.0, requires_grad=True)
+    opt = torch.optim.SGD([old], lr=0.0)
+    fused_optim.attach(opt, l2=0.5)
+    for p in (old, new):
+        p.grad = torch.zeros(3)
+    opt.step()
+    opt.param_groups[0]["params"][0] = new
+    opt.step()
+    assert torch.equal(old.grad, torch.full((3,), 1.0)) and torch.equal(new.grad, torch.full((3,), 2.0))
+    for _ in range(3):
+        opt.param_groups[0]["params"] = [old]
+        opt.param_groups[0]["params"] = [new]
+        opt.step()
+    assert torch.equal(old.grad, torch.full((3,), 1.0)) and torch.equal(new.grad, torch.full((3,), 8.0))
+
+
+def test_attach_takes_the_flat_path_once_the_model_is_flattened(backend):
+    ours, theirs = tiny_model(), tiny_model()
+    opt_ours, opt_theirs = torch.optim.SGD(ours.parameters(), lr=0.1), torch.optim.SGD(theirs.parameters(), lr=0.1)
+    fused_optim.attach(opt_ours, model=ours, **GLUE)
+    batch = batches(3)
+    attached_step(ours, opt_ours, *batch[0])  # not flattened yet: per tensor
+    hand_written_step(theirs, opt_theirs, *batch[0], **GLUE)
+    flat = fused_optim.flatten_parameters(ours)  # after the first step: the glue finds it
+    calls = []
+    method = flat.pre_step_
+    flat.pre_step_ = lambda *args, **kwargs: calls.append(1) or method(*args, **kwargs)
+    for x, y in batch[1:]:
+        attached_step(ours, opt_ours, x, y)
+        hand_written_step(theirs, opt_theirs, x, y, **GLUE)
+    assert len(calls) == 2
+    assert_same_weights(ours, theirs)
+
+
 def test_attach_runs_per_tensor_when_the_flat_buffers_break(backend):
     ours, theirs = tiny_model(), tiny_model()
     fused_optim.flatten_parameters(ours)
@@ -563,10 +693,14 @@ def test_attach_same_coefficients_in_every_group_is_one_clip_of_all(backend):
     assert_same_weights(ours, theirs)
 
 
-@pytest.mark.parametrize("fused_adam", [False, True], ids=["adamw", "adamw-fused"])
-def test_attach_with_grad_scaler_and_bf16_autocast(backend, fused_adam):
+@pytest.mark.parametrize(
+    "fused_adam, unscale", [(False, True), (False, False), (True, True)],
+    ids=["adamw-unscale_", "adamw-scaler.step-unscales", "adamw-fused-unscale_"],
+)
+def test_attach_with_grad_scaler_and_bf16_autocast(backend, fused_adam, unscale):
     # CPU GradScaler with bf16 autocast; batch 3 has an inf gradient: the scaler skips that step,
-    # and with it the penalty, the clip and the EMA update.
+    # and with it the penalty, the clip and the EMA update. Without unscale_, scaler.step unscales
+    # before it calls step: the hook still sees unscaled gradients.
     ours, theirs = tiny_model(), tiny_model()
     kw = dict(lr=0.05, fused=True) if fused_adam else dict(lr=0.05)
     opt_ours, opt_theirs = torch.optim.AdamW(ours.parameters(), **kw), torch.optim.AdamW(theirs.parameters(), **kw)
@@ -582,13 +716,20 @@ def test_attach_with_grad_scaler_and_bf16_autocast(backend, fused_adam):
             with torch.autocast("cpu", dtype=torch.bfloat16):
                 loss = nn.functional.mse_loss(model(x).float(), y)
             scaler.scale(loss).backward()
-            scaler.unscale_(opt)  # what torch documents before clipping; attach's hook runs after it
+            if unscale or model is theirs:
+                scaler.unscale_(opt)  # what torch documents before clipping; attach's hook runs after it
+            if model is ours and i == 3:  # the skipped step: the hook must not touch the gradients
+                inv_scale = 1.0 if unscale else 1.0 / scaler.get_scale()  # a power of 2: exact
+                skipped_grads = [p.grad * inv_scale for p in model.parameters()]
             if model is theirs:
                 found_inf = sum(v.item() for v in scaler._per_optimizer_states[id(opt)]["found_inf_per_device"].values())
                 if not found_inf:
                     fused_optim.l1l2_grad_(model.parameters(), GLUE["l1"], GLUE["l2"])
                     fused_optim.clip_grad_norm_(model.parameters(), GLUE["max_norm"])
             scaler.step(opt)
+            if model is ours and i == 3:
+                for p, g in zip(model.parameters(), skipped_grads):
+                    torch.testing.assert_close(p.grad, g, rtol=0, atol=0, equal_nan=True)
             scaler.update()
             if model is theirs and not found_inf:
                 ema.update(model)
@@ -613,6 +754,8 @@ def test_attach_refuses_still_scaled_gradients_of_a_fused_optimizer(backend):
         scaler.step(opt)
     for p, w, g in zip(model.parameters(), weights, grads):
         assert torch.equal(p, w) and torch.equal(p.grad, g)
+    opt.step()  # the scaler's leftover attributes are gone: a later plain step is not refused
+    assert not any(torch.equal(p, w) for p, w in zip(model.parameters(), weights))
 
 
 def test_attach_with_gradient_accumulator_runs_once_per_optimizer_step(backend):

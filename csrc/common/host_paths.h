@@ -155,11 +155,11 @@ void clip_grad_value_host(at::TensorList grads, double clip_value, c10::DeviceTy
 // (used when no two positions share memory, the usual case); add() is l1l2_grad_, norm(error)
 // multi_tensor_norm's total, scale(coefficient) multi_tensor_scale_, clamp(dtype, grads) the clamp
 // of one dtype group.
-template <typename Fused, typename Add, typename Norm, typename Scale, typename Clamp>
-at::Tensor pre_step_host(at::TensorList params, at::TensorList grads, double l1, double l2, std::optional<double> max_norm,
-                         double norm_type, std::optional<double> clip_value, bool error_if_nonfinite,
-                         c10::DeviceType device, const Fused& fused, const Add& add, const Norm& norm,
-                         const Scale& scale, const Clamp& clamp) {
+// pre_step_'s checks, everything it refuses (also run alone by _C.check_pre_step, for the Python
+// paths that write in several calls and must refuse before the first).
+inline void check_pre_step_args(at::TensorList params, at::TensorList grads, double l1, double l2,
+                                std::optional<double> max_norm, double norm_type, std::optional<double> clip_value,
+                                c10::DeviceType device) {
   check_coefficient(l1, "l1");
   check_coefficient(l2, "l2");
   check_norm_type(norm_type);
@@ -172,6 +172,14 @@ at::Tensor pre_step_host(at::TensorList params, at::TensorList grads, double l1,
   }
   check_writable(grads, "grads");
   check_same_or_disjoint(grads, "grads", params, "params");
+}
+
+template <typename Fused, typename Add, typename Norm, typename Scale, typename Clamp>
+at::Tensor pre_step_host(at::TensorList params, at::TensorList grads, double l1, double l2, std::optional<double> max_norm,
+                         double norm_type, std::optional<double> clip_value, bool error_if_nonfinite,
+                         c10::DeviceType device, const Fused& fused, const Add& add, const Norm& norm,
+                         const Scale& scale, const Clamp& clamp) {
+  check_pre_step_args(params, grads, l1, l2, max_norm, norm_type, clip_value, device);
   at::Tensor total;
   if (l1 == 0.0 && l2 == 0.0) {
     total = norm(error_if_nonfinite);  // raises before anything is written
