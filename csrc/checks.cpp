@@ -41,7 +41,11 @@ PyObject* check_pre_step(PyObject*, PyObject* args) {
     return nullptr;
   }
   const std::vector<at::Tensor> params = tensors_of(params_obj, "params"), grads = tensors_of(grads_obj, "grads");
-  const std::optional<double> max_norm_value = optional_double(max_norm), clip = optional_double(clip_value);
+  const std::optional<double> max_norm_value = optional_double(max_norm);
+  if (PyErr_Occurred()) {
+    return nullptr;
+  }
+  const std::optional<double> clip = optional_double(clip_value);
   if (PyErr_Occurred()) {
     return nullptr;
   }

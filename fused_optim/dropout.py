@@ -127,12 +127,14 @@ def dropout(
 
     The result has the input's layout (channels_last stays channels_last), as torch's.
 
-    Raises TypeError (non-tensor input, non-floating input, non-numeric p, a generator that is not
-    a torch.Generator), ValueError (p outside [0, 1], a generator on another device type than the
-    input), RuntimeError (``inplace=True`` under autograd on a leaf that requires grad or a view of
+    Raises TypeError (non-tensor input, non-numeric p; when it drops or returns a mask: a
+    non-floating input, a generator that is not a torch.Generator), ValueError (p outside [0, 1];
+    when it drops: a generator on another device type than the input), RuntimeError (``inplace=True`` under autograd on a leaf that requires grad or a view of
     one, torch's messages), before anything is written.
     """
     p = _check_p(p)
+    if (not training or p == 0.0) and not return_mask and isinstance(input, Tensor):
+        return input  # torch's identity, whatever the input's dtype
     _check_input(input, generator)
     needs_graph = inplace and torch.is_grad_enabled() and input.requires_grad
     if inplace and training and p > 0.0:

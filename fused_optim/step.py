@@ -30,15 +30,29 @@ def _options(l1, l2, max_norm, norm_type, clip_value) -> tuple[float, float, flo
     return l1, l2, max_norm, norm_type, clip_value
 
 
-def _check_before_writing(params: list[Tensor], grads: list[Tensor], max_norm, norm_type, clip_value) -> None:
-    """Raises what pre_step_(params, grads, ...) would raise, writing nothing: for the paths that
-    write in several calls, so that none is refused after another has written."""
-    if _distributed.any_dtensor(params) or _distributed.any_dtensor(grads):
-        params, grads = _distributed.local_lists(params, grads)
+def _check_before_writing(
+    penalized: list[Tensor], grads: list[Tensor], max_norm: float | None, norm_type: float, clip_value: float | None
+) -> None:
+    """Raises what the separate calls would raise, writing nothing: l1l2_grad_'s checks of the
+    `penalized` parameters and their gradients, and the norm's and the clip's of `grads` (every
+    gradient there will be). A penalized parameter without a gradient gets a fresh zeros_like one,
+    of which only its size (a norm without identity) and dtype (the clamp's bound) can be refused."""
+    check = _C.check_pre_step if _C is not None else reference.check_pre_step_args
+    created = [p for p in penalized if p.grad is None]
+    penalized = [p for p in penalized if p.grad is not None]
+    pairs = [penalized, [p.grad for p in penalized]]
+    if _distributed.any_dtensor(grads) or _distributed.any_dtensor(penalized):
+        pairs, grads = _distributed.local_lists(*pairs), _distributed.local_lists(grads)[0]
         # An empty local shard has no max or min, the whole tensor may: the sharded norm decides.
         norm_type = 2.0
-    check = _C.check_pre_step if _C is not None else reference.check_pre_step_args
-    check(params, grads, 0.0, 0.0, max_norm, norm_type, clip_value)
+    check(*pairs, 0.0, 0.0, max_norm, norm_type, clip_value)
+    reference.check_norm_defined(created, norm_type)
+    if clip_value is not None:
+        reference.check_clip_value(created, clip_value)
+    if max_norm is not None or clip_value is not None:  # written: the op's checks of the gradients alone
+        check(grads, grads, 0.0, 0.0, max_norm, norm_type, clip_value)
+    else:
+        reference.check_norm_defined(grads, norm_type)
 
 
 def _in_separate_calls(
@@ -59,11 +73,8 @@ def _in_separate_calls(
     from .regularization import l1l2_grad_
 
     penalties = [(ps, a, b) for ps, a, b in penalties if a != 0.0 or b != 0.0]
-    # What the calls will see: every gradient, and (its stand-in, of the same metadata) the one
-    # l1l2_grad_ creates for a penalized parameter that has none.
-    penalized = {id(p) for ps, _, _ in penalties for p in ps if p.requires_grad}
-    pairs = [(p, p.grad if p.grad is not None else p.detach()) for p in params if p.grad is not None or id(p) in penalized]
-    _check_before_writing([p for p, _ in pairs], [g for _, g in pairs], max_norm, norm_type, clip_value)
+    penalized = [p for ps, _, _ in penalties for p in ps if p.requires_grad]
+    _check_before_writing(penalized, [p.grad for p in params if p.grad is not None], max_norm, norm_type, clip_value)
 
     def in_order() -> Tensor:
         for ps, a, b in penalties:
@@ -150,9 +161,7 @@ def pre_step_(
         for p in params:
             g = p.grad
             if penalized and not p.requires_grad:
-                frozen_with_grad = g is not None
-                if frozen_with_grad:
-                    break
+                frozen_with_grad = frozen_with_grad or g is not None
             elif g is not None or penalized:
                 held.append(p)
                 grads.append(g)
@@ -289,10 +298,6 @@ def attach(
 
     def glue() -> None:
         if getattr(optimizer, "grad_scale", None) is not None:
-            # GradScaler deletes these after step returns, not when it raises: without this, every
-            # later step, with or without the scaler, would be refused too.
-            for name in ("grad_scale", "found_inf"):
-                optimizer.__dict__.pop(name, None)
             raise RuntimeError(
                 "attach: GradScaler is stepping this optimizer on still-scaled gradients (an optimizer "
                 "that unscales inside its step, such as fused=True); call scaler.unscale_(optimizer) "
@@ -317,6 +322,17 @@ def attach(
         penalties = [(g["params"], a, b) for g, (a, b) in zip(groups, coefficients)]
         handle.total_norm = _in_separate_calls(penalties, params, **clip)
 
+    def refusals_leave_no_scaler_state() -> None:
+        try:
+            glue()
+        except BaseException:
+            # GradScaler deletes these after step returns, not when it raises: left behind, they
+            # would make every later step, with or without the scaler, read a stale skip decision
+            # (or be refused as still scaled).
+            for name in ("grad_scale", "found_inf"):
+                optimizer.__dict__.pop(name, None)
+            raise
+
     def group_coefficients(i: int, group: dict) -> tuple[float, float]:
         """A param group's own "l1"/"l2" (checked, named in the errors), or attach's."""
         if "l1" not in group and "l2" not in group:
@@ -331,7 +347,7 @@ def attach(
     def wrapped(closure):
         def closure_with_glue():
             loss = closure()  # the optimizer calls it under enable_grad
-            glue()
+            refusals_leave_no_scaler_state()
             return loss
 
         return closure_with_glue
@@ -342,7 +358,7 @@ def attach(
             return (args[0], wrapped(args[1]), *args[2:]), kwargs
         if kwargs.get("closure") is not None:
             return args, {**kwargs, "closure": wrapped(kwargs["closure"])}
-        glue()
+        refusals_leave_no_scaler_state()
         return None
 
     def post_hook(opt, args, kwargs):

@@ -363,6 +363,22 @@ def test_public_separate_calls_refuse_before_the_first_write(backend, case):
             assert torch.equal(p.grad, snapshot[n]), n
 
 
+def test_public_separate_calls_accept_what_they_accept(backend):
+    # The checks made before the separate calls are theirs, not more: an expanded parameter without
+    # a gradient (l1l2_grad_ gives it a dense one), a frozen parameter's gradient (clipped only).
+    expanded = nn.Parameter(torch.ones(1).expand(4))
+    frozen = nn.Parameter(torch.ones(3), requires_grad=False)
+    frozen.grad = torch.full((3,), 2.0)
+    total = fused_optim.pre_step_([expanded, frozen], l2=0.1, max_norm=1.0)
+    e2, f2 = nn.Parameter(torch.ones(1).expand(4)), nn.Parameter(torch.ones(3), requires_grad=False)
+    f2.grad = torch.full((3,), 2.0)
+    fused_optim.l1l2_grad_([e2, f2], 0.0, 0.1)
+    torch.testing.assert_close(total, fused_optim.clip_grad_norm_([e2, f2], 1.0))
+    assert torch.equal(expanded.grad, e2.grad) and torch.equal(frozen.grad, f2.grad)
+    with pytest.raises(TypeError, match=r"parameters\[1\] must be a tensor"):  # every entry is checked
+        fused_optim.pre_step_([frozen, 5], l2=0.1)
+
+
 def test_public_parameter_listed_twice_without_a_gradient(backend):
     # One gradient is created for it and shared by both positions, as an existing one would be:
     # the penalty is added twice, the norm counts it twice, the scale applies twice (torch's foreach
@@ -618,6 +634,23 @@ def test_attach_param_groups_refuse_before_any_group_is_written(backend, case):
         opt.step()
     for w, value, grad in snapshot:
         assert torch.equal(w.detach(), value) and torch.equal(w.grad, grad)
+
+
+def test_attach_refusal_leaves_no_grad_scaler_state(backend):
+    # GradScaler sets optimizer.grad_scale / found_inf for a fused optimizer and deletes them only
+    # when step returns: any refusal of the hook removes them, so later steps are unaffected.
+    model = tiny_model()
+    opt = torch.optim.AdamW([{"params": list(model[0].parameters())}, {"params": list(model[3].parameters())}],
+                            lr=0.05, fused=True)
+    scaler = torch.amp.GradScaler("cpu", init_scale=1024.0)
+    fused_optim.attach(opt, **GLUE)
+    x, y = batches(1)[0]
+    scaler.scale(nn.functional.mse_loss(model(x), y)).backward()
+    scaler.unscale_(opt)
+    opt.param_groups[1]["l1"] = -1.0
+    with pytest.raises(ValueError, match=r'param_groups\[1\]\["l1"\]'):
+        scaler.step(opt)
+    assert not hasattr(opt, "grad_scale") and not hasattr(opt, "found_inf")
 
 
 def test_attach_refuses_a_nan_norm_type_at_once():

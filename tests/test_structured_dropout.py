@@ -321,6 +321,10 @@ def test_eval_and_zero_p_return_the_input_unchecked_as_the_originals(backend):
     assert fused_optim.stochastic_depth(scalar, 0.5, "row", training=False) is scalar  # torchvision
     assert fused_optim.stochastic_depth(ints, 0.0, "batch") is ints
     assert fused_optim.dropout1d(ints, 0.5, training=False) is ints  # torch's feature dropout
+    f8 = torch.zeros(2, 4).to(torch.float8_e4m3fn)
+    for x in (ints, f8):  # element dropout too, as torch's F.dropout
+        assert fused_optim.dropout(x, 0.5, training=False) is x and fused_optim.dropout(x, 0.0) is x
+        assert fused_optim.Dropout(0.5).eval()(x) is x
     with pytest.raises(TypeError, match="floating"):  # dropping needs a floating input
         fused_optim.drop_path(ints, 0.5, True)
 
