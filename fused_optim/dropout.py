@@ -129,8 +129,9 @@ def dropout(
 
     Raises TypeError (non-tensor input, non-numeric p; when it drops or returns a mask: a
     non-floating input, a generator that is not a torch.Generator), ValueError (p outside [0, 1];
-    when it drops: a generator on another device type than the input), RuntimeError (``inplace=True`` under autograd on a leaf that requires grad or a view of
-    one, torch's messages), before anything is written.
+    when it drops: a generator on another device type than the input), RuntimeError
+    (``inplace=True`` under autograd on a leaf that requires grad or a view of one, torch's
+    messages), before anything is written.
     """
     p = _check_p(p)
     if (not training or p == 0.0) and not return_mask and isinstance(input, Tensor):

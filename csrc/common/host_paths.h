@@ -147,14 +147,6 @@ void clip_grad_value_host(at::TensorList grads, double clip_value, c10::DeviceTy
                                     const std::vector<std::vector<at::Tensor>>&) { clamp(dtype, g); });
 }
 
-// pre_step_: equal to its sequence of ops: l1l2_grad_ (skipped when l1 = l2 = 0), the total norm of
-// the resulting gradients (returned), then clip_grad_norm_'s scaling by that total (max_norm) or
-// clip_grad_value_'s clamp (clip_value, at most one of the two). With error_if_nonfinite a nan or
-// inf total raises before anything is written. The backend's callables: fused(write) runs the
-// penalty and the norm in one pass, writing the gradients when `write`, and returns the total
-// (used when no two positions share memory, the usual case); add() is l1l2_grad_, norm(error)
-// multi_tensor_norm's total, scale(coefficient) multi_tensor_scale_, clamp(dtype, grads) the clamp
-// of one dtype group.
 // pre_step_'s checks, everything it refuses (also run alone by _C.check_pre_step, for the Python
 // paths that write in several calls and must refuse before the first).
 inline void check_pre_step_args(at::TensorList params, at::TensorList grads, double l1, double l2,
@@ -174,6 +166,14 @@ inline void check_pre_step_args(at::TensorList params, at::TensorList grads, dou
   check_same_or_disjoint(grads, "grads", params, "params");
 }
 
+// pre_step_: equal to its sequence of ops: l1l2_grad_ (skipped when l1 = l2 = 0), the total norm of
+// the resulting gradients (returned), then clip_grad_norm_'s scaling by that total (max_norm) or
+// clip_grad_value_'s clamp (clip_value, at most one of the two). With error_if_nonfinite a nan or
+// inf total raises before anything is written. The backend's callables: fused(write) runs the
+// penalty and the norm in one pass, writing the gradients when `write`, and returns the total
+// (used when no two positions share memory, the usual case); add() is l1l2_grad_, norm(error)
+// multi_tensor_norm's total, scale(coefficient) multi_tensor_scale_, clamp(dtype, grads) the clamp
+// of one dtype group.
 template <typename Fused, typename Add, typename Norm, typename Scale, typename Clamp>
 at::Tensor pre_step_host(at::TensorList params, at::TensorList grads, double l1, double l2, std::optional<double> max_norm,
                          double norm_type, std::optional<double> clip_value, bool error_if_nonfinite,
