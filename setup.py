@@ -30,6 +30,13 @@ X86_64 = platform.machine().lower() in ("x86_64", "amd64")
 CPU_CAPABILITIES = {"DEFAULT": [], **({"AVX2": ["-mavx2", "-mfma", "-mf16c"]} if X86_64 else {})}
 
 
+# The arithmetic contract (README, "Arithmetic"): a * b + c is rounded twice unless the source calls
+# fma_rn, so the AVX2 and portable CPU builds, the scalar tails and the CUDA kernels give the same
+# bits; nvcc would otherwise contract it into one FMA (-fmad=true is its default).
+# tools/check_cuda_compile.py compiles with these flags and checks the PTX for it.
+NVCC_ARITHMETIC = ["-fmad=false"]
+
+
 def _cuda_requested() -> bool:
     mode = os.environ.get("FUSED_OPTIM_CUDA", "auto").strip().lower()
     if mode not in ("auto", "0", "1"):
@@ -59,8 +66,7 @@ def _extension():
     # and torch.set_num_threads() governs our kernels too.
     openmp = ["-fopenmp"] if sys.platform.startswith("linux") else []
     # No -march flags: the default build must run on any x86-64 CPU. No contraction of a * b + c
-    # into an FMA behind our back: the vector body and the scalar tail of a loop then round alike,
-    # so an element's result does not depend on where its tensor sits in a list.
+    # into an FMA behind our back (NVCC_ARITHMETIC's reason).
     cxx_flags = ["-O3", "-ffp-contract=off", *openmp]
     macros = [
         ("FUSED_OPTIM_WITH_CUDA", "1" if with_cuda else "0"),
@@ -84,7 +90,7 @@ def _extension():
         sources + _sources("csrc/cuda/*.cu"),
         include_dirs=[os.path.join(ROOT, "csrc")],
         define_macros=macros,
-        extra_compile_args={"cxx": cxx_flags, "nvcc": ["-O3", "-lineinfo", "--expt-relaxed-constexpr", "--extended-lambda"]},
+        extra_compile_args={"cxx": cxx_flags, "nvcc": ["-O3", *NVCC_ARITHMETIC, "-lineinfo", "--expt-relaxed-constexpr", "--extended-lambda"]},
         extra_link_args=openmp,
     )
 

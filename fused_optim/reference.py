@@ -107,38 +107,62 @@ def check_same_or_disjoint(written: list[Tensor], written_name: str, read: list[
             )
 
 
+def sum_in_opmath_range(total: Tensor, dtype: torch.dtype) -> Tensor:
+    """A sum of non-negative terms taken in fp64, as a sum in op-math type `dtype` holds it: inf
+    beyond fp32's range when that type is fp32, as torch's fp32 sums (the native kernels' rule)."""
+    if dtype == torch.float64:
+        return total
+    return torch.where(total > torch.finfo(torch.float32).max, math.inf, total)
+
+
 def l1l2_penalty(tensors: list[Tensor], l1: float, l2: float) -> Tensor:
-    """l1 * sum|p| + l2 * sum p^2 over every element of every tensor (0-dim)."""
+    """l1 * sum|p| + l2 * sum p^2 over every element of every tensor (0-dim), the two sums taken
+    in fp64 and held as the result's op-math type holds them (sum_in_opmath_range)."""
     check_coefficient(l1, "l1")
     check_coefficient(l2, "l2")
     check_floating_list(tensors, "tensors")
     device = tensors[0].device if tensors else None
-    total = torch.zeros((), dtype=torch.float64, device=device)
+    dtype = reduction_dtype(tensors)
+    abs_sum = torch.zeros((), dtype=torch.float64, device=device)
+    square_sum = torch.zeros((), dtype=torch.float64, device=device)
     for t in tensors:
         x = t.to(opmath_dtype(t.dtype))
-        # A zero coefficient adds nothing, even where its sum overflowed (0 * inf would be nan).
-        if l1:
-            total += l1 * x.abs().sum().double()
-        if l2:
-            total += l2 * (x * x).sum().double()
-    return total.to(reduction_dtype(tensors))
+        abs_sum += x.abs().sum(dtype=torch.float64)
+        square_sum += (x * x).sum(dtype=torch.float64)  # squares rounded in the op-math type, as the kernels'
+    total = torch.zeros((), dtype=torch.float64, device=device)
+    # A zero coefficient adds nothing, even where its sum overflowed (0 * inf would be nan).
+    if l1:
+        total += l1 * sum_in_opmath_range(abs_sum, dtype)
+    if l2:
+        total += l2 * sum_in_opmath_range(square_sum, dtype)
+    return total.to(dtype)
+
+
+def _penalty_grad(g: Tensor, x: Tensor, a, b) -> Tensor:
+    """(g + a * sign(x)) + b * x, each operation rounded in x's (op-math) dtype: the kernels'
+    penalty_grad (a * sign(x) is exact). a, b: Python floats or 0-dim tensors of x's dtype."""
+    return g + a * torch.sign(x) + b * x
 
 
 def l1l2_penalty_backward(grad_out: Tensor, tensors: list[Tensor], l1: float, l2: float) -> list[Tensor]:
-    """grad_out * (l1 * sign(p) + 2 * l2 * p) for each tensor p, in p's dtype."""
+    """grad_out * (l1 * sign(p) + 2 * l2 * p) for each tensor p, in p's dtype: the coefficients
+    grad_out * l1 and 2 * grad_out * l2 in fp64, each rounded once to the op-math type, then
+    _penalty_grad from a zero gradient."""
     check_coefficient(l1, "l1")
     check_coefficient(l2, "l2")
     check_floating_list(tensors, "tensors")
     grads = []
     for t in tensors:
         x = t.to(opmath_dtype(t.dtype))
-        g = grad_out.to(x.dtype)
-        grads.append(((g * l1) * torch.sign(x) + (g * (2.0 * l2)) * x).to(t.dtype))
+        g = grad_out.to(device=x.device, dtype=torch.float64)
+        a, b = (g * l1).to(x.dtype), (2.0 * g * l2).to(x.dtype)
+        grads.append(_penalty_grad(torch.zeros_like(x), x, a, b).to(t.dtype))
     return grads
 
 
 def l1l2_grad_(params: list[Tensor], grads: list[Tensor], l1: float, l2: float) -> None:
-    """grads[i] += l1 * sign(params[i]) + 2 * l2 * params[i], rounded once to the grad's dtype."""
+    """grads[i] += l1 * sign(params[i]) + 2 * l2 * params[i] (_penalty_grad, the coefficients l1 and
+    2 * l2 rounded to the op-math type), rounded once to the grad's dtype."""
     check_coefficient(l1, "l1")
     check_coefficient(l2, "l2")
     check_floating_list(params, "params")
@@ -147,7 +171,7 @@ def l1l2_grad_(params: list[Tensor], grads: list[Tensor], l1: float, l2: float) 
     check_same_or_disjoint(grads, "grads", params, "params")
     for p, g in zip(params, grads):
         x = p.to(opmath_dtype(p.dtype))
-        g.copy_(g.to(x.dtype) + l1 * torch.sign(x) + (2.0 * l2) * x)
+        g.copy_(_penalty_grad(g.to(x.dtype), x, l1, 2.0 * l2))
 
 
 def norm_dtype(tensors: list[Tensor]) -> torch.dtype:
@@ -186,13 +210,15 @@ def nonfinite_norm_message(norm_type: float) -> str:
 
 
 def _tensor_norm(t: Tensor, norm_type: float) -> Tensor:
-    """t's norm in fp64, but inf where the op-math computation overflows (|x|^p or its sum beyond
-    fp32's range), as in torch and in the native kernels, which accumulate in the op-math type."""
+    """t's norm in fp64, its sum of |x|^p held as the op-math type holds it (sum_in_opmath_range:
+    inf beyond fp32's range for fp32/fp16/bf16, as torch's and the native kernels')."""
     exact = torch.linalg.vector_norm(t, norm_type, dtype=torch.float64)
-    if opmath_dtype(t.dtype) == torch.float64:
+    if norm_type in (0.0, math.inf, -math.inf):  # counts, max, min: no sum to overflow
         return exact
-    in_opmath = torch.linalg.vector_norm(t, norm_type, dtype=opmath_dtype(t.dtype))
-    return torch.where(torch.isinf(in_opmath) & torch.isfinite(exact), math.inf, exact)
+    x = t.to(opmath_dtype(t.dtype)).abs()
+    terms = x * x if norm_type == 2.0 else x if norm_type == 1.0 else x.double() ** norm_type
+    overflowed = torch.isinf(sum_in_opmath_range(terms.sum(dtype=torch.float64), opmath_dtype(t.dtype)))
+    return torch.where(overflowed & torch.isfinite(exact), math.inf, exact)
 
 
 def multi_tensor_norm(

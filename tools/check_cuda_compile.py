@@ -1,5 +1,8 @@
 """Compiles every csrc/cuda/*.cu to an object file with the machine's nvcc against the installed
 torch headers, and fails on any error: the CUDA code is checked on GPU-less CI machines too.
+It also reads the PTX nvcc kept for the arithmetic contract (README, "Arithmetic"): the elementwise
+kernels whose formulas are rounded operation by operation hold no fused multiply-add, and the lerp
+kernels hold the one torch's lerp rounds with.
 
     python tools/check_cuda_compile.py [--arch sm_90] [--jobs 2]
 
@@ -10,6 +13,7 @@ c10/cuda/impl/cuda_cmake_macros.h, which is supplied (empty of macros) in a temp
 from __future__ import annotations
 
 import argparse
+import ast
 import concurrent.futures
 import glob
 import os
@@ -22,6 +26,32 @@ import torch
 from torch.utils.cpp_extension import CUDA_HOME, include_paths
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+# Kernel (functor) name -> whether its PTX must hold an fma.rn (True) or none (False). Kernels that
+# call math functions (pow, sqrt: their library code fuses internally) cannot be checked this way.
+FMA_CONTRACT = {"PenaltyGrad": False, "WeightedSum": False, "Lerp": True}
+
+
+def nvcc_arithmetic_flags() -> list[str]:
+    """setup.py's NVCC_ARITHMETIC, read without running setup.py."""
+    tree = ast.parse(open(os.path.join(ROOT, "setup.py")).read())
+    for node in tree.body:
+        if isinstance(node, ast.Assign) and any(getattr(t, "id", None) == "NVCC_ARITHMETIC" for t in node.targets):
+            return ast.literal_eval(node.value)
+    raise RuntimeError("setup.py defines no NVCC_ARITHMETIC")
+
+
+def fma_contract_errors(ptx: str) -> tuple[list[str], int]:
+    """(violations, entries checked) of FMA_CONTRACT in one PTX file's kernel entries."""
+    errors, checked = [], 0
+    for entry in ptx.split(".entry ")[1:]:
+        name = entry.split("(", 1)[0].strip()
+        for functor, fused in FMA_CONTRACT.items():
+            if functor in name:
+                checked += 1
+                if ("fma.rn." in entry) != fused:
+                    errors.append(f"{name}: {'no' if fused else 'an'} fma.rn, the contract says {'fused' if fused else 'unfused'}")
+    return errors, checked
 
 
 def main() -> int:
@@ -41,27 +71,43 @@ def main() -> int:
             f.write("#pragma once\n")
         flags = [
             "-std=c++20", "-c", f"-arch={args.arch}", "--expt-relaxed-constexpr", "--extended-lambda",
+            *nvcc_arithmetic_flags(),
             f"-D_GLIBCXX_USE_CXX11_ABI={int(torch._C._GLIBCXX_USE_CXX11_ABI)}",
             "-DTORCH_EXTENSION_NAME=_C", "-DFUSED_OPTIM_WITH_CUDA=1",
             f"-I{os.path.join(tmp, 'include')}", f"-I{os.path.join(ROOT, 'csrc')}",
             *(f"-I{p}" for p in include_paths()),
         ]
 
-        def compile_one(src: str) -> tuple[str, int, str]:
+        def compile_one(src: str) -> tuple[str, int, str, list[str], int]:
+            keep = os.path.join(tmp, os.path.basename(src) + ".keep")
+            os.makedirs(keep)
             out = os.path.join(tmp, os.path.basename(src) + ".o")
-            proc = subprocess.run([nvcc, *flags, src, "-o", out], capture_output=True, text=True)
-            return src, proc.returncode, proc.stdout + proc.stderr
+            cmd = [nvcc, *flags, "-keep", f"-keep-dir={keep}", src, "-o", out]
+            proc = subprocess.run(cmd, capture_output=True, text=True)
+            errors, checked = [], 0
+            for ptx in glob.glob(os.path.join(keep, "*.ptx")):
+                e, c = fma_contract_errors(open(ptx).read())
+                errors += e
+                checked += c
+            return src, proc.returncode, proc.stdout + proc.stderr, errors, checked
 
-        failed = 0
+        failed = checked_total = 0
+        contract_errors = []
         with concurrent.futures.ThreadPoolExecutor(args.jobs) as pool:
-            for src, rc, output in pool.map(compile_one, sources):
+            for src, rc, output, errors, checked in pool.map(compile_one, sources):
                 print(f"{'ok  ' if rc == 0 else 'FAIL'} {os.path.relpath(src, ROOT)}")
                 if rc != 0:
                     failed += 1
                 if output.strip():  # errors, and warnings of sources that compiled
                     print(output[-8000:])
+                contract_errors += errors
+                checked_total += checked
     print(f"check_cuda_compile: {len(sources) - failed} of {len(sources)} CUDA sources compiled ({args.arch})")
-    return 1 if failed else 0
+    for e in contract_errors:
+        print(f"FMA contract: {e}")
+    # Every functor of FMA_CONTRACT must have been found, so a renamed kernel cannot pass unseen.
+    print(f"check_cuda_compile: {checked_total} kernel entries checked against the FMA contract")
+    return 1 if failed or contract_errors or checked_total < len(FMA_CONTRACT) else 0
 
 
 if __name__ == "__main__":

@@ -6,6 +6,7 @@
 #include <ATen/cpu/vec/functional.h>
 #include <ATen/cpu/vec/vec.h>
 
+#include <cmath>
 #include <cstdint>
 #include <type_traits>
 
@@ -130,6 +131,27 @@ inline double sum_lanes(const at::vec::Vectorized<T>& v) {
     s += static_cast<double>(lanes[k]);
   }
   return s;
+}
+
+// a * b + c rounded once on every build (fma_rn of common/elementwise.h, lane by lane). at::vec::fmadd
+// is one FMA instruction on AVX2 but a multiply and an add in the portable build, so that copy
+// fuses lane by lane (slower; it runs only on CPUs without AVX2 or when forced).
+template <typename T>
+inline at::vec::Vectorized<T> fma(const at::vec::Vectorized<T>& a, const at::vec::Vectorized<T>& b,
+                                  const at::vec::Vectorized<T>& c) {
+#if defined(CPU_CAPABILITY_AVX2) || defined(CPU_CAPABILITY_AVX512)
+  return at::vec::fmadd(a, b, c);
+#else
+  constexpr int64_t n = at::vec::Vectorized<T>::size();
+  alignas(64) T la[n], lb[n], lc[n];
+  a.store(la);
+  b.store(lb);
+  c.store(lc);
+  for (int64_t k = 0; k < n; ++k) {
+    la[k] = std::fma(la[k], lb[k], lc[k]);
+  }
+  return at::vec::Vectorized<T>::loadu(la);
+#endif
 }
 
 // sign(x) as torch.sign: -1, 0 or +1, and 0 for NaN.

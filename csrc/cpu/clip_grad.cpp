@@ -1,6 +1,7 @@
 // CPU ops of gradient clipping: multi-tensor norm, scale by a tensor coefficient, clip by norm
 // (norm + coefficient + scale in one call) and clip by value, on the shared host paths
 // (common/host_paths.h); the inner loops are in kernels/clip_grad.cpp.
+#include "common/elementwise.h"
 #include "common/host_paths.h"
 #include "cpu/kernels.h"
 #include "cpu/ops.h"
@@ -62,11 +63,11 @@ double total_norm(const std::vector<double>& norms, NormKind kind, double p) {
 std::vector<double> per_tensor_norms(at::TensorList tensors, double p) {
   const NormKind kind = norm_kind(p);
   std::vector<double> norms(tensors.size());
-  for_each_dense_subset(tensors, [&](at::ScalarType, const std::vector<int64_t>& idx, const std::vector<at::Tensor>& dense) {
+  for_each_dense_subset(tensors, [&](at::ScalarType dtype, const std::vector<int64_t>& idx, const std::vector<at::Tensor>& dense) {
     std::vector<double> acc(idx.size());
     norm_stub(c10::kCPU, dense, kind, p, acc.data());
     for (size_t k = 0; k < idx.size(); ++k) {
-      norms[idx[k]] = norm_from_acc(acc[k], kind, p);
+      norms[idx[k]] = norm_from_acc(sum_in_opmath_range(acc[k], dtype != at::kDouble), kind, p);
     }
   });
   return norms;
@@ -134,7 +135,7 @@ at::Tensor pre_step_cpu(at::TensorList params, at::TensorList grads, double l1, 
           penalty_norm_stub(c10::kCPU, select(laid_out, idx), select(targets.dense(), idx), l1, 2.0 * l2, write, kind,
                             norm_type, acc.data());
           for (size_t k = 0; k < idx.size(); ++k) {
-            norms[idx[k]] = norm_from_acc(acc[k], kind, norm_type);
+            norms[idx[k]] = norm_from_acc(sum_in_opmath_range(acc[k], dtype != at::kDouble), kind, norm_type);
           }
         }
         if (write) {

@@ -19,12 +19,16 @@ REGISTER_AVX512_DISPATCH(l1l2_grad_stub, nullptr)
 namespace {
 
 at::Tensor l1l2_penalty_cpu(at::TensorList tensors, double l1, double l2) {
-  double total = 0;
+  double abs_sum = 0, square_sum = 0;
   l1l2_penalty_host(tensors, l1, l2, c10::kCPU, [&](at::ScalarType, const std::vector<at::Tensor>& dense) {
     const auto sums = l1l2_sums_stub(c10::kCPU, dense);
-    total += penalty_from_sums(l1, l2, sums[0], sums[1]);
+    abs_sum += sums[0];
+    square_sum += sums[1];
   });
-  return scalar_result(total, at::TensorOptions().dtype(reduction_dtype(tensors)));
+  const at::ScalarType dtype = reduction_dtype(tensors);
+  const bool fp32 = dtype != at::kDouble;
+  const double total = penalty_from_sums(l1, l2, sum_in_opmath_range(abs_sum, fp32), sum_in_opmath_range(square_sum, fp32));
+  return scalar_result(total, at::TensorOptions().dtype(dtype));
 }
 
 std::vector<at::Tensor> l1l2_penalty_backward_cpu(

@@ -1,12 +1,12 @@
 // CUDA kernels of weight averaging: the K-input weighted sum (each input read once, each output
 // written once, in op-math precision) and the in-place lerp behind EMA and SWA updates, whose
 // weight may stay in device memory (no host synchronization).
+#include "common/elementwise.h"
 #include "common/host_paths.h"
 #include "cuda/multi_tensor_apply.cuh"
 
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
-#include <ATen/native/Lerp.h>
 #include <ATen/ops/empty_like.h>
 #include <torch/library.h>
 
@@ -103,7 +103,7 @@ std::vector<at::Tensor> multi_tensor_weighted_sum_cuda(at::TensorList inputs, at
   return out;
 }
 
-// self = lerp(self, end, w) with torch's formula (at::native::lerp); w from device memory when
+// self = lerp(self, end, w) with torch's arithmetic (lerp_like_torch); w from device memory when
 // w_f or w_d is set, else the host value.
 template <typename scalar_t>
 struct Lerp {
@@ -116,7 +116,7 @@ struct Lerp {
     auto* self = static_cast<scalar_t*>(meta.addresses[0][tensor]);
     const auto* other = static_cast<const scalar_t*>(meta.addresses[1][tensor]);
     for (int64_t i = begin + threadIdx.x; i < end; i += blockDim.x) {
-      self[i] = static_cast<scalar_t>(at::native::lerp(static_cast<T>(self[i]), static_cast<T>(other[i]), w));
+      self[i] = static_cast<scalar_t>(lerp_like_torch(static_cast<T>(self[i]), static_cast<T>(other[i]), w));
     }
   }
 };

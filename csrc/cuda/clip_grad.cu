@@ -100,7 +100,7 @@ __global__ void __launch_bounds__(kBlockSize) total_norm(const double* terms, in
   }
 }
 
-// x = g + a * sign(w) + b * w (l1l2_grad_'s arithmetic, rounded to the dtype), written into g when
+// x = penalty_grad(g, w, l1, 2 * l2) (l1l2_grad_'s arithmetic, rounded to the dtype), written into g when
 // kWrite, folded into the chunk's partial as NormPartials folds x: the same order, so the norm is
 // multi_tensor_norm's over the written gradients, bit for bit.
 template <typename scalar_t, bool kWrite>
@@ -115,9 +115,7 @@ struct PenaltyNormPartials {
     const T a = static_cast<T>(l1), b = static_cast<T>(2.0 * l2);
     double acc = identity(kind);
     for (int64_t i = begin + threadIdx.x; i < end; i += blockDim.x) {
-      const T v = static_cast<T>(w[i]);
-      const T sign = static_cast<T>((v > T(0)) - (v < T(0)));
-      const scalar_t x = static_cast<scalar_t>(static_cast<T>(g[i]) + a * sign + b * v);
+      const scalar_t x = static_cast<scalar_t>(penalty_grad(static_cast<T>(g[i]), static_cast<T>(w[i]), a, b));
       if constexpr (kWrite) {
         g[i] = x;
       }

@@ -41,8 +41,10 @@ struct AbsSquareSums {
   }
 };
 
-// One block: out = l1 * sum of partials[even] + l2 * sum of partials[odd], in a fixed order.
-__global__ void __launch_bounds__(kBlockSize) penalty_cleanup(const double* partials, int64_t chunks, double l1, double l2, double* out) {
+// One block: out = l1 * sum of partials[even] + l2 * sum of partials[odd], in a fixed order, each
+// sum as an fp32 sum holds it when the result is fp32 (sum_in_opmath_range).
+__global__ void __launch_bounds__(kBlockSize) penalty_cleanup(const double* partials, int64_t chunks, double l1, double l2,
+                                                              bool fp32, double* out) {
   double a = 0, s = 0;
   for (int64_t c = threadIdx.x; c < chunks; c += blockDim.x) {
     a += partials[2 * c];
@@ -51,7 +53,7 @@ __global__ void __launch_bounds__(kBlockSize) penalty_cleanup(const double* part
   a = block_sum(a);
   s = block_sum(s);
   if (threadIdx.x == 0) {
-    *out = penalty_from_sums(l1, l2, a, s);
+    *out = penalty_from_sums(l1, l2, sum_in_opmath_range(a, fp32), sum_in_opmath_range(s, fp32));
   }
 }
 
@@ -65,13 +67,12 @@ struct PenaltyGrad {
     const int64_t end = min(begin + kChunkSize, meta.sizes[tensor]);
     const auto* p = static_cast<const scalar_t*>(meta.addresses[0][tensor]);
     auto* out = static_cast<scalar_t*>(meta.addresses[1][tensor]);
-    const T g = grad_out_d != nullptr ? static_cast<T>(*grad_out_d) : grad_out_f != nullptr ? static_cast<T>(*grad_out_f) : T(1);
-    const T a = g * static_cast<T>(l1), b = g * static_cast<T>(2.0 * l2);
+    // The coefficients g * l1 and 2 * g * l2 in fp64, each rounded once to T (as the CPU kernels).
+    const double g = grad_out_d != nullptr ? *grad_out_d : grad_out_f != nullptr ? static_cast<double>(*grad_out_f) : 1.0;
+    const T a = static_cast<T>(g * l1), b = static_cast<T>(2.0 * g * l2);
     for (int64_t i = begin + threadIdx.x; i < end; i += blockDim.x) {
-      const T v = static_cast<T>(p[i]);
-      const T sign = static_cast<T>((v > T(0)) - (v < T(0)));
       const T base = kAccumulate ? static_cast<T>(out[i]) : T(0);
-      out[i] = static_cast<scalar_t>(base + a * sign + b * v);
+      out[i] = static_cast<scalar_t>(penalty_grad(base, static_cast<T>(p[i]), a, b));
     }
   }
 };
@@ -89,7 +90,7 @@ at::Tensor l1l2_penalty_cuda(at::TensorList tensors, double l1, double l2) {
   at::Tensor total = at::empty({}, options.dtype(at::kDouble));
   const c10::cuda::CUDAGuard guard(total.device());
   penalty_cleanup<<<1, kBlockSize, 0, c10::cuda::getCurrentCUDAStream()>>>(
-      partials.data_ptr<double>(), first, l1, l2, total.data_ptr<double>());
+      partials.data_ptr<double>(), first, l1, l2, reduction_dtype(tensors) != at::kDouble, total.data_ptr<double>());
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   return total.to(reduction_dtype(tensors));
 }

@@ -1,6 +1,7 @@
 // Inner loops of weight averaging (K-input weighted sum) and in-place lerp (EMA, SWA), compiled
 // once per CPU capability.
 #include "common/chunking.h"
+#include "common/elementwise.h"
 #include "common/vec.h"
 #include "cpu/kernels.h"
 
@@ -28,7 +29,8 @@ void weighted_sum(const std::vector<std::vector<at::Tensor>>& inputs, const std:
       }
       scalar_t* dst = outs[t].mutable_data_ptr<scalar_t>() + begin;
       // Every input of a position is read before its output is written, so an output may alias
-      // an input. Vector by vector over the K inputs, accumulating in registers.
+      // an input. Vector by vector over the K inputs, accumulating in registers: acc + x * w, the
+      // product and the sum each rounded (no FMA), as the scalar tail, the portable build and CUDA.
       int64_t i = 0;
       for (; i + vec_step<scalar_t>() <= len; i += vec_step<scalar_t>()) {
         if constexpr (kReducedFloat<scalar_t>) {
@@ -36,14 +38,14 @@ void weighted_sum(const std::vector<std::vector<at::Tensor>>& inputs, const std:
           for (int64_t m = 0; m < k; ++m) {
             Vec a, b;
             at::vec::load_to_float(src[m] + i, a, b);
-            lo = at::vec::fmadd(a, Vec(w[m]), lo);
-            hi = at::vec::fmadd(b, Vec(w[m]), hi);
+            lo = lo + a * Vec(w[m]);
+            hi = hi + b * Vec(w[m]);
           }
           at::vec::convert_from_float<scalar_t>(lo, hi).store(dst + i);
         } else {
           Vec acc(0);
           for (int64_t m = 0; m < k; ++m) {
-            acc = at::vec::fmadd(Vec::loadu(src[m] + i), Vec(w[m]), acc);
+            acc = acc + Vec::loadu(src[m] + i) * Vec(w[m]);
           }
           acc.store(dst + i);
         }
@@ -69,10 +71,11 @@ void weighted_sum_kernel(const std::vector<std::vector<at::Tensor>>& inputs, con
 void lerp_kernel(const std::vector<at::Tensor>& selfs, const std::vector<at::Tensor>& ends, double weight) {
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, selfs[0].scalar_type(), "multi_tensor_lerp_", [&] {
     using T = opmath_t<scalar_t>;
-    // torch.lerp's formula (as ATen's vectorized kernel computes it): start + w * (end - start)
-    // for |w| < 0.5, else end + (w - 1) * (end - start), each as one fused multiply-add.
-    const bool small = std::abs(weight) < 0.5;
-    const T coeff = static_cast<T>(small ? weight : weight - 1.0);
+    // torch.lerp's arithmetic (lerp_like_torch): the weight rounded to the op-math type first, as
+    // torch rounds its scalar weight; the coefficient and base chosen once for the whole call.
+    const T w = static_cast<T>(weight);
+    const bool small = lerp_weight_is_small(w);
+    const T coeff = small ? w : w - T(1);
     const ChunkPlan plan(selfs);
     plan.parallel_for_each_chunk([&](int64_t c) {
       plan.for_each_piece(c, [&](int64_t t, int64_t begin, int64_t len) {
@@ -80,9 +83,9 @@ void lerp_kernel(const std::vector<at::Tensor>& selfs, const std::vector<at::Ten
         update_each<true>(ends[t].const_data_ptr<scalar_t>() + begin, self, len, [&](auto end, auto start) {
           using V = decltype(end);
           if constexpr (std::is_floating_point_v<V>) {
-            return std::fma(coeff, end - start, small ? start : end);
+            return lerp_like_torch(start, end, w);
           } else {
-            return at::vec::fmadd(V(coeff), end - start, small ? start : end);
+            return fma(V(coeff), end - start, small ? start : end);
           }
         });
       });

@@ -45,7 +45,7 @@ struct Acc {
     } else {
       switch (kKind) {
         case NormKind::kSumAbs: return acc + x.abs();
-        case NormKind::kSumSquares: return at::vec::fmadd(x, x, acc);
+        case NormKind::kSumSquares: return acc + x * x;  // unfused, as the scalar tail
         case NormKind::kSumPow: return acc + x.abs().pow(p);
         case NormKind::kCount: return acc + x.ne(V(0));
         case NormKind::kMax: return at::vec::maximum(acc, x.abs());

@@ -29,7 +29,7 @@ std::array<double, 2> abs_and_square_sums(const std::vector<at::Tensor>& tensors
             x + off, std::min(kReduceBlock, len - off),
             [&](int k, const Vec& v) {
               abs_acc[k] += v.abs();
-              sq_acc[k] = at::vec::fmadd(v, v, sq_acc[k]);
+              sq_acc[k] = sq_acc[k] + v * v;  // unfused, as the scalar tail
             },
             [&](T v) {
               abs_tail += std::abs(v);
