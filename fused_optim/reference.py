@@ -218,7 +218,8 @@ def _tensor_norm(t: Tensor, norm_type: float) -> Tensor:
     x = t.to(opmath_dtype(t.dtype)).abs()
     terms = x * x if norm_type == 2.0 else x if norm_type == 1.0 else x.double() ** norm_type
     overflowed = torch.isinf(sum_in_opmath_range(terms.sum(dtype=torch.float64), opmath_dtype(t.dtype)))
-    return torch.where(overflowed & torch.isfinite(exact), math.inf, exact)
+    # The norm of an inf sum: its root, inf for p > 0, 0 for p < 0.
+    return torch.where(overflowed & torch.isfinite(exact), math.inf if norm_type > 0 else 0.0, exact)
 
 
 def multi_tensor_norm(
