@@ -16,11 +16,15 @@ import pytest
 import torch
 
 import fused_optim  # noqa: F401  (registers torch.ops.fused_optim)
-from conftest import DTYPES, reference_kernels
+from conftest import DTYPES, EXT_DISABLED, reference_kernels
+from fused_optim import _library
 
 ops = torch.ops.fused_optim
 N = 1037  # vector bodies, several unrolled steps, and a tail
 LERP_WEIGHTS = [0.9, 0.7, 0.5, 0.4, 0.1, 1e-3, -0.3, 1.7]  # 1 - decay: warm-up weights are large
+# The native kernels' builds and their agreement with the reference (which is all there is without
+# the extension; the reference's own tails and lerp are tested either way).
+native_only = pytest.mark.skipif(EXT_DISABLED or _library._C is None, reason="compares the native kernels")
 
 
 def make_inputs() -> dict:
@@ -59,6 +63,7 @@ def elementwise_results(p: torch.Tensor, grad: torch.Tensor, end: torch.Tensor) 
     ops.clip_grad_value_([s], 0.5)
     out["clip_grad_value_"] = s
     out["dropout"] = ops.dropout(grad, 0.3, torch.tensor([5, 7]))
+    out["drop_groups"] = ops.drop_groups(grad, 1, 0.3, True, torch.tensor([5, 7]))
     for max_norm, clip_value in ((0.5, None), (None, 0.5)):
         s = grad.clone()
         ops.pre_step_([p], [s], 0.0123, 0.0456, max_norm, 2.0, clip_value, False)
@@ -99,6 +104,7 @@ def inputs():
     return make_inputs()
 
 
+@native_only
 def test_avx2_and_portable_builds_give_the_same_bits(inputs, tmp_path):
     capability = torch.backends.cpu.get_cpu_capability()
     assert capability in ("AVX2", "AVX512"), f"this test needs an AVX2 CPU to compare builds, got {capability}"
@@ -123,14 +129,24 @@ def test_scalar_tail_gives_the_vector_body_bits(inputs, dtype):
         assert_same_bits(tail, {k: body[k][:n] for k in tail})
 
 
+@native_only
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_reference_kernels_give_the_native_bits(inputs, dtype):
     """The reference writes each contract with torch ops that round once each (the unfused
-    formulas), and lerp as torch.lerp_, which fuses on AVX2 CPUs as the contract does."""
+    formulas), and lerp as torch.lerp_, which fuses on AVX2 CPUs as the contract does.
+    drop_groups_add is torch.addcmul on both (torch's arithmetic, which differs between torch's
+    own AVX2 and portable builds, so it is compared here only)."""
     p, grad, end = inputs[dtype]
-    native = elementwise_results(p, grad, end)
+
+    def results():
+        return {
+            **elementwise_results(p, grad, end),
+            "drop_groups_add": ops.drop_groups_add(p, grad, 1, 0.3, True, torch.tensor([5, 7])),
+        }
+
+    native = results()
     with reference_kernels():
-        reference = elementwise_results(p, grad, end)
+        reference = results()
     assert_same_bits(reference, native)
 
 
