@@ -18,6 +18,17 @@ import platform
 import shutil
 import sys
 
+import setuptools
+
+# pyproject.toml's license is an SPDX expression, which setuptools reads from version 77 on. Under
+# --no-build-isolation (how this package is built) pip does not install build-system.requires, and
+# an older setuptools fails later with a schema error about project.license: say what to upgrade.
+if int(setuptools.__version__.split(".")[0]) < 77:
+    sys.exit(
+        f"fused_optim: building needs setuptools>=77 (found {setuptools.__version__}); "
+        "run: pip install -U 'setuptools>=77', then build again"
+    )
+
 import torch
 from setuptools import setup
 from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension

@@ -6,11 +6,13 @@
 #include "common/reduce_order.h"
 #include "common/tensor_list.h"
 
+#include <ATen/OpMathType.h>
 #include <ATen/core/PhiloxRNGEngine.h>
 #include <ATen/ops/tensor.h>
 #include <ATen/ops/zeros.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <utility>
 #include <vector>
 
@@ -35,7 +37,8 @@ std::vector<int64_t> metadata_bytes(std::integer_sequence<int, kDepthLess1...>) 
 }
 
 // One row per list depth 1..kMaxDepth: (tensors per launch, bytes of the kernel's metadata
-// argument), then the limits (blocks per launch, kernel argument bytes, bytes left for functors).
+// argument), then the limits (blocks per launch, kernel argument bytes), (chunk size, bytes left
+// for functors), (tensors per launch of the norms' per-tensor step, bytes of its ranges argument).
 at::Tensor launch_limits() {
   const std::vector<int64_t> bytes = metadata_bytes(std::make_integer_sequence<int, kMaxDepth>{});
   std::vector<int64_t> rows;
@@ -44,6 +47,7 @@ at::Tensor launch_limits() {
   }
   rows.insert(rows.end(), {kMaxBlocks, kMaxKernelArgBytes});
   rows.insert(rows.end(), {kChunkSize, kFunctorArgBytes});
+  rows.insert(rows.end(), {kMaxRangesPerLaunch, static_cast<int64_t>(sizeof(ChunkRanges))});
   return at::tensor(rows, at::kLong).view({-1, 2});
 }
 
@@ -103,8 +107,45 @@ at::Tensor dropout_tile_mask(const at::Tensor& keep) {
   return mask;
 }
 
-// The norm kernels' combine of fp64 values by one block of kBlockSize threads, for norm order p's
-// accumulator kind.
+// The norms' per-tensor step over tensors of the given sizes, numbered group by group (group[t]:
+// tensor t's group, groups in order of first appearance, as dtype groups): one row per block of
+// every launch, (launch, block, tensor, first chunk, end chunk), as clip_grad.cu fills its arguments.
+at::Tensor norm_chunk_ranges(c10::IntArrayRef numels, c10::IntArrayRef group) {
+  TORCH_CHECK(numels.size() == group.size(), "numels and group must have the same length");
+  std::vector<std::vector<int64_t>> groups;
+  std::vector<int64_t> ids;
+  for (size_t t = 0; t < group.size(); ++t) {
+    auto it = std::find(ids.begin(), ids.end(), group[t]);
+    if (it == ids.end()) {
+      groups.emplace_back();
+      it = ids.insert(ids.end(), group[t]);
+    }
+    groups[it - ids.begin()].push_back(static_cast<int64_t>(t));
+  }
+  std::vector<int64_t> rows;
+  int64_t launch = 0;
+  plan_range_launches(chunk_ranges(numels.vec(), groups), [&](const ChunkRanges& args, int blocks) {
+    for (int b = 0; b < blocks; ++b) {
+      rows.insert(rows.end(), {launch, b, args.first_tensor + b, args.begin[b], args.end[b]});
+    }
+    ++launch;
+  });
+  return at::tensor(rows, at::kLong).view({-1, 5});
+}
+
+// The norm kernels' reduction of a chunk's elements by one block of kBlockSize threads (each thread
+// folding in the op-math type of values' dtype), for norm order p: the fp64 partial.
+at::Tensor block_reduce(const at::Tensor& values, double p) {
+  TORCH_CHECK(at::isFloatingType(values.scalar_type()) && values.dim() == 1, "values must be a 1-d floating tensor");
+  const at::Tensor v = values.contiguous().to(at::toOpMathType(values.scalar_type()));
+  const double acc = v.scalar_type() == at::kDouble
+      ? block_order_reduce<kBlockSize>(norm_kind(p), v.const_data_ptr<double>(), v.numel(), p)
+      : block_order_reduce<kBlockSize>(norm_kind(p), v.const_data_ptr<float>(), v.numel(), static_cast<float>(p));
+  return at::tensor({acc}, at::kDouble);
+}
+
+// The norm kernels' combine of fp64 accumulators by one block of kBlockSize threads, for norm
+// order p's accumulator kind.
 at::Tensor block_combine(const at::Tensor& values, double p) {
   TORCH_CHECK(values.scalar_type() == at::kDouble && values.dim() == 1, "values must be a 1-d fp64 tensor");
   const at::Tensor v = values.contiguous();
@@ -124,6 +165,8 @@ TORCH_LIBRARY(fused_optim_testing, m) {
   m.def("weighted_sum_passes(int k) -> Tensor", &passes_of_weighted_sum);
   m.def("dropout_tile_words(int numel, int seed, int offset) -> Tensor", &dropout_tile_words);
   m.def("dropout_tile_mask(Tensor keep) -> Tensor", &dropout_tile_mask);
+  m.def("norm_chunk_ranges(int[] numels, int[] group) -> Tensor", &norm_chunk_ranges);
+  m.def("block_reduce(Tensor values, float p) -> Tensor", &block_reduce);
   m.def("block_combine(Tensor values, float p) -> Tensor", &block_combine);
   m.def("provably_non_overlapping(Tensor t) -> bool", &non_overlapping);
 }

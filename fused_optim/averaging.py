@@ -137,8 +137,13 @@ def average_model_weights(models: Sequence[nn.Module], weights: Sequence[float] 
     return avg_model
 
 
-def _lerp_(averaged: Sequence[Tensor], current: Sequence[Tensor], weight: Tensor) -> None:
+def _lerp_(averaged: Sequence[Tensor], current: Sequence[Tensor], weight: Tensor | float) -> None:
     averaged, current = list(averaged), list(current)
+    if not isinstance(weight, Tensor):
+        # A number is a constant: made where the tensors are (a fill, which a CUDA graph replays as
+        # captured), since the CUDA op refuses a CPU weight under graph capture (a tensor the caller
+        # may change between replays).
+        weight = torch.full((), weight, dtype=torch.float64, device=averaged[0].device if averaged else "cpu")
     lerp = torch.ops.fused_optim.multi_tensor_lerp_.default
 
     def fused() -> None:
@@ -170,7 +175,7 @@ def ema_update_(averaged: Sequence[Tensor], current: Sequence[Tensor], decay: fl
         decay = as_float(decay, "decay")
         if not 0.0 <= decay <= 1.0:
             raise ValueError(f"decay must be in [0, 1], got {decay}")
-        weight = torch.tensor(1.0 - decay, dtype=torch.float64)
+        weight = 1.0 - decay
     _lerp_(averaged, current, weight)
 
 
@@ -188,7 +193,7 @@ def swa_update_(averaged: Sequence[Tensor], current: Sequence[Tensor], num_avera
         n = as_float(num_averaged, "num_averaged")
         if not math.isfinite(n) or n < 0:
             raise ValueError(f"num_averaged must be >= 0, got {n}")
-        weight = torch.tensor(1.0 / (n + 1.0), dtype=torch.float64)
+        weight = 1.0 / (n + 1.0)
     _lerp_(averaged, current, weight)
 
 

@@ -454,7 +454,7 @@ def check_dropout_args(input: Tensor, p: float, seed_offset: Tensor) -> None:
     if (
         seed_offset.dtype != torch.int64
         or seed_offset.numel() != 2
-        or seed_offset.device.type not in ("cpu", input.device.type)
+        or not (seed_offset.device.type == "cpu" or seed_offset.device == input.device)  # the native ops' rule
     ):
         raise RuntimeError(
             f"seed_offset must be an int64 tensor of 2 elements on the CPU or on {input.device}, got "

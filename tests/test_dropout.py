@@ -7,6 +7,7 @@ import math
 import os
 import subprocess
 import sys
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -366,3 +367,27 @@ def test_cuda_graph_capture_refuses_a_cpu_seed_offset():
         with torch.cuda.graph(graph):
             torch.ops.fused_optim.dropout.default(x, 0.5, SEED_OFFSET)
     assert "CUDA graph" in str(info.value) + str(info.value.__context__)
+
+
+def _stand_in(dtype: torch.dtype, shape: tuple, device: str) -> SimpleNamespace:
+    return SimpleNamespace(dtype=dtype, shape=shape, numel=lambda: math.prod(shape), device=torch.device(device))
+
+
+def test_reference_takes_seed_offset_on_the_cpu_or_the_inputs_device_only():
+    # The native CUDA ops read seed_offset on the input's device or on the host, as torch takes a
+    # tensor argument on the input's device or a CPU scalar; the reference applies the same rule.
+    # Stand-ins (the rule reads dtype, shape and device), so that it is checked without two GPUs.
+    x = _stand_in(torch.float32, (4,), "cuda:0")
+    for device in ("cpu", "cuda:0"):
+        reference.check_dropout_args(x, 0.5, _stand_in(torch.int64, (2,), device))
+    with pytest.raises(RuntimeError, match=r"^seed_offset must be .* on the CPU or on cuda:0, got .* on cuda:1$"):
+        reference.check_dropout_args(x, 0.5, _stand_in(torch.int64, (2,), "cuda:1"))
+
+
+@native_cuda_test
+@pytest.mark.skipif(HAS_CUDA and torch.cuda.device_count() < 2, reason="needs two GPUs")
+def test_cuda_seed_offset_on_another_gpu_is_refused_by_both_paths():
+    x, so = torch.ones(64, device="cuda:0"), SEED_OFFSET.to("cuda:1")
+    for dropout in (torch.ops.fused_optim.dropout.default, reference.dropout):
+        with pytest.raises(RuntimeError, match="seed_offset must be .* on the CPU or on cuda:0"):
+            dropout(x, 0.5, so)

@@ -155,3 +155,14 @@ def test_gpu_check_dry_run_finds_every_path():
     for phase in ("build", "tests", "memcheck", "racecheck", "bench"):
         assert f"  {phase}" in proc.stdout
     assert "every path exists" in proc.stdout
+
+
+def test_setup_py_names_the_setuptools_to_upgrade():
+    # Under --no-build-isolation pip does not install build-system.requires: an older setuptools
+    # would fail later with a schema error about project.license (an SPDX string needs 77).
+    code = "import runpy, setuptools; setuptools.__version__ = '{}'; runpy.run_path('setup.py', run_name='__main__')"
+    old = subprocess.run([sys.executable, "-c", code.format("76.1.0"), "--name"], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert old.returncode != 0
+    assert "needs setuptools>=77 (found 76.1.0)" in old.stderr and "pip install -U 'setuptools>=77'" in old.stderr
+    new = subprocess.run([sys.executable, "-c", code.format("77.0.0"), "--name"], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert new.returncode == 0 and new.stdout.strip().endswith("fused_optim"), new.stderr[-2000:]

@@ -1,7 +1,8 @@
 // The CUDA launcher's plan, as plain host code (no CUDA headers), so that the CPU tests can check it
 // (csrc/testing.cpp): which block of which launch takes which chunk of which tensor, when a launch
 // is full, and what the kernel arguments weigh. csrc/cuda/multi_tensor_apply.cuh fills its kernel
-// arguments from this plan; the weighted sum's folding of K > 8 inputs into passes is here too.
+// arguments from this plan; the norms' per-tensor chunk ranges and the weighted sum's folding of
+// K > 8 inputs into passes are here too.
 #pragma once
 
 #include <algorithm>
@@ -75,6 +76,49 @@ void plan_launches(const std::vector<int64_t>& numels, int depth, const Slot& sl
   }
   if (blocks > 0) {
     launch(blocks);
+  }
+}
+
+// The norms' per-tensor step (csrc/cuda/clip_grad.cu's tensor_norms): block b of a launch reduces
+// the chunk partials [begin[b], end[b]) into the norm of tensor first_tensor + b. The ranges are
+// kernel arguments, so a CUDA graph's replay reads nothing from host memory.
+constexpr int kMaxRangesPerLaunch = 220;
+struct ChunkRanges {
+  int64_t first_tensor;
+  int64_t begin[kMaxRangesPerLaunch];
+  int64_t end[kMaxRangesPerLaunch];
+};
+static_assert(sizeof(ChunkRanges) + kFunctorArgBytes <= kMaxKernelArgBytes, "kernel arguments over 4 KiB");
+
+// Each tensor's chunks {begin, end} (by position in numels) when the chunks are numbered group by
+// group (groups: positions, in launch order), each group's tensors in its order, as the
+// launcher numbers them when each group's launches start at the chunks before the group.
+inline std::vector<std::pair<int64_t, int64_t>> chunk_ranges(
+    const std::vector<int64_t>& numels, const std::vector<std::vector<int64_t>>& groups) {
+  std::vector<std::pair<int64_t, int64_t>> ranges(numels.size());
+  int64_t chunk = 0;
+  for (const auto& group : groups) {
+    for (int64_t t : group) {
+      ranges.at(t) = {chunk, chunk + chunks_of(numels[t])};
+      chunk = ranges[t].second;
+    }
+  }
+  return ranges;
+}
+
+// The launches of tensor_norms over the tensors' ranges, in order: launch(args, blocks) for each.
+template <typename Launch>
+void plan_range_launches(const std::vector<std::pair<int64_t, int64_t>>& ranges, const Launch& launch) {
+  ChunkRanges args;
+  const auto n = static_cast<int64_t>(ranges.size());
+  for (int64_t first = 0; first < n; first += kMaxRangesPerLaunch) {
+    const int blocks = static_cast<int>(std::min<int64_t>(n - first, kMaxRangesPerLaunch));
+    args.first_tensor = first;
+    for (int b = 0; b < blocks; ++b) {
+      args.begin[b] = ranges[first + b].first;
+      args.end[b] = ranges[first + b].second;
+    }
+    launch(args, blocks);
   }
 }
 

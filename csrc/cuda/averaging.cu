@@ -127,8 +127,10 @@ void multi_tensor_lerp_cuda(at::TensorList self, at::TensorList end, const at::T
   at::Tensor w;
   lerp_host(self, end, weight, c10::kCUDA, [&](at::ScalarType dtype, const std::vector<at::Tensor>& selfs,
                                                const std::vector<at::Tensor>& ends, std::optional<double> host_weight) {
-    if (!host_weight && !w.defined()) {
-      w = device_scalar(weight, selfs[0].device());
+    if (host_weight) {
+      check_not_captured_from_cpu(weight, "multi_tensor_lerp_", "weight", selfs[0].device());
+    } else if (!w.defined()) {
+      w = device_scalar(weight, selfs[0].device(), "multi_tensor_lerp_", "weight");
     }
     const float* w_f = !host_weight && w.scalar_type() == at::kFloat ? w.data_ptr<float>() : nullptr;
     const double* w_d = !host_weight && w.scalar_type() == at::kDouble ? w.data_ptr<double>() : nullptr;

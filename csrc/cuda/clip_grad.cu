@@ -1,7 +1,7 @@
 // CUDA kernels of gradient clipping: multi-tensor norms (per-chunk partials, then per-tensor norms,
-// a block each, then the total, each combined in a fixed order), scaling by a coefficient read
-// from device memory (blocks exit without writing when it is 1), clamping in one pass, and the
-// pre-step (the penalty's gradient added and the norm's partials taken in the same pass).
+// a block each, then the total, each in the fixed order of common/reduce_order.h), scaling by a
+// coefficient read from device memory (blocks exit without writing when it is 1), clamping in one
+// pass, and the pre-step (the penalty's gradient added and the norm's partials taken in the same pass).
 // clip_grad_norm_ makes no host synchronization unless error_if_nonfinite asks for the norm's value.
 #include "common/elementwise.h"
 #include "common/host_paths.h"
@@ -20,8 +20,8 @@
 namespace fused_optim::cuda {
 namespace {
 
-// Combine over a block in the order of block_order_combine (common/reduce_order.h), given thread
-// t's own fold; the result is valid in every thread.
+// Step 3 of common/reduce_order.h's order (tree_combine there), given thread t's own fold in fp64;
+// the result is valid in every thread.
 __device__ double block_combine(Kind kind, double value) {
   __shared__ double shared[kBlockSize];
   __syncthreads();
@@ -36,19 +36,8 @@ __device__ double block_combine(Kind kind, double value) {
   return shared[0];
 }
 
-// What element v adds to its chunk's fold, in the op-math type.
-template <typename T>
-__device__ T norm_term(Kind kind, T v, double p) {
-  const T a = ::fabs(v);
-  switch (kind) {
-    case kSumAbs: return a;
-    case kSumSquares: return v * v;
-    case kSumPow: return ::pow(a, static_cast<T>(p));
-    case kCount: return static_cast<T>(v != T(0));
-    default: return a;  // kMax, kMin
-  }
-}
-
+// A chunk's partial: its elements in the order of common/reduce_order.h (each thread folds at most
+// kThreadRun of them in the op-math type T), written at the chunk's global index.
 template <typename scalar_t>
 struct NormPartials {
   __device__ void operator()(TensorListMetadata<1>& meta, Kind kind, double p, double* partials) const {
@@ -57,31 +46,29 @@ struct NormPartials {
     const int64_t begin = static_cast<int64_t>(meta.block_to_chunk[blockIdx.x]) * kChunkSize;
     const int64_t end = min(begin + kChunkSize, meta.sizes[tensor]);
     const auto* x = static_cast<const scalar_t*>(meta.addresses[0][tensor]);
-    double acc = identity(kind);
-    for (int64_t i = begin + threadIdx.x; i < end; i += blockDim.x) {
-      acc = combine(kind, acc, static_cast<double>(norm_term(kind, static_cast<T>(x[i]), p)));
-    }
-    acc = block_combine(kind, acc);
+    const double acc = block_combine(kind, fold_elements(kind, static_cast<T>(p), begin + threadIdx.x, end, blockDim.x,
+                                                         [&](int64_t i) { return static_cast<T>(x[i]); }));
     if (threadIdx.x == 0) {
       partials[meta.first_global_chunk + blockIdx.x] = acc;
     }
   }
 };
 
-// Block t: the norm of tensor t from its chunks ranges[2t] to ranges[2t+1] (thread i combines
-// chunks i, i + kBlockSize, ... in that order, then the block's fixed tree), and the term it adds
-// to the total as torch defines the total (the norm of the per-tensor norms). A block per tensor,
-// so a tensor of many chunks is combined in parallel.
+// Block b: the norm of tensor t = ranges.first_tensor + b from its chunks' partials (combined in
+// the order of common/reduce_order.h), and the term it adds to the total as torch defines the
+// total (the norm of the per-tensor norms). A block per tensor, so a tensor of many chunks is
+// combined in parallel. Chunks [fp64_begin, fp64_end) are the fp64 tensors' (one dtype group):
+// the others' sums are held as fp32 holds them (sum_in_opmath_range).
 __global__ void __launch_bounds__(kBlockSize) tensor_norms(
-    const double* partials, const int64_t* ranges, Kind kind, double p, double* per_tensor, double* terms) {
-  const int64_t t = blockIdx.x;
-  double acc = identity(kind);
-  for (int64_t c = ranges[2 * t] + threadIdx.x; c < ranges[2 * t + 1]; c += blockDim.x) {
-    acc = combine(kind, acc, partials[c]);
-  }
-  acc = block_combine(kind, acc);
+    const double* partials, ChunkRanges ranges, int64_t fp64_begin, int64_t fp64_end, Kind kind, double p,
+    double* per_tensor, double* terms) {
+  const int64_t t = ranges.first_tensor + blockIdx.x;
+  const int64_t begin = ranges.begin[blockIdx.x];
+  const double acc = block_combine(kind, fold_accumulators(kind, begin + threadIdx.x, ranges.end[blockIdx.x], blockDim.x,
+                                                           [&](int64_t c) { return partials[c]; }));
   if (threadIdx.x == 0) {
-    const double norm = norm_from_acc(kind, acc, p);
+    const bool fp32 = begin < fp64_begin || begin >= fp64_end;
+    const double norm = norm_from_acc(kind, sum_in_opmath_range(acc, fp32), p);
     per_tensor[t] = norm;
     terms[t] = total_term(kind, norm, p);
   }
@@ -90,11 +77,8 @@ __global__ void __launch_bounds__(kBlockSize) tensor_norms(
 // One block: the total norm from the n per-tensor terms, combined in the same fixed order, as fp64.
 __global__ void __launch_bounds__(kBlockSize) total_norm(const double* terms, int64_t n, Kind kind, double p, double* total) {
   const Kind sum_kind = total_kind(kind);
-  double acc = identity(sum_kind);
-  for (int64_t t = threadIdx.x; t < n; t += blockDim.x) {
-    acc = combine(sum_kind, acc, terms[t]);
-  }
-  acc = block_combine(sum_kind, acc);
+  const double acc =
+      block_combine(sum_kind, fold_accumulators(sum_kind, threadIdx.x, n, blockDim.x, [&](int64_t t) { return terms[t]; }));
   if (threadIdx.x == 0) {
     *total = norm_from_acc(kind, acc, p);
   }
@@ -113,15 +97,13 @@ struct PenaltyNormPartials {
     const auto* w = static_cast<const scalar_t*>(meta.addresses[0][tensor]);
     auto* g = static_cast<scalar_t*>(meta.addresses[1][tensor]);
     const T a = static_cast<T>(l1), b = static_cast<T>(2.0 * l2);
-    double acc = identity(kind);
-    for (int64_t i = begin + threadIdx.x; i < end; i += blockDim.x) {
+    const double acc = block_combine(kind, fold_elements(kind, static_cast<T>(p), begin + threadIdx.x, end, blockDim.x, [&](int64_t i) {
       const scalar_t x = static_cast<scalar_t>(penalty_grad(static_cast<T>(g[i]), static_cast<T>(w[i]), a, b));
       if constexpr (kWrite) {
         g[i] = x;
       }
-      acc = combine(kind, acc, static_cast<double>(norm_term(kind, static_cast<T>(x), p)));
-    }
-    acc = block_combine(kind, acc);
+      return static_cast<T>(x);
+    }));
     if (threadIdx.x == 0) {
       partials[meta.first_global_chunk + blockIdx.x] = acc;
     }
@@ -131,38 +113,43 @@ struct PenaltyNormPartials {
 // The total norm (fp64, on the device) and the per-tensor norms of dense `tensors`, from per-chunk
 // partials that partials_of(dtype, idx, first_chunk, partials) writes for each dtype group (the
 // tensors idx, chunks numbered from first_chunk): then per-tensor norms, a block each, then the
-// total, each combined in a fixed order.
+// total, each combined in a fixed order. Everything a kernel reads is on the device or in its
+// arguments (the chunk ranges too), so a CUDA graph's replay reads no host memory.
 template <typename PartialsOf>
 std::tuple<at::Tensor, at::Tensor> norm_from_chunks(const std::vector<at::Tensor>& tensors, Kind kind, double norm_type,
                                                      const PartialsOf& partials_of) {
   const auto options = tensors[0].options();
-  // Chunks are numbered group by group; bounds maps each tensor (in input order) to its chunks.
-  std::vector<int64_t> bounds(2 * tensors.size());
-  at::Tensor partials = at::empty({std::max<int64_t>(num_chunks(tensors), 1)}, options.dtype(at::kDouble));
-  int64_t first = 0;
-  for (const auto& [dtype, idx] : group_by_dtype(tensors)) {
-    int64_t chunk = first;
-    for (int64_t i : idx) {
-      bounds[2 * i] = chunk;
-      chunk += chunks_of(tensors[i].numel());
-      bounds[2 * i + 1] = chunk;
-    }
-    partials_of(dtype, idx, first, partials.data_ptr<double>());
-    first = chunk;
+  const auto groups = group_by_dtype(tensors);
+  std::vector<int64_t> numels;
+  for (const at::Tensor& t : tensors) {
+    numels.push_back(t.numel());
   }
-  // Per-tensor chunk ranges, copied without a host synchronization (pinned, non-blocking).
-  at::Tensor ranges = at::empty({static_cast<int64_t>(bounds.size())}, at::TensorOptions().dtype(at::kLong).pinned_memory(true));
-  std::copy(bounds.begin(), bounds.end(), ranges.data_ptr<int64_t>());
-  ranges = ranges.to(options.device(), /*non_blocking=*/true);
+  std::vector<std::vector<int64_t>> group_idx;
+  for (const auto& [dtype, idx] : groups) {
+    group_idx.push_back(idx);
+  }
+  const auto ranges = chunk_ranges(numels, group_idx);  // chunks numbered group by group
+  at::Tensor partials = at::empty({std::max<int64_t>(num_chunks(tensors), 1)}, options.dtype(at::kDouble));
+  int64_t fp64_begin = 0, fp64_end = 0;
+  for (const auto& [dtype, idx] : groups) {
+    partials_of(dtype, idx, ranges[idx[0]].first, partials.data_ptr<double>());
+    if (dtype == at::kDouble) {
+      fp64_begin = ranges[idx.front()].first;
+      fp64_end = ranges[idx.back()].second;
+    }
+  }
   const int64_t n = static_cast<int64_t>(tensors.size());
   at::Tensor per = at::empty({n}, options.dtype(at::kDouble));
   at::Tensor terms = at::empty({n}, options.dtype(at::kDouble));
   at::Tensor total = at::empty({}, options.dtype(at::kDouble));
   const c10::cuda::CUDAGuard guard(options.device());
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
-  tensor_norms<<<n, kBlockSize, 0, stream>>>(
-      partials.data_ptr<double>(), ranges.data_ptr<int64_t>(), kind, norm_type, per.data_ptr<double>(), terms.data_ptr<double>());
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  plan_range_launches(ranges, [&](const ChunkRanges& args, int blocks) {
+    tensor_norms<<<blocks, kBlockSize, 0, stream>>>(
+        partials.data_ptr<double>(), args, fp64_begin, fp64_end, kind, norm_type, per.data_ptr<double>(),
+        terms.data_ptr<double>());
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
   total_norm<<<1, kBlockSize, 0, stream>>>(terms.data_ptr<double>(), n, kind, norm_type, total.data_ptr<double>());
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   return {total, per};
@@ -298,7 +285,7 @@ void scale_by(at::TensorList tensors, const at::Tensor& scale) {
 void multi_tensor_scale_cuda(at::TensorList tensors, const at::Tensor& scale) {
   check_scale_args(tensors, scale, c10::kCUDA);
   if (!tensors.empty()) {
-    scale_by(tensors, device_scalar(scale, tensors[0].device()));
+    scale_by(tensors, device_scalar(scale, tensors[0].device(), "multi_tensor_scale_", "scale"));
   }
 }
 

@@ -12,6 +12,7 @@
 // CUDA graph replays a new draw each time. A CPU pair under capture would repeat one mask on every
 // replay, so it is refused.
 #include "common/dropout.h"
+#include "cuda/multi_tensor_apply.cuh"
 
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
@@ -114,11 +115,9 @@ SeedOffset seed_offset_arg(const at::Tensor& seed_offset, const at::Tensor& inpu
     holder = seed_offset.contiguous();
     return {holder.const_data_ptr<int64_t>(), 0, 0};
   }
-  const c10::cuda::CUDAGuard guard(input.device());  // the capture status of input's device's stream
-  TORCH_CHECK(
-      c10::cuda::currentStreamCaptureStatusMayInitCtx() == c10::cuda::CaptureStatus::None,
-      "fused_optim dropout: seed_offset is on the CPU while a CUDA graph is being captured, so every replay "
-      "would repeat one mask; draw it on the GPU (fused_optim.dropout does so for CUDA inputs)");
+  check_not_captured_from_cpu(seed_offset, "dropout", "seed_offset", input.device(),
+                              "every replay would repeat one mask; draw it on the GPU (fused_optim.dropout does so "
+                              "for CUDA inputs)");
   const at::Tensor so = seed_offset.contiguous();
   return {nullptr, static_cast<uint64_t>(so.const_data_ptr<int64_t>()[0]),
           static_cast<uint64_t>(so.const_data_ptr<int64_t>()[1])};

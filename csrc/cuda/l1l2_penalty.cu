@@ -4,6 +4,7 @@
 // with the backward's grad_out read from device memory.
 #include "common/elementwise.h"
 #include "common/host_paths.h"
+#include "common/reduce_order.h"
 #include "cuda/multi_tensor_apply.cuh"
 #include "cuda/ops.h"
 
@@ -25,11 +26,11 @@ struct AbsSquareSums {
     const int64_t begin = static_cast<int64_t>(meta.block_to_chunk[blockIdx.x]) * kChunkSize;
     const int64_t end = min(begin + kChunkSize, meta.sizes[tensor]);
     const auto* x = static_cast<const scalar_t*>(meta.addresses[0][tensor]);
-    T abs_sum = 0, sq_sum = 0;
+    T abs_sum = 0, sq_sum = 0;  // a thread's run of at most kThreadRun elements (common/reduce_order.h)
     for (int64_t i = begin + threadIdx.x; i < end; i += blockDim.x) {
       const T v = static_cast<T>(x[i]);
-      abs_sum += ::fabs(v);
-      sq_sum += v * v;
+      abs_sum = accumulate(kSumAbs, abs_sum, v, T(1));
+      sq_sum = accumulate(kSumSquares, sq_sum, v, T(2));  // v * v and the sum rounded apart, never fused
     }
     const double a = block_sum(static_cast<double>(abs_sum));
     const double s = block_sum(static_cast<double>(sq_sum));
@@ -115,7 +116,7 @@ std::vector<at::Tensor> l1l2_penalty_backward_cuda(const at::Tensor& grad_out, a
       grad_out, tensors, l1, l2, c10::kCUDA,
       [&](at::ScalarType dtype, const std::vector<at::Tensor>& params, const std::vector<at::Tensor>& grads) {
         if (!g.defined()) {
-          g = device_scalar(grad_out, params[0].device());
+          g = device_scalar(grad_out, params[0].device(), "l1l2_penalty_backward", "grad_out");
         }
         add_penalty_grad<false>(dtype, params, grads, &g, l1, l2);
       });

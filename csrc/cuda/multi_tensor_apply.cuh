@@ -12,6 +12,7 @@
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/full.h>
 #include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGraphsC10Utils.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 
@@ -24,13 +25,30 @@ __global__ void __launch_bounds__(kBlockSize) multi_tensor_apply_kernel(Meta met
   functor(meta, args...);
 }
 
+// Refuses `value` (the argument `name` of `op`) when it is on the CPU while `device`'s current
+// stream captures a CUDA graph: it is read on the host at capture, so every replay would use that
+// value whatever the tensor holds by then (`consequence` says what goes wrong, and the remedy).
+inline void check_not_captured_from_cpu(
+    const at::Tensor& value, const char* op, const char* name, c10::Device device,
+    const char* consequence = "every replay would use its value at capture; pass it on the tensors' device") {
+  if (!value.is_cpu()) {
+    return;
+  }
+  const c10::cuda::CUDAGuard guard(device);  // the capture status of device's current stream
+  TORCH_CHECK(
+      c10::cuda::currentStreamCaptureStatusMayInitCtx() == c10::cuda::CaptureStatus::None, "fused_optim ", op, ": ",
+      name, " is on the CPU while a CUDA graph is being captured, so ", consequence);
+}
+
 // A one-element tensor as a kernel's scalar argument on `device`, fp64 when it is fp64, else fp32.
 // A CPU value is read on the host (no device synchronization) and filled in on the device, without
-// the blocking host-to-device copy of .to(device); a device value is copied on the device (never
-// read on the host), so that it cannot be one of the tensors the kernel writes.
-inline at::Tensor device_scalar(const at::Tensor& value, c10::Device device) {
+// the blocking host-to-device copy of .to(device), and refused under graph capture; a device value
+// is copied on the device (never read on the host), so that it cannot be one of the tensors the
+// kernel writes.
+inline at::Tensor device_scalar(const at::Tensor& value, c10::Device device, const char* op, const char* name) {
   const at::ScalarType dtype = value.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
   if (value.is_cpu()) {
+    check_not_captured_from_cpu(value, op, name, device);
     return at::full({}, value.item<double>(), at::TensorOptions().device(device).dtype(dtype));
   }
   return value.to(device, dtype, /*non_blocking=*/false, /*copy=*/true).reshape({});
