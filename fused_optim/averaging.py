@@ -13,7 +13,7 @@ from torch import Tensor, nn
 
 from . import _distributed
 from ._utils import as_float, as_int
-from .flat import FlatBuffersBroken, FlatParameters, flat_call, flat_parameters_of, flatten_parameters
+from .flat import FlatBuffersBroken, FlatParameters, bump_versions, flat_call, flat_parameters_of, flatten_parameters
 
 
 def _normalized(weights: Sequence[float] | None, k: int) -> list[float]:
@@ -244,8 +244,8 @@ class ModelEMA(nn.Module):
     - ``flat=True`` keeps the averaged weights in one buffer per dtype (``ema.module``'s parameters
       are views of it; the fp32 shadow is one ``flat_shadow_<group>`` buffer per half dtype, so the
       state dict's shadow keys differ from the per-tensor mode's ``shadow_<i>``). Updating from a
-      model flattened by :func:`fused_optim.flatten_parameters` (same layout) is then one lerp
-      call; from any other model, the per-tensor update, with the same result.
+      model flattened by :func:`fused_optim.flatten_parameters` (same layout, views intact) is
+      then one lerp call; from any other model, the per-tensor update, with the same result.
 
     ``style="timm"`` takes timm's ``ModelEmaV3`` keyword arguments (``decay``, ``min_decay``,
     ``update_after_step``, ``use_warmup``, ``warmup_gamma``, ``warmup_power``, ``exclude_buffers``)
@@ -381,10 +381,17 @@ class ModelEMA(nn.Module):
         return getattr(self, f"flat_shadow_{gi}").as_strided(view.shape, view.stride(), view.storage_offset())
 
     def _flat_source(self, model: nn.Module) -> FlatParameters | None:
-        """The model's FlatParameters when this EMA is flat and its layout is the EMA's (same dtype
-        groups, same shapes in the same order), else None (the update then runs per tensor)."""
+        """The model's FlatParameters when this EMA is flat, the model's views are intact and its
+        layout is the EMA's (same dtype groups, same shapes in the same order), else None (the
+        update then runs per tensor)."""
         src = flat_parameters_of(model) if self.flat else None
-        if src is None or (self._matched is not None and self._matched() is src):
+        if src is None:
+            return None
+        try:
+            src.check()
+        except FlatBuffersBroken:  # the model left its flat buffers (model.half(), p.data = t, ...)
+            return None
+        if self._matched is not None and self._matched() is src:
             return src
         ours, theirs = self._flat._groups, src._groups
         if len(ours) != len(theirs) or any(
@@ -401,9 +408,8 @@ class ModelEMA(nn.Module):
         schedule), instead of the EMA's own count of updates. With ``flat=True`` and a model
         flattened by :func:`fused_optim.flatten_parameters`, one lerp call for all weights."""
         src = self._flat_source(model) if isinstance(model, nn.Module) else None
-        averaged, current, written = [], [], []
+        averaged, current, written, views = [], [], [], []
         if src is not None:
-            src.check()
             try:
                 self._flat.check()
             except FlatBuffersBroken:  # the EMA was moved (ema.to(...)): its module is flattened again
@@ -412,6 +418,7 @@ class ModelEMA(nn.Module):
             if len(ema_buffers) != len(model_buffers) or any(a.shape != b.shape for a, b in zip(ema_buffers, model_buffers)):
                 self._check_matches(model)  # raises, naming the mismatch
             for gi, (ours, theirs) in enumerate(zip(self._flat._groups, src._groups)):
+                views += ours.params
                 shadow = getattr(self, f"flat_shadow_{gi}", None)
                 if shadow is not None:
                     averaged.append(shadow)
@@ -442,6 +449,8 @@ class ModelEMA(nn.Module):
         ema_update_(averaged, current, decay)
         for ema_p, shadow in written:
             ema_p.copy_(shadow)
+        if views:  # written through their buffer: bumped as the per-tensor update would bump them
+            bump_versions(views)
         for b, mb in zip(ema_buffers, model_buffers):
             if self.buffer_mode == "copy" or not b.is_floating_point():
                 b.copy_(mb)
