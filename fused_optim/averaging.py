@@ -11,8 +11,8 @@ from collections.abc import Callable, Mapping, Sequence
 import torch
 from torch import Tensor, nn
 
-from . import _distributed
-from ._utils import as_float, as_int
+from . import _distributed, reference
+from ._utils import as_float, as_int, as_tensor_list
 from .flat import FlatBuffersBroken, FlatParameters, bump_versions, flat_call, flat_parameters_of, flatten_parameters
 
 
@@ -45,7 +45,7 @@ def average_tensors(
 
     Raises ValueError for lists of different lengths or bad weights, RuntimeError for tensors
     that differ in shape, dtype or device at the same position, TypeError for non-floating
-    tensors; nothing is written then.
+    tensors or other objects, naming ``tensor_lists[m][i]`` or ``out[i]``; nothing is written then.
 
     DTensors (e.g. FSDP2-sharded weights) are averaged shard by shard on each rank, with no
     communication; new outputs are DTensors laid out as the first list's."""
@@ -57,6 +57,20 @@ def average_tensors(
         if len(tl) != n:
             raise ValueError(f"tensor_lists[{m}] holds {len(tl)} tensors, tensor_lists[0] holds {n}")
     w = _normalized(weights, len(lists))
+    out = None if out is None else list(out)
+    try:
+        return _weighted_sum(lists, w, out)
+    except (TypeError, ValueError, RuntimeError):
+        named = [(f"tensor_lists[{m}]", tl) for m, tl in enumerate(lists)]
+        if out is None:
+            _name_the_refusal(named[0], named[1:], written=False)
+        else:
+            _name_the_refusal(("out", out), named, written=True)
+        raise
+
+
+def _weighted_sum(lists: list[list[Tensor]], w: list[float], out: list[Tensor] | None) -> list[Tensor]:
+    """average_tensors' op call (into `out`, or new tensors when None), on DTensors shard by shard."""
     inputs = [t for tl in lists for t in tl]
     if out is None:
 
@@ -68,7 +82,6 @@ def average_tensors(
         return _distributed.fused_or_sharded(
             lambda: torch.ops.fused_optim.multi_tensor_weighted_sum.default(inputs, w), sharded_new, inputs
         )
-    out = list(out)
 
     def sharded_into_out() -> None:
         *local, local_out = _distributed.local_lists(*lists, out)
@@ -137,6 +150,31 @@ def average_model_weights(models: Sequence[nn.Module], weights: Sequence[float] 
     return avg_model
 
 
+def _name_the_refusal(first: tuple[str, list], others: list[tuple[str, list]], written: bool) -> None:
+    """Called once an averaging op refused its lists (writing nothing), in a message naming its own
+    arguments (``self``, ``end``, ``out``, ``inputs``): runs the op's list checks again under the
+    caller's names (`first`: the list the others are paired with, written when `written`), so that
+    the first failing check raises naming them. Returns when none fails (the caller then raises the
+    op's own error). Run only after a refusal: a call that succeeds pays nothing."""
+    for name, tensors in (first, *others):
+        as_tensor_list(tensors, name)
+    if any(_distributed.any_dtensor(tensors) for _, tensors in (first, *others)):
+        return  # the sharded path's own message (these checks read plain tensors' storage)
+    reference.check_floating_list(first[1], first[0])
+    for name, tensors in others:
+        reference.check_paired_lists(first[1], tensors, (first[0], name))
+    if written:
+        reference.check_writable(first[1], first[0])
+        for name, tensors in others:
+            reference.check_same_or_disjoint(first[1], first[0], tensors, name)
+
+
+def _host_value(t: Tensor) -> float | None:
+    """The value of a one-element tensor where reading it costs no device sync (on the CPU, outside
+    torch.compile), else None."""
+    return None if t.device.type != "cpu" or torch.compiler.is_compiling() else t.item()
+
+
 def _lerp_(averaged: Sequence[Tensor], current: Sequence[Tensor], weight: Tensor) -> None:
     averaged, current = list(averaged), list(current)
     lerp = torch.ops.fused_optim.multi_tensor_lerp_.default
@@ -145,13 +183,14 @@ def _lerp_(averaged: Sequence[Tensor], current: Sequence[Tensor], weight: Tensor
         if not flat_call((averaged, current), (True, False), lambda a, c: lerp([a], [c], weight))[0]:
             lerp(averaged, current, weight)
 
-    _distributed.fused_or_sharded(
-        fused,
-        # DTensors (sharded weights): shard-local, no communication.
-        lambda: torch.ops.fused_optim.multi_tensor_lerp_.default(*_distributed.local_lists(averaged, current), weight),
-        averaged,
-        current,
-    )
+    def sharded() -> None:  # DTensors (sharded weights): shard-local, no communication.
+        lerp(*_distributed.local_lists(averaged, current), weight)
+
+    try:
+        _distributed.fused_or_sharded(fused, sharded, averaged, current)
+    except (TypeError, ValueError, RuntimeError):
+        _name_the_refusal(("averaged", averaged), [("current", current)], written=True)
+        raise
 
 
 @torch.no_grad()
@@ -159,37 +198,40 @@ def ema_update_(averaged: Sequence[Tensor], current: Sequence[Tensor], decay: fl
     """``averaged[i] = decay * averaged[i] + (1 - decay) * current[i]`` in place, one pass over all
     tensors, with torch.lerp's arithmetic (as ``torch.optim.swa_utils.get_ema_multi_avg_fn``).
 
-    ``decay``: a float in [0, 1] (ValueError otherwise), or a one-element tensor on the CPU or the
-    tensors' device, used as it is (never read on the host: no sync, no range check), e.g. a
-    warm-up decay computed on the GPU."""
+    ``decay``: a float in [0, 1] (ValueError otherwise), or a one-element tensor: on the CPU,
+    checked as a float (outside torch.compile); on the tensors' device, used as it is (never read
+    on the host: no sync, no range check), e.g. a warm-up decay computed on the GPU.
+
+    Errors name ``averaged``, ``current`` and ``decay``; nothing is written then."""
     if isinstance(decay, Tensor):
         if decay.numel() != 1:
             raise ValueError(f"decay must be a number or a one-element tensor, got shape {list(decay.shape)}")
-        weight = 1.0 - decay.to(torch.float64)
+        value = _host_value(decay)
     else:
-        decay = as_float(decay, "decay")
-        if not 0.0 <= decay <= 1.0:
-            raise ValueError(f"decay must be in [0, 1], got {decay}")
-        weight = torch.tensor(1.0 - decay, dtype=torch.float64)
-    _lerp_(averaged, current, weight)
+        value = decay = as_float(decay, "decay")
+    if value is not None and not 0.0 <= value <= 1.0:
+        raise ValueError(f"decay must be in [0, 1], got {value}")
+    _lerp_(averaged, current, 1.0 - torch.as_tensor(decay, dtype=torch.float64))
 
 
 @torch.no_grad()
 def swa_update_(averaged: Sequence[Tensor], current: Sequence[Tensor], num_averaged: int | Tensor) -> None:
     """``averaged[i] += (current[i] - averaged[i]) / (num_averaged + 1)`` in place, one pass (the
     running mean of ``torch.optim.swa_utils.get_swa_multi_avg_fn``). ``num_averaged``: an int >= 0
-    (ValueError otherwise), or a one-element tensor (``AveragedModel.n_averaged``) used as it is,
-    never read on the host (no sync, no range check)."""
+    (ValueError otherwise), or a one-element tensor (``AveragedModel.n_averaged``): on the CPU,
+    checked as a number (outside torch.compile); on the tensors' device, used as it is, never read
+    on the host (no sync, no range check).
+
+    Errors name ``averaged``, ``current`` and ``num_averaged``; nothing is written then."""
     if isinstance(num_averaged, Tensor):
         if num_averaged.numel() != 1:
             raise ValueError(f"num_averaged must be an int or a one-element tensor, got shape {list(num_averaged.shape)}")
-        weight = 1.0 / (num_averaged.to(torch.float64) + 1.0)
+        n = _host_value(num_averaged)
     else:
-        n = as_float(num_averaged, "num_averaged")
-        if not math.isfinite(n) or n < 0:
-            raise ValueError(f"num_averaged must be >= 0, got {n}")
-        weight = torch.tensor(1.0 / (n + 1.0), dtype=torch.float64)
-    _lerp_(averaged, current, weight)
+        n = num_averaged = as_float(num_averaged, "num_averaged")
+    if n is not None and not (math.isfinite(n) and n >= 0):
+        raise ValueError(f"num_averaged must be >= 0, got {n}")
+    _lerp_(averaged, current, 1.0 / (torch.as_tensor(num_averaged, dtype=torch.float64) + 1.0))
 
 
 def get_ema_multi_avg_fn(decay: float = 0.999) -> Callable[[list[Tensor], list[Tensor], Tensor | int], None]:
