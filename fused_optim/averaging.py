@@ -6,6 +6,7 @@ from __future__ import annotations
 import copy
 import math
 import weakref
+from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
 
 import torch
@@ -296,7 +297,10 @@ class ModelEMA(nn.Module):
     ``use_warmup``, ``max(min(1 - (1 + s / warmup_gamma) ** -warmup_power, decay), min_decay)`` for
     ``s = step - update_after_step - 1``; without ``step``, ``decay``. Every floating entry of the
     state dict (parameters and floating buffers, such as BatchNorm's statistics) is averaged and
-    the others copied; with ``exclude_buffers``, parameters are averaged and buffers copied.
+    the others copied, entry by entry as timm walks the state dict: a tensor under two keys (tied
+    weights) is averaged twice per update, and a non-persistent buffer (under none) is neither
+    averaged nor copied. With ``exclude_buffers``, parameters are averaged (once each) and all
+    buffers copied.
     (timm updates bf16 EMA weights with stochastic rounding; here half-precision weights keep the
     fp32 shadow above, so those differ.)
     """
@@ -483,17 +487,30 @@ class ModelEMA(nn.Module):
             decay = self._timm_decay(step)
         else:
             decay = self._decay(self.step if step is None else torch.tensor(as_int(step, "step", 0)))
+        buffers = list(zip(ema_buffers, model_buffers))
+        repeats = Counter()  # lerps of a tensor beyond its first
+        if self.style == "timm" and self.buffer_mode == "average":
+            # timm's ModelEmaV3 lerps along the state dicts: a tensor under two keys (tied weights)
+            # twice, a buffer under none (non-persistent) never, nor is it copied.
+            keys = Counter(map(id, self.module.state_dict(keep_vars=True).values()))
+            repeats = Counter({key: n - 1 for key, n in keys.items() if n > 1})
+            buffers = [(b, mb) for b, mb in buffers if keys[id(b)]]
+            if repeats:
+                ema_params, params = list(self.module.parameters()), list(model.parameters())
+                for i, (ema_p, p, shadowed) in enumerate(zip(ema_params, params, self._shadowed)):
+                    averaged += [self._shadow(i, ema_p) if shadowed else ema_p] * repeats[id(ema_p)]
+                    current += [p.detach().float() if shadowed else p.detach()] * repeats[id(ema_p)]
         if self.buffer_mode == "average":
-            for b, mb in zip(ema_buffers, model_buffers):
+            for b, mb in buffers:
                 if b.is_floating_point():
-                    averaged.append(b)
-                    current.append(mb.detach())
+                    averaged += [b] * (1 + repeats[id(b)])
+                    current += [mb.detach()] * (1 + repeats[id(b)])
         ema_update_(averaged, current, decay)
         for ema_p, shadow in written:
             ema_p.copy_(shadow)
         if views:  # written through their buffer: bumped as the per-tensor update would bump them
             bump_versions(views)
-        for b, mb in zip(ema_buffers, model_buffers):
+        for b, mb in buffers:
             if self.buffer_mode == "copy" or not b.is_floating_point():
                 b.copy_(mb)
         self.step += 1
