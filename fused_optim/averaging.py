@@ -6,14 +6,15 @@ from __future__ import annotations
 import copy
 import math
 import weakref
+from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
 
 import torch
 from torch import Tensor, nn
 
-from . import _distributed
-from ._utils import as_float, as_int
-from .flat import FlatBuffersBroken, FlatParameters, flat_call, flat_parameters_of, flatten_parameters
+from . import _distributed, reference
+from ._utils import as_float, as_int, as_tensor_list
+from .flat import FlatBuffersBroken, FlatParameters, bump_versions, flat_call, flat_parameters_of, flatten_parameters
 
 
 def _normalized(weights: Sequence[float] | None, k: int) -> list[float]:
@@ -45,7 +46,7 @@ def average_tensors(
 
     Raises ValueError for lists of different lengths or bad weights, RuntimeError for tensors
     that differ in shape, dtype or device at the same position, TypeError for non-floating
-    tensors; nothing is written then.
+    tensors or other objects, naming ``tensor_lists[m][i]`` or ``out[i]``; nothing is written then.
 
     DTensors (e.g. FSDP2-sharded weights) are averaged shard by shard on each rank, with no
     communication; new outputs are DTensors laid out as the first list's."""
@@ -57,6 +58,20 @@ def average_tensors(
         if len(tl) != n:
             raise ValueError(f"tensor_lists[{m}] holds {len(tl)} tensors, tensor_lists[0] holds {n}")
     w = _normalized(weights, len(lists))
+    out = None if out is None else list(out)
+    try:
+        return _weighted_sum(lists, w, out)
+    except (TypeError, ValueError, RuntimeError):
+        named = [(f"tensor_lists[{m}]", tl) for m, tl in enumerate(lists)]
+        if out is None:
+            _name_the_refusal(named[0], named[1:], written=False)
+        else:
+            _name_the_refusal(("out", out), named, written=True)
+        raise
+
+
+def _weighted_sum(lists: list[list[Tensor]], w: list[float], out: list[Tensor] | None) -> list[Tensor]:
+    """average_tensors' op call (into `out`, or new tensors when None), on DTensors shard by shard."""
     inputs = [t for tl in lists for t in tl]
     if out is None:
 
@@ -68,7 +83,6 @@ def average_tensors(
         return _distributed.fused_or_sharded(
             lambda: torch.ops.fused_optim.multi_tensor_weighted_sum.default(inputs, w), sharded_new, inputs
         )
-    out = list(out)
 
     def sharded_into_out() -> None:
         *local, local_out = _distributed.local_lists(*lists, out)
@@ -137,6 +151,31 @@ def average_model_weights(models: Sequence[nn.Module], weights: Sequence[float] 
     return avg_model
 
 
+def _name_the_refusal(first: tuple[str, list], others: list[tuple[str, list]], written: bool) -> None:
+    """Called once an averaging op refused its lists (writing nothing), in a message naming its own
+    arguments (``self``, ``end``, ``out``, ``inputs``): runs the op's list checks again under the
+    caller's names (`first`: the list the others are paired with, written when `written`), so that
+    the first failing check raises naming them. Returns when none fails (the caller then raises the
+    op's own error). Run only after a refusal: a call that succeeds pays nothing."""
+    for name, tensors in (first, *others):
+        as_tensor_list(tensors, name)
+    if any(_distributed.any_dtensor(tensors) for _, tensors in (first, *others)):
+        return  # the sharded path's own message (these checks read plain tensors' storage)
+    reference.check_floating_list(first[1], first[0])
+    for name, tensors in others:
+        reference.check_paired_lists(first[1], tensors, (first[0], name))
+    if written:
+        reference.check_writable(first[1], first[0])
+        for name, tensors in others:
+            reference.check_same_or_disjoint(first[1], first[0], tensors, name)
+
+
+def _host_value(t: Tensor) -> float | None:
+    """The value of a one-element tensor where reading it costs no device sync (on the CPU, outside
+    torch.compile), else None."""
+    return None if t.device.type != "cpu" or torch.compiler.is_compiling() else t.item()
+
+
 def _lerp_(averaged: Sequence[Tensor], current: Sequence[Tensor], weight: Tensor | float) -> None:
     averaged, current = list(averaged), list(current)
     if not isinstance(weight, Tensor):
@@ -150,13 +189,14 @@ def _lerp_(averaged: Sequence[Tensor], current: Sequence[Tensor], weight: Tensor
         if not flat_call((averaged, current), (True, False), lambda a, c: lerp([a], [c], weight))[0]:
             lerp(averaged, current, weight)
 
-    _distributed.fused_or_sharded(
-        fused,
-        # DTensors (sharded weights): shard-local, no communication.
-        lambda: torch.ops.fused_optim.multi_tensor_lerp_.default(*_distributed.local_lists(averaged, current), weight),
-        averaged,
-        current,
-    )
+    def sharded() -> None:  # DTensors (sharded weights): shard-local, no communication.
+        lerp(*_distributed.local_lists(averaged, current), weight)
+
+    try:
+        _distributed.fused_or_sharded(fused, sharded, averaged, current)
+    except (TypeError, ValueError, RuntimeError):
+        _name_the_refusal(("averaged", averaged), [("current", current)], written=True)
+        raise
 
 
 @torch.no_grad()
@@ -164,37 +204,40 @@ def ema_update_(averaged: Sequence[Tensor], current: Sequence[Tensor], decay: fl
     """``averaged[i] = decay * averaged[i] + (1 - decay) * current[i]`` in place, one pass over all
     tensors, with torch.lerp's arithmetic (as ``torch.optim.swa_utils.get_ema_multi_avg_fn``).
 
-    ``decay``: a float in [0, 1] (ValueError otherwise), or a one-element tensor on the CPU or the
-    tensors' device, used as it is (never read on the host: no sync, no range check), e.g. a
-    warm-up decay computed on the GPU."""
+    ``decay``: a float in [0, 1] (ValueError otherwise), or a one-element tensor: on the CPU,
+    checked as a float (outside torch.compile); on the tensors' device, used as it is (never read
+    on the host: no sync, no range check), e.g. a warm-up decay computed on the GPU.
+
+    Errors name ``averaged``, ``current`` and ``decay``; nothing is written then."""
     if isinstance(decay, Tensor):
         if decay.numel() != 1:
             raise ValueError(f"decay must be a number or a one-element tensor, got shape {list(decay.shape)}")
-        weight = 1.0 - decay.to(torch.float64)
+        value, decay = _host_value(decay), decay.to(torch.float64)  # the weight computed in fp64
     else:
-        decay = as_float(decay, "decay")
-        if not 0.0 <= decay <= 1.0:
-            raise ValueError(f"decay must be in [0, 1], got {decay}")
-        weight = 1.0 - decay
-    _lerp_(averaged, current, weight)
+        value = decay = as_float(decay, "decay")
+    if value is not None and not 0.0 <= value <= 1.0:
+        raise ValueError(f"decay must be in [0, 1], got {value}")
+    _lerp_(averaged, current, 1.0 - decay)
 
 
 @torch.no_grad()
 def swa_update_(averaged: Sequence[Tensor], current: Sequence[Tensor], num_averaged: int | Tensor) -> None:
     """``averaged[i] += (current[i] - averaged[i]) / (num_averaged + 1)`` in place, one pass (the
     running mean of ``torch.optim.swa_utils.get_swa_multi_avg_fn``). ``num_averaged``: an int >= 0
-    (ValueError otherwise), or a one-element tensor (``AveragedModel.n_averaged``) used as it is,
-    never read on the host (no sync, no range check)."""
+    (ValueError otherwise), or a one-element tensor (``AveragedModel.n_averaged``): on the CPU,
+    checked as a number (outside torch.compile); on the tensors' device, used as it is, never read
+    on the host (no sync, no range check).
+
+    Errors name ``averaged``, ``current`` and ``num_averaged``; nothing is written then."""
     if isinstance(num_averaged, Tensor):
         if num_averaged.numel() != 1:
             raise ValueError(f"num_averaged must be an int or a one-element tensor, got shape {list(num_averaged.shape)}")
-        weight = 1.0 / (num_averaged.to(torch.float64) + 1.0)
+        n, num_averaged = _host_value(num_averaged), num_averaged.to(torch.float64)
     else:
-        n = as_float(num_averaged, "num_averaged")
-        if not math.isfinite(n) or n < 0:
-            raise ValueError(f"num_averaged must be >= 0, got {n}")
-        weight = 1.0 / (n + 1.0)
-    _lerp_(averaged, current, weight)
+        n = num_averaged = as_float(num_averaged, "num_averaged")
+    if n is not None and not (math.isfinite(n) and n >= 0):
+        raise ValueError(f"num_averaged must be >= 0, got {n}")
+    _lerp_(averaged, current, 1.0 / (num_averaged + 1.0))
 
 
 def get_ema_multi_avg_fn(decay: float = 0.999) -> Callable[[list[Tensor], list[Tensor], Tensor | int], None]:
@@ -249,8 +292,8 @@ class ModelEMA(nn.Module):
     - ``flat=True`` keeps the averaged weights in one buffer per dtype (``ema.module``'s parameters
       are views of it; the fp32 shadow is one ``flat_shadow_<group>`` buffer per half dtype, so the
       state dict's shadow keys differ from the per-tensor mode's ``shadow_<i>``). Updating from a
-      model flattened by :func:`fused_optim.flatten_parameters` (same layout) is then one lerp
-      call; from any other model, the per-tensor update, with the same result.
+      model flattened by :func:`fused_optim.flatten_parameters` (same layout, views intact) is
+      then one lerp call; from any other model, the per-tensor update, with the same result.
 
     ``style="timm"`` takes timm's ``ModelEmaV3`` keyword arguments (``decay``, ``min_decay``,
     ``update_after_step``, ``use_warmup``, ``warmup_gamma``, ``warmup_power``, ``exclude_buffers``)
@@ -259,7 +302,10 @@ class ModelEMA(nn.Module):
     ``use_warmup``, ``max(min(1 - (1 + s / warmup_gamma) ** -warmup_power, decay), min_decay)`` for
     ``s = step - update_after_step - 1``; without ``step``, ``decay``. Every floating entry of the
     state dict (parameters and floating buffers, such as BatchNorm's statistics) is averaged and
-    the others copied; with ``exclude_buffers``, parameters are averaged and buffers copied.
+    the others copied, entry by entry as timm walks the state dict: a tensor under two keys (tied
+    weights) is averaged twice per update, and a non-persistent buffer (under none) is neither
+    averaged nor copied. With ``exclude_buffers``, parameters are averaged (once each) and all
+    buffers copied.
     (timm updates bf16 EMA weights with stochastic rounding; here half-precision weights keep the
     fp32 shadow above, so those differ.)
     """
@@ -386,10 +432,17 @@ class ModelEMA(nn.Module):
         return getattr(self, f"flat_shadow_{gi}").as_strided(view.shape, view.stride(), view.storage_offset())
 
     def _flat_source(self, model: nn.Module) -> FlatParameters | None:
-        """The model's FlatParameters when this EMA is flat and its layout is the EMA's (same dtype
-        groups, same shapes in the same order), else None (the update then runs per tensor)."""
+        """The model's FlatParameters when this EMA is flat, the model's views are intact and its
+        layout is the EMA's (same dtype groups, same shapes in the same order), else None (the
+        update then runs per tensor)."""
         src = flat_parameters_of(model) if self.flat else None
-        if src is None or (self._matched is not None and self._matched() is src):
+        if src is None:
+            return None
+        try:
+            src.check()
+        except FlatBuffersBroken:  # the model left its flat buffers (model.half(), p.data = t, ...)
+            return None
+        if self._matched is not None and self._matched() is src:
             return src
         ours, theirs = self._flat._groups, src._groups
         if len(ours) != len(theirs) or any(
@@ -406,9 +459,8 @@ class ModelEMA(nn.Module):
         schedule), instead of the EMA's own count of updates. With ``flat=True`` and a model
         flattened by :func:`fused_optim.flatten_parameters`, one lerp call for all weights."""
         src = self._flat_source(model) if isinstance(model, nn.Module) else None
-        averaged, current, written = [], [], []
+        averaged, current, written, views = [], [], [], []
         if src is not None:
-            src.check()
             try:
                 self._flat.check()
             except FlatBuffersBroken:  # the EMA was moved (ema.to(...)): its module is flattened again
@@ -417,6 +469,7 @@ class ModelEMA(nn.Module):
             if len(ema_buffers) != len(model_buffers) or any(a.shape != b.shape for a, b in zip(ema_buffers, model_buffers)):
                 self._check_matches(model)  # raises, naming the mismatch
             for gi, (ours, theirs) in enumerate(zip(self._flat._groups, src._groups)):
+                views += ours.params
                 shadow = getattr(self, f"flat_shadow_{gi}", None)
                 if shadow is not None:
                     averaged.append(shadow)
@@ -439,15 +492,30 @@ class ModelEMA(nn.Module):
             decay = self._timm_decay(step)
         else:
             decay = self._decay(self.step if step is None else torch.tensor(as_int(step, "step", 0)))
+        buffers = list(zip(ema_buffers, model_buffers))
+        repeats = Counter()  # lerps of a tensor beyond its first
+        if self.style == "timm" and self.buffer_mode == "average":
+            # timm's ModelEmaV3 lerps along the state dicts: a tensor under two keys (tied weights)
+            # twice, a buffer under none (non-persistent) never, nor is it copied.
+            keys = Counter(map(id, self.module.state_dict(keep_vars=True).values()))
+            repeats = Counter({key: n - 1 for key, n in keys.items() if n > 1})
+            buffers = [(b, mb) for b, mb in buffers if keys[id(b)]]
+            if repeats:
+                ema_params, params = list(self.module.parameters()), list(model.parameters())
+                for i, (ema_p, p, shadowed) in enumerate(zip(ema_params, params, self._shadowed)):
+                    averaged += [self._shadow(i, ema_p) if shadowed else ema_p] * repeats[id(ema_p)]
+                    current += [p.detach().float() if shadowed else p.detach()] * repeats[id(ema_p)]
         if self.buffer_mode == "average":
-            for b, mb in zip(ema_buffers, model_buffers):
+            for b, mb in buffers:
                 if b.is_floating_point():
-                    averaged.append(b)
-                    current.append(mb.detach())
+                    averaged += [b] * (1 + repeats[id(b)])
+                    current += [mb.detach()] * (1 + repeats[id(b)])
         ema_update_(averaged, current, decay)
         for ema_p, shadow in written:
             ema_p.copy_(shadow)
-        for b, mb in zip(ema_buffers, model_buffers):
+        if views:  # written through their buffer: bumped as the per-tensor update would bump them
+            bump_versions(views)
+        for b, mb in buffers:
             if self.buffer_mode == "copy" or not b.is_floating_point():
                 b.copy_(mb)
         self.step += 1

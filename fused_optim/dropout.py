@@ -16,12 +16,14 @@ from . import reference
 _SEED_BOUND = 2**62
 
 
-def _check_p(p: float) -> float:
+def _check_p(p: float, what: str = "dropout probability") -> float:
+    """p as a float: TypeError for a non-number (torch's and torchvision's range comparison raises
+    TypeError there), ValueError outside [0, 1] with their message (`what`: their word for p)."""
     if isinstance(p, bool) or not isinstance(p, numbers.Real):
-        raise TypeError(f"dropout probability p must be a real number, got {type(p).__name__}")
+        raise TypeError(f"{what} p must be a real number, got {type(p).__name__}")
     p = float(p)
     if not 0.0 <= p <= 1.0:
-        raise ValueError(f"dropout probability has to be between 0 and 1, but got {p}")
+        raise ValueError(f"{what} has to be between 0 and 1, but got {p}")
     return p
 
 
@@ -271,10 +273,9 @@ def stochastic_depth(input: Tensor, p: float, mode: str, training: bool = True) 
     ``p``, ``mode="batch"`` the whole batch at once; survivors are scaled by ``1 / (1 - p)``;
     ``input`` itself when not ``training`` or ``p == 0``. torchvision's errors: ValueError for
     ``p`` outside [0, 1] ("drop probability has to be between 0 and 1, but got ...") and for
-    another mode. When it drops, TypeError for a non-floating input and ValueError for a 0-dim one
-    in ``"row"`` mode."""
-    if isinstance(p, bool) or not isinstance(p, numbers.Real) or not 0.0 <= p <= 1.0:
-        raise ValueError(f"drop probability has to be between 0 and 1, but got {p}")
+    another mode, TypeError for a ``p`` that is not a number. When it drops, TypeError for a
+    non-floating input and ValueError for a 0-dim one in ``"row"`` mode."""
+    p = _check_p(p, "drop probability")
     if mode not in ("batch", "row"):
         raise ValueError(f"mode has to be either 'batch' or 'row', but got {mode}")
     if not training or p == 0.0:
@@ -282,7 +283,7 @@ def stochastic_depth(input: Tensor, p: float, mode: str, training: bool = True) 
     _check_input(input)
     if mode == "row" and input.dim() == 0:
         raise ValueError("stochastic_depth: mode='row' needs a sample (batch) dimension, got a 0-dim tensor")
-    return _drop_groups(input, 1 if mode == "row" else 0, float(p), training, False)
+    return _drop_groups(input, 1 if mode == "row" else 0, p, training, False)
 
 
 class StochasticDepth(nn.Module):
@@ -308,8 +309,7 @@ def _channel_dropout(name: str, input: Tensor, p: float, training: bool, inplace
     unsqueeze(0) makes them; dropout2d keeps torch's historical rule (any input: dims 0 and 1)."""
     if not isinstance(input, Tensor):
         raise TypeError(f"input must be a tensor, got {type(input).__name__}")
-    if isinstance(p, bool) or not isinstance(p, numbers.Real) or not 0.0 <= p <= 1.0:
-        raise ValueError(f"dropout probability has to be between 0 and 1, but got {p}")
+    p = _check_p(p)
     # torch warns at run time, also in compiled code; Dynamo cannot trace warnings.warn, so a
     # compiled call does not warn (fullgraph works, as with torch's).
     warn = warnings.warn if not torch.compiler.is_compiling() else lambda *args, **kwargs: None
@@ -343,7 +343,7 @@ def _channel_dropout(name: str, input: Tensor, p: float, training: bool, inplace
     if dropping and dim + (0 if batched else 1) < 2:
         raise RuntimeError("Feature dropout requires at least 2 dimensions in the input")
     # p = 1 zeroes everything whatever the groups: torch accepts any dims then.
-    return _drop_groups(input, min(group_dims, dim), float(p), training, inplace)
+    return _drop_groups(input, min(group_dims, dim), p, training, inplace)
 
 
 def dropout1d(input: Tensor, p: float = 0.5, training: bool = True, inplace: bool = False) -> Tensor:

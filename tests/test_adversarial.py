@@ -533,6 +533,20 @@ def test_dropout_probability_too_small_to_drop_anything(backend, device, p):
     assert fused_optim.unpack_dropout_mask(mask, x.shape).all()
 
 
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_a_zero_coefficient_adds_nothing_even_for_a_nonfinite_parameter(backend, device, bad):
+    # The README's documented exception: the seed's formula gives 0 * nan = 0 * inf = nan. The
+    # gradient is no exception: autograd of the seed's formula, element by element.
+    p = torch.tensor([bad, 1.0, -2.0], device=device, requires_grad=True)
+    q = p.detach().clone().requires_grad_(True)
+    value = fused_optim.l1l2_penalty(p, 0.0, 0.0)
+    assert value.item() == 0.0
+    assert (0.0 * q.abs().sum() + 0.0 * q.square().sum()).isnan()
+    value.backward()
+    (0.0 * q.abs().sum() + 0.0 * q.square().sum()).backward()
+    torch.testing.assert_close(p.grad, q.grad, rtol=0, atol=0, equal_nan=True)
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize(
     "clip_value", [math.nan, -1.0, -0.0, 0.0, 2.0**-25, 1e-8, 65504.0, 3e38, math.inf, -math.inf, 1e5, 65520.0, 1e39]

@@ -138,6 +138,13 @@ def test_average_state_dicts_weighted_and_tied(backend):
     expected = sum(w / 6 * sd["embed.weight"].double() for w, sd in zip([1, 2, 3], sds))
     torch.testing.assert_close(averaged["embed.weight"].double(), expected)
     assert averaged["out.weight"] is averaged["embed.weight"]  # tied: averaged once, shared
+    # The first state dict decides the tying and the key order (README): a later one's entry under
+    # the tied key is not read.
+    untied = {k: v.clone() for k, v in reversed(sds[1].items())}
+    untied["out.weight"].fill_(1e6)
+    mixed = fused_optim.average_state_dicts([sds[0], untied])
+    assert list(mixed) == list(sds[0]) and mixed["out.weight"] is mixed["embed.weight"]
+    torch.testing.assert_close(mixed["embed.weight"], (sds[0]["embed.weight"] + untied["embed.weight"]) / 2)
     model = fused_optim.average_model_weights(models, weights=[1, 2, 3])
     assert model.out.weight is model.embed.weight
 
@@ -256,9 +263,49 @@ def test_ema_bad_decay_and_mismatch_change_nothing(backend):
     before = [t.clone() for t in averaged]
     with pytest.raises(ValueError, match="decay must be in"):
         fused_optim.ema_update_(averaged, current, 1.5)
-    with pytest.raises(RuntimeError, match=r"end\[1\] must match self\[1\]"):
+    with pytest.raises(RuntimeError, match=r"current\[1\] must match averaged\[1\]"):
         fused_optim.ema_update_(averaged, [current[0], torch.zeros(6)], 0.9)
     assert all(torch.equal(a, b) for a, b in zip(averaged, before))
+
+
+def _bad_calls():
+    """(call on lists a, b of two tensors (sizes 4, 5) and c, exception, what its message says): the
+    public functions' errors name the caller's arguments, not the op's (self, end, out, inputs)."""
+    ints = [torch.arange(4), torch.arange(5)]
+    odd = [torch.zeros(4), torch.zeros(6)]
+    nan = torch.tensor(float("nan"))
+    ema, swa, avg = fused_optim.ema_update_, fused_optim.swa_update_, fused_optim.average_tensors
+    return {
+        "ema-integer": (lambda a, b, c: ema(ints, b, 0.5), TypeError, r"averaged\[0\] must be a real floating tensor"),
+        "ema-length": (lambda a, b, c: ema(a, b[:1], 0.5), ValueError, r"averaged and current must have the same length"),
+        "ema-shape": (lambda a, b, c: ema(a, odd, 0.5), RuntimeError, r"current\[1\] must match averaged\[1\]"),
+        "ema-not-tensor": (lambda a, b, c: ema(a, [1.0, 2.0], 0.5), TypeError, r"current\[0\] must be a tensor, got float"),
+        "ema-expanded": (lambda a, b, c: ema([torch.zeros(1).expand(4), a[1]], b, 0.5), RuntimeError, r"averaged\[0\]: unsupported"),
+        "ema-overlap": (lambda a, b, c: ema([c[0][:4], a[1]], [c[0][1:5], b[1]], 0.5), RuntimeError, r"averaged\[0\] and current\[0\]: unsupported"),
+        "ema-nan-tensor": (lambda a, b, c: ema(a, b, nan), ValueError, r"decay must be in \[0, 1\], got nan"),
+        "ema-tensor-1.5": (lambda a, b, c: ema(a, b, torch.tensor(1.5)), ValueError, r"decay must be in \[0, 1\], got 1.5"),
+        "swa-negative-tensor": (lambda a, b, c: swa(a, b, torch.tensor(-1)), ValueError, r"num_averaged must be >= 0, got -1"),
+        "swa-negative": (lambda a, b, c: swa(a, b, -1), ValueError, r"num_averaged must be >= 0, got -1"),
+        "swa-shape": (lambda a, b, c: swa(a, odd, 3), RuntimeError, r"current\[1\] must match averaged\[1\]"),
+        "avg-integer": (lambda a, b, c: avg([ints, ints]), TypeError, r"tensor_lists\[0\]\[0\] must be a real floating tensor"),
+        "avg-not-tensor": (lambda a, b, c: avg([[1.0], [2.0]]), TypeError, r"tensor_lists\[0\]\[0\] must be a tensor, got float"),
+        "avg-shape": (lambda a, b, c: avg([a, odd]), RuntimeError, r"tensor_lists\[1\]\[1\] must match tensor_lists\[0\]\[1\]"),
+        "avg-out-length": (lambda a, b, c: avg([a, b], out=c[:1]), ValueError, r"out and tensor_lists\[0\] must have the same length"),
+        "avg-out-shape": (lambda a, b, c: avg([a, b], out=[c[0][:4], c[0][:6]]), RuntimeError, r"tensor_lists\[0\]\[1\] must match out\[1\]"),
+        "avg-out-integer": (lambda a, b, c: avg([a, b], out=ints), TypeError, r"out\[0\] must be a real floating tensor"),
+        "avg-out-overlap": (lambda a, b, c: avg([[c[0][1:5]], [b[0]]], out=[c[0][:4]]), RuntimeError, r"out\[0\] and tensor_lists\[0\]\[0\]: unsupported"),
+    }
+
+
+@pytest.mark.parametrize("name", list(_bad_calls()))
+def test_errors_name_the_arguments_and_write_nothing(backend, name):
+    call, exc, fragment = _bad_calls()[name]
+    a, b = make_lists(2, torch.float32, "cpu", sizes=(4, 5))
+    c = [torch.randn(9), torch.randn(5)]
+    snapshot = [t.clone() for t in (*a, *b, *c)]
+    with pytest.raises(exc, match=fragment):
+        call(a, b, c)
+    assert all(torch.equal(t, s) for t, s in zip((*a, *b, *c), snapshot))
 
 
 # ---------------------------------------------------------------- ModelEMA

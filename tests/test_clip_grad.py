@@ -79,6 +79,23 @@ def test_total_norm_mixed_dtypes(backend, device, norm_type):
     torch.testing.assert_close(ours, fp64_total_norm(grads, norm_type), rtol=1.3e-6, atol=1e-5)
 
 
+def test_half_norms_in_a_mixed_list_are_not_rounded_to_half_unlike_torch(backend, device):
+    # The README's documented difference: torch rounds each fp16/bf16 tensor's norm to its dtype
+    # before combining (an fp16 norm above 65504 becomes inf, and clipping then zeroes every
+    # gradient); ours keeps it in fp32 or wider.
+    half = torch.full((10000,), 1000.0, dtype=torch.float16, device=device)  # norm 1e5 > 65504
+    grads = [half, torch.ones(4, device=device)]
+    assert torch.nn.utils.get_total_norm(grads).isinf()
+    exact = fp64_total_norm(grads, 2.0)
+    assert fused_optim.get_total_norm(grads).item() == pytest.approx(exact.item(), rel=1e-6)
+    params = [torch.zeros_like(g, requires_grad=True) for g in grads]
+    for p, g in zip(params, grads):
+        p.grad = g.clone()
+    fused_optim.clip_grad_norm_(params, 1.0)
+    for p, g in zip(params, grads):
+        torch.testing.assert_close(p.grad, (g.double() / (exact + 1e-6)).to(g.dtype))  # not zeroed
+
+
 def test_total_norm_many_small_and_non_contiguous(backend, device):
     grads = make_grads(torch.float32, device, sizes=[1000] * 2000)
     grads += [torch.randn(64, 48, device=device).t(), torch.randn(40, 10, device=device)[::3, 1::2]]

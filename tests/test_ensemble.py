@@ -113,3 +113,90 @@ def test_bad_arguments():
         fused_optim.ModelEnsemble(mlps(2), reduce="median")
     with pytest.raises(ValueError, match="at least one model"):
         fused_optim.ModelEnsemble([])
+
+
+def _force_vmap(ensemble, monkeypatch):
+    """Makes "auto" pick vmap whenever the models allow it; returns the list of vmap calls."""
+    calls = []
+    vmapped = ensemble._vmapped
+    monkeypatch.setattr(ensemble, "_vmap_is_faster", lambda x: True)
+    monkeypatch.setattr(ensemble, "_vmapped", lambda x: calls.append(x) or vmapped(x))
+    return calls
+
+
+def _change_first_weight(models, how):
+    with torch.no_grad():
+        w = models[1][0].weight
+        if how == "data.mul_":
+            w.data.mul_(3)  # bumps no version counter of w
+        elif how == "data.copy_":
+            w.data.copy_(torch.randn_like(w))
+        elif how == "data=":
+            w.data = torch.randn_like(w)
+        else:
+            models[1][0].weight = nn.Parameter(torch.randn_like(w))
+
+
+@pytest.mark.parametrize("how", ["data.mul_", "data.copy_", "data=", "new Parameter"])
+@pytest.mark.parametrize("vectorize", [True, "auto"])
+def test_vmap_uses_the_current_weights(monkeypatch, vectorize, how):
+    torch.manual_seed(0)
+    models = [nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 3)) for _ in range(3)]
+    ensemble = fused_optim.ModelEnsemble(models, vectorize=vectorize)
+    calls = _force_vmap(ensemble, monkeypatch)
+    x = torch.randn(5, 4)
+    ensemble.predict(x)
+    _change_first_weight(models, how)
+    torch.testing.assert_close(ensemble.predict(x), SeedModelEnsemble(models).predict(x))
+    assert len(calls) == 2  # both answers came from vmap
+
+
+class Shift(nn.Module):
+    def __init__(self, offset):
+        super().__init__()
+        self.offset = torch.tensor(offset)  # a plain attribute: neither a parameter nor a buffer
+
+    def forward(self, x):
+        return x + self.offset
+
+
+SETTINGS = {  # submodule 1 of each model, built from the setting of that model
+    "LeakyReLU.negative_slope": (nn.LeakyReLU, [0.01, 0.9, 0.01], "negative_slope=0.9"),
+    "LayerNorm.eps": (lambda eps: nn.LayerNorm(8, eps=eps), [1e-5, 1e-5, 10.0], "eps=10.0"),
+    "plain tensor attribute": (Shift, [0.0, 0.0, 1.0], "offset=tensor"),
+}
+
+
+def _models_with(setting, values):
+    torch.manual_seed(0)
+    return [nn.Sequential(nn.Linear(4, 8), setting(v), nn.Linear(8, 3)) for v in values]
+
+
+@pytest.mark.parametrize("name", list(SETTINGS))
+def test_vmap_only_for_models_with_the_same_settings(monkeypatch, name):
+    setting, values, fragment = SETTINGS[name]
+    models = _models_with(setting, values)
+    x = torch.randn(5, 4)
+    ensemble = fused_optim.ModelEnsemble(models)  # "auto", told that vmap is faster: the loop still
+    calls = _force_vmap(ensemble, monkeypatch)
+    torch.testing.assert_close(ensemble.predict(x), SeedModelEnsemble(models).predict(x))
+    assert calls == []
+    with pytest.raises(ValueError, match=rf"models\[\d\] differs from models\[0\]: submodule '1' .*{fragment}"):
+        fused_optim.ModelEnsemble(models, vectorize=True)
+
+
+@pytest.mark.parametrize("name", list(SETTINGS))
+@pytest.mark.parametrize("changed", [0, 2])
+def test_vmap_sees_settings_changed_after_the_ensemble_was_built(monkeypatch, name, changed):
+    setting, values, fragment = SETTINGS[name]
+    models = _models_with(setting, [values[0]] * 3)
+    x = torch.randn(5, 4)
+    auto, forced = fused_optim.ModelEnsemble(models), fused_optim.ModelEnsemble(models, vectorize=True)
+    calls = _force_vmap(auto, monkeypatch)
+    torch.testing.assert_close(auto.predict(x), SeedModelEnsemble(models).predict(x))
+    assert len(calls) == 1  # the same settings: vmap
+    models[changed][1] = setting(max(values, key=lambda v: v != values[0]))
+    torch.testing.assert_close(auto.predict(x), SeedModelEnsemble(models).predict(x))
+    assert len(calls) == 1  # the loop answered
+    with pytest.raises(ValueError, match=rf"models\[{changed}\] differs from models\[0\] as it was .*{fragment}"):
+        forced.predict(x)

@@ -449,6 +449,58 @@ def test_model_ema_flat_equals_per_tensor(backend, device, dtype):
     assert all(torch.equal(v, expected[k]) for k, v in restored.module.state_dict().items())
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("flat", [False, True])
+def test_model_ema_update_bumps_the_versions_of_what_it_writes(backend, dtype, flat):
+    # An EMA output saved for backward and then updated: torch's error at backward, flat or not.
+    model = nn.Linear(4, 3).to(dtype)
+    flatten_parameters(model)
+    ema = fused_optim.ModelEMA(model, decay=0.5, flat=flat)
+    versions = [p._version for p in ema.module.parameters()]
+    x = torch.randn(5, 4, dtype=dtype, requires_grad=True)
+    y = ema(x).sum()
+    with torch.no_grad():
+        model.weight.add_(1)
+    ema.update(model)
+    assert all(p._version > v for p, v in zip(ema.module.parameters(), versions))
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        y.backward()
+
+
+def _assign_data(model):
+    model[0].weight.data = model[0].weight.data.clone()
+
+
+def _assign_parameter(model):
+    model[0].weight = nn.Parameter(model[0].weight.detach().clone())
+
+
+@pytest.mark.filterwarnings("ignore:FlatParameters")  # attach's pre-step warns once, then runs per tensor
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("breaking", [_assign_data, _assign_parameter])
+def test_model_ema_flat_updates_per_tensor_from_a_model_whose_flattening_broke(backend, dtype, breaking):
+    # Under attach: the step completes (no FlatBuffersBroken from opt.step() after the step was
+    # applied) and the EMA equals a per-tensor EMA of the same model.
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 8), nn.BatchNorm1d(8), nn.Linear(8, 3)).to(dtype)
+    flatten_parameters(model)
+    flat_ema = fused_optim.ModelEMA(model, decay=0.9, buffers="average", flat=True)
+    per_tensor = fused_optim.ModelEMA(model, decay=0.9, buffers="average")
+    for step in range(3):
+        if step == 1:
+            breaking(model)
+        opt = torch.optim.SGD(model.parameters(), lr=0.1)  # after the break: it steps the new parameter
+        handle = fused_optim.attach(opt, max_norm=1.0, ema=flat_ema, model=model)
+        model(torch.randn(4, 6, dtype=dtype)).float().square().mean().backward()
+        before = model[0].weight.detach().clone()
+        opt.step()
+        handle.remove()
+        assert not torch.equal(model[0].weight, before)  # the step was applied
+        per_tensor.update(model)
+        expected = per_tensor.module.state_dict()
+        assert all(torch.equal(v, expected[k]) for k, v in flat_ema.module.state_dict().items())
+
+
 def test_compiled_training_step_on_flattened_model_matches(backend):
     plain, flat_model = _model(), _model()
     flat = flatten_parameters(flat_model)

@@ -71,6 +71,49 @@ def test_model_ema_timm_style_gives_timms_weights(backend, use_warmup, update_af
     torch.testing.assert_close(ours.module[0].weight, theirs.module[0].weight)
 
 
+class _TiedWithRunningMax(nn.Module):
+    """A weight tied under two state-dict keys (emb.weight, head.weight) and a non-persistent
+    buffer that training changes."""
+
+    def __init__(self):
+        super().__init__()
+        self.emb, self.head = nn.Linear(8, 8, bias=False), nn.Linear(8, 8, bias=False)
+        self.head.weight = self.emb.weight
+        self.bn = nn.BatchNorm1d(8)
+        self.register_buffer("running_max", torch.zeros(8), persistent=False)
+
+    def forward(self, x):
+        y = self.head(torch.tanh(self.bn(self.emb(x))))
+        if self.training:
+            self.running_max.copy_(torch.maximum(self.running_max, y.detach().abs().amax(0)))
+        return y
+
+
+@pytest.mark.parametrize("flat", [False, True])
+@pytest.mark.parametrize("exclude_buffers", [False, True])
+def test_model_ema_timm_style_follows_the_state_dict_as_timm(backend, flat, exclude_buffers):
+    # timm lerps along the state dicts: the tied weight twice per update, the non-persistent
+    # buffer never (its EMA copy stays); with exclude_buffers, parameters once, every buffer copied.
+    ModelEmaV3 = _timm_model_ema_v3()
+    torch.manual_seed(0)
+    model = _TiedWithRunningMax()
+    if flat:
+        fused_optim.flatten_parameters(model)
+    theirs = ModelEmaV3(model, decay=0.9, exclude_buffers=exclude_buffers)
+    ours = fused_optim.ModelEMA(model, style="timm", decay=0.9, exclude_buffers=exclude_buffers, flat=flat)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    for step in range(30):
+        opt.zero_grad()
+        model(torch.randn(16, 8)).pow(2).mean().backward()
+        opt.step()
+        theirs.update(model, step=step)
+        ours.update(model, step=step)
+    assert torch.equal(theirs.module.running_max, model.running_max) == exclude_buffers  # the case is exercised
+    theirs_state = dict(theirs.module.named_buffers(), **dict(theirs.module.named_parameters()))
+    for key, value in dict(ours.module.named_buffers(), **dict(ours.module.named_parameters())).items():
+        torch.testing.assert_close(value, theirs_state[key], msg=lambda m: f"{key}: {m}")
+
+
 def test_model_ema_timm_style_decay_schedule_edges():
     ModelEmaV3 = _timm_model_ema_v3()
     model = nn.Linear(2, 2)

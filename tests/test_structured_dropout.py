@@ -395,6 +395,29 @@ def test_in_place_on_a_refused_view_raises_torchs_error_before_writing(backend, 
         v.mul_(2)
 
 
+@pytest.mark.parametrize("p", ["0.5", None, 1 + 0j, [0.5]], ids=["str", "None", "complex", "list"])
+def test_non_numeric_p_raises_type_error_as_torch_and_writes_nothing(backend, p):
+    for fn, dims in [(fused_optim.dropout1d, 3), (fused_optim.dropout2d, 4), (fused_optim.dropout3d, 5)]:
+        x = torch.randn((2, 3) + (4,) * (dims - 2))
+        snapshot = x.clone()
+        with pytest.raises(TypeError):
+            getattr(F, fn.__name__)(x, p)
+        with pytest.raises(TypeError, match="dropout probability p must be a real number"):
+            fn(x, p, inplace=True)
+        assert torch.equal(x, snapshot)
+    # torchvision's stochastic_depth compares p < 0.0 first: TypeError there too
+    with pytest.raises(TypeError, match="drop probability p must be a real number"):
+        fused_optim.stochastic_depth(x, p, "row")
+    with pytest.raises(TypeError, match="drop probability p must be a real number"):
+        fused_optim.StochasticDepth(p, "batch")(x)
+    for name in ("Dropout", "Dropout1d", "Dropout2d", "Dropout3d"):  # torch's constructors (README, Errors)
+        with pytest.raises(TypeError) as theirs:
+            getattr(nn, name)(p)
+        with pytest.raises(TypeError) as ours:
+            getattr(fused_optim, name)(p)
+        assert str(ours.value) == str(theirs.value)
+
+
 def test_bad_input_writes_nothing(backend, device):
     x = torch.randn(4, 3, device=device)
     expanded = torch.randn(1, 3, device=device).expand(4, 3)
