@@ -182,7 +182,8 @@ def _lerp_(averaged: Sequence[Tensor], current: Sequence[Tensor], weight: Tensor
         # A number is a constant: made where the tensors are (a fill, which a CUDA graph replays as
         # captured), since the CUDA op refuses a CPU weight under graph capture (a tensor the caller
         # may change between replays).
-        weight = torch.full((), weight, dtype=torch.float64, device=averaged[0].device if averaged else "cpu")
+        device = averaged[0].device if averaged and isinstance(averaged[0], Tensor) else "cpu"
+        weight = torch.full((), weight, dtype=torch.float64, device=device)
     lerp = torch.ops.fused_optim.multi_tensor_lerp_.default
 
     def fused() -> None:
