@@ -4,12 +4,14 @@ models of one architecture."""
 from __future__ import annotations
 
 import copy
+import functools
 import time
 from collections.abc import Sequence
 
 import torch
 from torch import Tensor, nn
 from torch.func import functional_call, vmap
+from torch.nn.utils import parametrize
 
 REDUCE_MODES = ("mean", "softmax_mean", "vote")
 _ROUNDS = 5  # timed runs of each path when "auto" measures
@@ -26,8 +28,9 @@ _NOT_COMPARED = frozenset(
 
 def _equal(a: object, b: object) -> bool:
     """Whether two attribute values are interchangeable: tensors equal in dtype, shape, device and
-    every element; lists, tuples and dicts item by item; anything else by ``==`` (identity for
-    most objects, so an unknown object counts as different unless it is the same one)."""
+    every element; lists, tuples and dicts item by item; partials by function and arguments;
+    anything else by ``==`` (identity for most objects, so an unknown object counts as different
+    unless it is the same one)."""
     if type(a) is not type(b):
         return False
     if isinstance(a, Tensor):
@@ -36,10 +39,24 @@ def _equal(a: object, b: object) -> bool:
         return len(a) == len(b) and all(map(_equal, a, b))
     if isinstance(a, dict):
         return a.keys() == b.keys() and all(_equal(a[k], b[k]) for k in a)
+    if isinstance(a, functools.partial):  # deepcopy makes a new partial of the same call
+        return _equal((a.func, a.args, a.keywords), (b.func, b.args, b.keywords))
     try:
         return a is b or bool(a == b)
     except Exception:  # an == that gives no truth value
         return False
+
+
+def _module_class(m: nn.Module) -> type:
+    """m's class, but for a parametrized module (torch.nn.utils.parametrize makes a class per
+    module) the class it was made from: the parametrizations are compared as submodules."""
+    return type(m).__bases__[0] if parametrize.is_parametrized(m) else type(m)
+
+
+def _comparable(key: str, value: object) -> object:
+    """A module attribute as compared: a hook dict by its hooks only (its keys are the handles'
+    global ids, different for the same hook registered on two models)."""
+    return list(value.values()) if "hook" in key and isinstance(value, dict) else value
 
 
 def _difference(model: nn.Module, base: nn.Module) -> str | None:
@@ -57,13 +74,14 @@ def _difference(model: nn.Module, base: nn.Module) -> str | None:
         return f"its submodules are {list(modules)}, not {list(base_modules)}"
     for name, m in modules.items():
         b, where = base_modules[name], f"submodule {name!r}" if name else "the model"
-        if type(m) is not type(b):
+        if _module_class(m) is not _module_class(b):
             return f"{where} is a {type(m).__name__}, not a {type(b).__name__}"
-        ours, theirs = ({k: v for k, v in vars(x).items() if k not in _NOT_COMPARED} for x in (m, b))
+        ours, theirs = ({k: _comparable(k, v) for k, v in vars(x).items() if k not in _NOT_COMPARED} for x in (m, b))
         for key in dict.fromkeys([*ours, *theirs]):
             if key not in ours or key not in theirs or not _equal(ours[key], theirs[key]):
                 ours_v, theirs_v = ours.get(key, "<unset>"), theirs.get(key, "<unset>")
-                return f"{where} ({type(m).__name__}) has {key}={ours_v!r}, not {theirs_v!r}"
+                same_repr = " (another object with the same repr)" if repr(ours_v) == repr(theirs_v) else ""
+                return f"{where} ({type(m).__name__}) has {key}={ours_v!r}, not {theirs_v!r}{same_repr}"
     return None
 
 

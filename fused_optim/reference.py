@@ -116,26 +116,26 @@ def sum_in_opmath_range(total: Tensor, dtype: torch.dtype) -> Tensor:
 
 
 def l1l2_penalty(tensors: list[Tensor], l1: float, l2: float) -> Tensor:
-    """l1 * sum|p| + l2 * sum p^2 over every element of every tensor (0-dim), the two sums taken
-    in fp64 and held as the result's op-math type holds them (sum_in_opmath_range)."""
+    """l1 * sum|p| + l2 * sum p^2 over every element of every tensor (0-dim), the sums taken in
+    fp64, those of the fp32-op-math tensors (fp16/bf16/fp32) apart and held as fp32 holds them
+    (sum_in_opmath_range), as the native kernels, which add such tensors in short fp32 runs."""
     check_coefficient(l1, "l1")
     check_coefficient(l2, "l2")
     check_floating_list(tensors, "tensors")
     device = tensors[0].device if tensors else None
-    dtype = reduction_dtype(tensors)
-    abs_sum = torch.zeros((), dtype=torch.float64, device=device)
-    square_sum = torch.zeros((), dtype=torch.float64, device=device)
+    sums = {dt: torch.zeros(2, dtype=torch.float64, device=device) for dt in (torch.float32, torch.float64)}
     for t in tensors:
         x = t.to(opmath_dtype(t.dtype))
-        abs_sum += x.abs().sum(dtype=torch.float64)
-        square_sum += (x * x).sum(dtype=torch.float64)  # squares rounded in the op-math type, as the kernels'
+        # squares rounded in the op-math type, as the kernels'
+        sums[x.dtype] += torch.stack([x.abs().sum(dtype=torch.float64), (x * x).sum(dtype=torch.float64)])
+    abs_sum, square_sum = sum_in_opmath_range(sums[torch.float32], torch.float32) + sums[torch.float64]
     total = torch.zeros((), dtype=torch.float64, device=device)
     # A zero coefficient adds nothing, even where its sum overflowed (0 * inf would be nan).
     if l1:
-        total += l1 * sum_in_opmath_range(abs_sum, dtype)
+        total += l1 * abs_sum
     if l2:
-        total += l2 * sum_in_opmath_range(square_sum, dtype)
-    return total.to(dtype)
+        total += l2 * square_sum
+    return total.to(reduction_dtype(tensors))
 
 
 def _penalty_grad(g: Tensor, x: Tensor, a, b) -> Tensor:
@@ -209,15 +209,15 @@ def nonfinite_norm_message(norm_type: float) -> str:
     )
 
 
-def _tensor_norm(t: Tensor, norm_type: float) -> Tensor:
-    """t's norm in fp64, its sum of |x|^p held as the op-math type holds it (sum_in_opmath_range:
-    inf beyond fp32's range for fp32/fp16/bf16, as torch's and the native kernels')."""
+def _norm(t: Tensor, norm_type: float, opmath: torch.dtype) -> Tensor:
+    """t's norm in fp64, its sum of |x|^p held as op-math type `opmath` holds it
+    (sum_in_opmath_range: inf beyond fp32's range, as torch's sums and the native kernels')."""
     exact = torch.linalg.vector_norm(t, norm_type, dtype=torch.float64)
     if norm_type in (0.0, math.inf, -math.inf):  # counts, max, min: no sum to overflow
         return exact
-    x = t.to(opmath_dtype(t.dtype)).abs()
+    x = t.to(opmath).abs()
     terms = x * x if norm_type == 2.0 else x if norm_type == 1.0 else x.double() ** norm_type
-    overflowed = torch.isinf(sum_in_opmath_range(terms.sum(dtype=torch.float64), opmath_dtype(t.dtype)))
+    overflowed = torch.isinf(sum_in_opmath_range(terms.sum(dtype=torch.float64), opmath))
     # The norm of an inf sum: its root, inf for p > 0, 0 for p < 0.
     return torch.where(overflowed & torch.isfinite(exact), math.inf if norm_type > 0 else 0.0, exact)
 
@@ -228,7 +228,7 @@ def multi_tensor_norm(
     """(total, per-tensor norms) of order norm_type. The total is defined as torch.nn.utils'
     get_total_norm does: the norm of the vector of per-tensor norms (so for norm_type=0, the number
     of tensors with a non-zero element); empty tensors contribute nothing. Computed in fp64 here
-    (see _tensor_norm for overflow); both results have the tensors' promoted dtype; per-tensor norms are empty unless per_tensor.
+    (see _norm for overflow); both results have the tensors' promoted dtype; per-tensor norms are empty unless per_tensor.
     RuntimeError (torch's message) for a nan or infinite total when error_if_nonfinite: inside the
     op, so that torch.compile traces it without a data-dependent branch."""
     check_norm_type(norm_type)
@@ -236,11 +236,11 @@ def multi_tensor_norm(
     check_norm_defined(tensors, norm_type)
     dtype = norm_dtype(tensors)
     device = tensors[0].device if tensors else None
-    norms = [_tensor_norm(t, norm_type) for t in tensors]
+    norms = [_norm(t, norm_type, opmath_dtype(t.dtype)) for t in tensors]
     if not norms:
         return torch.zeros((), dtype=dtype, device=device), torch.empty(0, dtype=dtype, device=device)
     stacked = torch.stack(norms)
-    total = torch.linalg.vector_norm(stacked, norm_type).to(dtype)
+    total = _norm(stacked, norm_type, opmath_dtype(dtype)).to(dtype)  # torch sums the norms in their dtype
     if error_if_nonfinite and not math.isfinite(total.item()):
         raise RuntimeError(nonfinite_norm_message(norm_type))
     return total, (stacked if per_tensor else stacked[:0]).to(dtype)
@@ -401,7 +401,7 @@ def check_lerp_args(self: list[Tensor], end: list[Tensor], weight: Tensor) -> No
 def multi_tensor_lerp_(self: list[Tensor], end: list[Tensor], weight: Tensor) -> None:
     """self[i] = torch.lerp(self[i], end[i], weight), in place: the EMA and SWA update. The weight
     is read as a Python float (a host sync for a GPU weight: the native kernel reads it on the
-    device), so fp16/bf16 tensors get torch.lerp's fp32 math with the unrounded weight."""
+    device), rounded to the op-math type by torch.lerp_ as by the native kernels."""
     check_lerp_args(self, end, weight)
     check_writable(self, "self")
     check_same_or_disjoint(self, "self", end, "end")

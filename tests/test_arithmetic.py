@@ -25,6 +25,10 @@ LERP_WEIGHTS = [0.9, 0.7, 0.5, 0.4, 0.1, 1e-3, -0.3, 1.7]  # 1 - decay: warm-up 
 # The native kernels' builds and their agreement with the reference (which is all there is without
 # the extension; the reference's own tails and lerp are tested either way).
 native_only = pytest.mark.skipif(EXT_DISABLED or _library._C is None, reason="compares the native kernels")
+# Both builds exist, and torch fuses its lerp, only on x86-64 CPUs with AVX2.
+needs_avx2 = pytest.mark.skipif(
+    torch.backends.cpu.get_cpu_capability() not in ("AVX2", "AVX512"), reason="needs an AVX2 CPU (README, Arithmetic)"
+)
 
 
 def make_inputs() -> dict:
@@ -105,9 +109,8 @@ def inputs():
 
 
 @native_only
+@needs_avx2
 def test_avx2_and_portable_builds_give_the_same_bits(inputs, tmp_path):
-    capability = torch.backends.cpu.get_cpu_capability()
-    assert capability in ("AVX2", "AVX512"), f"this test needs an AVX2 CPU to compare builds, got {capability}"
     torch.save(inputs, tmp_path / "inputs.pt")
     env = {**os.environ, "ATEN_CPU_CAPABILITY": "default"}
     subprocess.run(
@@ -130,6 +133,7 @@ def test_scalar_tail_gives_the_vector_body_bits(inputs, dtype):
 
 
 @native_only
+@needs_avx2  # the reference's lerp is torch's, fused on AVX2 CPUs only
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_reference_kernels_give_the_native_bits(inputs, dtype):
     """The reference writes each contract with torch ops that round once each (the unfused
@@ -150,12 +154,12 @@ def test_reference_kernels_give_the_native_bits(inputs, dtype):
     assert_same_bits(reference, native)
 
 
+@needs_avx2
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("weight", LERP_WEIGHTS)
 def test_lerp_is_torch_lerp(inputs, dtype, weight):
     """ema_update_/swa_update_'s op against torch.lerp_ with the same Python weight (torch rounds
     it to the op-math type first); fp64 and fp32 weight tensors give the same."""
-    assert torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512")  # torch fuses its lerp there
     p, _, end = inputs[dtype]
     expected = p.clone().lerp_(end, weight)
     for wdt in (torch.float64, torch.float32):
@@ -166,6 +170,7 @@ def test_lerp_is_torch_lerp(inputs, dtype, weight):
         assert_same_bits({"lerp": s}, {"lerp": expected})
 
 
+@needs_avx2
 def test_ema_update_is_foreach_lerp_in_warm_up():
     """The case the contract was written for: ModelEMA's warm-up weights (decay < 0.5)."""
     g = torch.Generator().manual_seed(3)
@@ -208,6 +213,38 @@ def test_fp32_sum_beyond_range_is_inf_as_torch(backend, numel, value):
     assert torch.isinf(1e-10 * (grads[0] ** 2).sum())
     assert torch.isinf(fused_optim.l1l2_penalty(grads, l1=0.0, l2=1e-10))
     assert torch.isfinite(fused_optim.l1l2_penalty([grads[0].double()], l1=0.0, l2=1e-10))
+
+
+def test_fp32_total_beyond_range_is_inf_as_torch(backend):
+    """Each tensor's norm is finite, their total's sum of squares is beyond fp32's range: torch sums
+    the fp32 norms in fp32 (inf, gradients zeroed), and so do we; with an fp64 tensor in the list
+    the norms' dtype is fp64 and the total finite."""
+    grads = [torch.full((1,), 1.5e19), torch.full((1,), 1.5e19)]
+    assert torch.isinf(torch.nn.utils.get_total_norm(grads))
+    assert torch.isinf(fused_optim.get_total_norm(grads))
+    ours, theirs = ([torch.zeros(1, requires_grad=True) for _ in range(2)] for _ in range(2))
+    for ps in (ours, theirs):
+        for p, g in zip(ps, grads):
+            p.grad = g.clone()
+    with pytest.raises(RuntimeError, match="non-finite"):
+        fused_optim.clip_grad_norm_(ours, 1.0, error_if_nonfinite=True)
+    fused_optim.clip_grad_norm_(ours, 1.0)
+    torch.nn.utils.clip_grad_norm_(theirs, 1.0)
+    assert all(torch.equal(a.grad, b.grad) for a, b in zip(ours, theirs))
+    mixed = [grads[0], grads[1].double()]
+    torch.testing.assert_close(fused_optim.get_total_norm(mixed), torch.nn.utils.get_total_norm(mixed))
+    assert torch.isfinite(fused_optim.get_total_norm(mixed))
+
+
+@pytest.mark.parametrize("numel", [4, 1000])
+def test_penalty_of_mixed_list_holds_fp32_sums_as_fp32(backend, numel):
+    """An fp64 tensor in the list does not make the fp32 tensors' sums fp64: they are inf beyond
+    fp32's range whatever the tensor's size (4 elements: the kernels' scalar tail; 1000: vector
+    runs), as the seed's per-tensor fp32 sums; the fp64 tensor's own sum stays finite."""
+    big = torch.full((numel,), 1e19)
+    assert torch.isinf((big**2).sum())
+    assert torch.isinf(fused_optim.l1l2_penalty([big, torch.zeros(1, dtype=torch.float64)], l1=0.0, l2=1.0))
+    assert torch.isfinite(fused_optim.l1l2_penalty([torch.zeros(1), big.double()], l1=0.0, l2=1.0))
 
 
 if __name__ == "__main__":  # the subprocess of test_avx2_and_portable_builds_give_the_same_bits

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import functools
+import warnings
+
 import pytest
 import torch
 from torch import nn
@@ -200,3 +203,41 @@ def test_vmap_sees_settings_changed_after_the_ensemble_was_built(monkeypatch, na
     assert len(calls) == 1  # the loop answered
     with pytest.raises(ValueError, match=rf"models\[{changed}\] differs from models\[0\] as it was .*{fragment}"):
         forced.predict(x)
+
+
+def _hooked_mlp() -> nn.Module:
+    m = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 3))
+    m.register_forward_hook(_double_output)  # one hook, registered on each model (handles differ)
+    return m
+
+
+def _double_output(module, inputs, output):
+    return output * 2
+
+
+class _PartialActivation(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.linear = nn.Linear(4, 3)
+        self.act = functools.partial(nn.functional.leaky_relu, negative_slope=0.1)  # a new object per model
+
+    def forward(self, x):
+        return self.act(self.linear(x))
+
+
+@pytest.mark.parametrize(
+    "make",
+    [_hooked_mlp, _PartialActivation, lambda: nn.utils.parametrizations.weight_norm(nn.Linear(4, 3))],
+    ids=["same hook", "partial attribute", "weight_norm"],
+)
+def test_vmap_for_identical_models_with_hooks_partials_and_parametrizations(make):
+    """Models that compute the same function are not told apart by what differs only in identity:
+    a hook's handle id, a partial rebuilt per model, a parametrization's class made per module.
+    vectorize=True takes the vmap path (it raises where it cannot) and gives the loop's outputs."""
+    torch.manual_seed(0)
+    models = [make() for _ in range(3)]
+    x = torch.randn(5, 4)
+    loop = fused_optim.ModelEnsemble(models, vectorize=False).predict(x)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # weight_norm has no batching rule: a vmap fallback
+        torch.testing.assert_close(fused_optim.ModelEnsemble(models, vectorize=True).predict(x), loop)

@@ -43,8 +43,9 @@ double norm_from_acc(double acc, NormKind kind, double p) {
   }
 }
 
-// The total as torch.nn.utils.get_total_norm defines it: the norm of the vector of per-tensor norms.
-double total_norm(const std::vector<double>& norms, NormKind kind, double p) {
+// The total as torch.nn.utils.get_total_norm defines it: the norm of the vector of per-tensor norms,
+// its sum held as fp32 holds it when the norms' dtype is not fp64 (torch sums them in that dtype).
+double total_norm(const std::vector<double>& norms, NormKind kind, double p, at::ScalarType dtype) {
   double total = kind == NormKind::kMin ? INFINITY : 0.0;
   for (double n : norms) {
     switch (kind) {
@@ -56,7 +57,7 @@ double total_norm(const std::vector<double>& norms, NormKind kind, double p) {
       case NormKind::kMin: total = (std::isnan(total) || total < n) ? total : n; break;
     }
   }
-  return norm_from_acc(total, kind, p);
+  return norm_from_acc(sum_in_opmath_range(total, dtype != at::kDouble), kind, p);
 }
 
 // Per-tensor norms (fp64) of all tensors, one kernel call per dtype.
@@ -76,9 +77,10 @@ std::vector<double> per_tensor_norms(at::TensorList tensors, double p) {
 std::tuple<at::Tensor, at::Tensor> multi_tensor_norm_cpu(
     at::TensorList tensors, double norm_type, bool per_tensor, bool error_if_nonfinite) {
   check_norm_args(tensors, norm_type, c10::kCPU);
-  const auto options = at::TensorOptions().dtype(norm_dtype(tensors));
+  const at::ScalarType dtype = norm_dtype(tensors);
+  const auto options = at::TensorOptions().dtype(dtype);
   const std::vector<double> norms = per_tensor_norms(tensors, norm_type);
-  at::Tensor total = scalar_result(total_norm(norms, norm_kind(norm_type), norm_type), options);
+  at::Tensor total = scalar_result(total_norm(norms, norm_kind(norm_type), norm_type, dtype), options);
   if (error_if_nonfinite) {
     check_finite_norm(total, norm_type);
   }
@@ -141,7 +143,7 @@ at::Tensor pre_step_cpu(at::TensorList params, at::TensorList grads, double l1, 
         if (write) {
           targets.write_back();
         }
-        return scalar_result(total_norm(norms, kind, norm_type), options);
+        return scalar_result(total_norm(norms, kind, norm_type, norm_dtype(grads)), options);
       },
       [&] { cpu::l1l2_grad_cpu(params, grads, l1, l2); },
       [&](bool error) { return std::get<0>(multi_tensor_norm_cpu(grads, norm_type, false, error)); },

@@ -19,16 +19,17 @@ REGISTER_AVX512_DISPATCH(l1l2_grad_stub, nullptr)
 namespace {
 
 at::Tensor l1l2_penalty_cpu(at::TensorList tensors, double l1, double l2) {
-  double abs_sum = 0, square_sum = 0;
-  l1l2_penalty_host(tensors, l1, l2, c10::kCPU, [&](at::ScalarType, const std::vector<at::Tensor>& dense) {
+  // The sums of the fp32-op-math tensors (fp16/bf16/fp32) and of the fp64 ones apart: the former
+  // held as fp32 holds them (sum_in_opmath_range).
+  double abs32 = 0, square32 = 0, abs64 = 0, square64 = 0;
+  l1l2_penalty_host(tensors, l1, l2, c10::kCPU, [&](at::ScalarType dtype, const std::vector<at::Tensor>& dense) {
     const auto sums = l1l2_sums_stub(c10::kCPU, dense);
-    abs_sum += sums[0];
-    square_sum += sums[1];
+    (dtype == at::kDouble ? abs64 : abs32) += sums[0];
+    (dtype == at::kDouble ? square64 : square32) += sums[1];
   });
-  const at::ScalarType dtype = reduction_dtype(tensors);
-  const bool fp32 = dtype != at::kDouble;
-  const double total = penalty_from_sums(l1, l2, sum_in_opmath_range(abs_sum, fp32), sum_in_opmath_range(square_sum, fp32));
-  return scalar_result(total, at::TensorOptions().dtype(dtype));
+  const double total = penalty_from_sums(l1, l2, sum_in_opmath_range(abs32, true) + abs64,
+                                         sum_in_opmath_range(square32, true) + square64);
+  return scalar_result(total, at::TensorOptions().dtype(reduction_dtype(tensors)));
 }
 
 std::vector<at::Tensor> l1l2_penalty_backward_cpu(

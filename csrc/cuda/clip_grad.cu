@@ -74,13 +74,15 @@ __global__ void __launch_bounds__(kBlockSize) tensor_norms(
   }
 }
 
-// One block: the total norm from the n per-tensor terms, combined in the same fixed order, as fp64.
-__global__ void __launch_bounds__(kBlockSize) total_norm(const double* terms, int64_t n, Kind kind, double p, double* total) {
+// One block: the total norm from the n per-tensor terms, combined in the same fixed order, as fp64,
+// the sum held as fp32 holds it when the norms' dtype is not fp64 (sum_in_opmath_range, as the CPU).
+__global__ void __launch_bounds__(kBlockSize) total_norm(const double* terms, int64_t n, Kind kind, double p, bool fp32,
+                                                         double* total) {
   const Kind sum_kind = total_kind(kind);
   const double acc =
       block_combine(sum_kind, fold_accumulators(sum_kind, threadIdx.x, n, blockDim.x, [&](int64_t t) { return terms[t]; }));
   if (threadIdx.x == 0) {
-    *total = norm_from_acc(kind, acc, p);
+    *total = norm_from_acc(kind, sum_in_opmath_range(acc, fp32), p);
   }
 }
 
@@ -150,7 +152,8 @@ std::tuple<at::Tensor, at::Tensor> norm_from_chunks(const std::vector<at::Tensor
         terms.data_ptr<double>());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
-  total_norm<<<1, kBlockSize, 0, stream>>>(terms.data_ptr<double>(), n, kind, norm_type, total.data_ptr<double>());
+  total_norm<<<1, kBlockSize, 0, stream>>>(terms.data_ptr<double>(), n, kind, norm_type, norm_dtype(tensors) != at::kDouble,
+                                           total.data_ptr<double>());
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   return {total, per};
 }

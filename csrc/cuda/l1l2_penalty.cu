@@ -42,19 +42,23 @@ struct AbsSquareSums {
   }
 };
 
-// One block: out = l1 * sum of partials[even] + l2 * sum of partials[odd], in a fixed order, each
-// sum as an fp32 sum holds it when the result is fp32 (sum_in_opmath_range).
-__global__ void __launch_bounds__(kBlockSize) penalty_cleanup(const double* partials, int64_t chunks, double l1, double l2,
-                                                              bool fp32, double* out) {
-  double a = 0, s = 0;
+// One block: out = l1 * sum of partials[even] + l2 * sum of partials[odd], in a fixed order; the
+// sums of chunks outside [fp64_begin, fp64_end) (the fp64 tensors' chunks) held as fp32 holds them
+// (sum_in_opmath_range, as the CPU and the reference).
+__global__ void __launch_bounds__(kBlockSize) penalty_cleanup(const double* partials, int64_t chunks, int64_t fp64_begin,
+                                                              int64_t fp64_end, double l1, double l2, double* out) {
+  double a32 = 0, s32 = 0, a64 = 0, s64 = 0;
   for (int64_t c = threadIdx.x; c < chunks; c += blockDim.x) {
-    a += partials[2 * c];
-    s += partials[2 * c + 1];
+    const bool fp64 = c >= fp64_begin && c < fp64_end;
+    (fp64 ? a64 : a32) += partials[2 * c];
+    (fp64 ? s64 : s32) += partials[2 * c + 1];
   }
-  a = block_sum(a);
-  s = block_sum(s);
+  a32 = block_sum(a32);
+  s32 = block_sum(s32);
+  a64 = block_sum(a64);
+  s64 = block_sum(s64);
   if (threadIdx.x == 0) {
-    *out = penalty_from_sums(l1, l2, sum_in_opmath_range(a, fp32), sum_in_opmath_range(s, fp32));
+    *out = penalty_from_sums(l1, l2, sum_in_opmath_range(a32, true) + a64, sum_in_opmath_range(s32, true) + s64);
   }
 }
 
@@ -81,17 +85,21 @@ struct PenaltyGrad {
 at::Tensor l1l2_penalty_cuda(at::TensorList tensors, double l1, double l2) {
   const auto options = tensors.empty() ? at::TensorOptions() : tensors[0].options();
   const at::Tensor partials = at::empty({std::max<int64_t>(2 * num_chunks(tensors), 2)}, options.dtype(at::kDouble));
-  int64_t first = 0;
+  int64_t first = 0, fp64_begin = 0, fp64_end = 0;
   l1l2_penalty_host(tensors, l1, l2, c10::kCUDA, [&](at::ScalarType dtype, const std::vector<at::Tensor>& dense) {
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, "l1l2_penalty_cuda", [&] {
       multi_tensor_apply<1>({dense}, first, AbsSquareSums<scalar_t>{}, partials.data_ptr<double>());
     });
+    if (dtype == at::kDouble) {  // one group per dtype
+      fp64_begin = first;
+      fp64_end = first + num_chunks(dense);
+    }
     first += num_chunks(dense);
   });
   at::Tensor total = at::empty({}, options.dtype(at::kDouble));
   const c10::cuda::CUDAGuard guard(total.device());
   penalty_cleanup<<<1, kBlockSize, 0, c10::cuda::getCurrentCUDAStream()>>>(
-      partials.data_ptr<double>(), first, l1, l2, reduction_dtype(tensors) != at::kDouble, total.data_ptr<double>());
+      partials.data_ptr<double>(), first, fp64_begin, fp64_end, l1, l2, total.data_ptr<double>());
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   return total.to(reduction_dtype(tensors));
 }
