@@ -1,7 +1,8 @@
-// Host-side helpers of the flat-buffer path (fused_optim/flat.py says what they decide and why).
+// Host-side helpers of the flat and one-view paths (fused_optim/_route.py and fused_optim/flat.py
+// say what they decide and why).
 // They read Python lists of tensors directly: converting a 2000-tensor list to a TensorList at
 // the dispatcher costs ~0.25 ms, the very cost flat buffers remove; here it is a few ns a tensor.
-// fused_optim/flat.py holds the same rules in Python, used when this extension is absent.
+// Those modules hold the same rules in Python, used when this extension is absent.
 #include <Python.h>
 
 #include <ATen/ATen.h>
@@ -160,20 +161,18 @@ int64_t geometry(const at::TensorImpl* impl) {
   return static_cast<int64_t>(h);
 }
 
-// flat_check(params, places, expected, storage, modules, types) -> (kind, index) of the first
-// break, one pass over the parameters (each is a few cache lines away from the next, so what is
-// expected of them is read from two packed int64 tables rather than from objects of their own):
+// flat_check(params, places, expected, storage) -> (kind, index) of the first break, one pass over
+// the parameters (each is a few cache lines away from the next, so what is expected of them is
+// read from two packed int64 tables rather than from objects of their own):
 // - places[i] = (storage offset, numel, geometry) of params[i]'s view of the buffer, whose storage
 //   is the StorageImpl at address `storage`; expected[i] = (address of the TensorImpl its .grad must
 //   be, 0 for None; its requires_grad);
-// - kind 0 none; 1 params[index]'s data left its place; 2 modules[index] is no longer of class
-//   types[index] (FSDP2's fully_shard swaps the class of what it shards); 3 params[index]'s .grad
-//   or requires_grad is not as expected. Kinds 1 and 2 are looked for over all entries first.
+// - kind 0 none; 1 params[index]'s data left its place; 3 params[index]'s .grad or requires_grad
+//   is not as expected. Kind 1 is looked for over all entries first.
 PyObject* flat_check(PyObject*, PyObject* args) {
-  PyObject *params = nullptr, *places_obj = nullptr, *expected_obj = nullptr, *modules = nullptr, *types = nullptr;
+  PyObject *params = nullptr, *places_obj = nullptr, *expected_obj = nullptr;
   unsigned long long storage = 0;
-  if (!PyArg_ParseTuple(args, "O!OOKO!O!", &PyList_Type, &params, &places_obj, &expected_obj, &storage,
-                        &PyList_Type, &modules, &PyList_Type, &types)) {
+  if (!PyArg_ParseTuple(args, "O!OOK", &PyList_Type, &params, &places_obj, &expected_obj, &storage)) {
     return nullptr;
   }
   const Py_ssize_t n = PyList_GET_SIZE(params);
@@ -183,7 +182,7 @@ PyObject* flat_check(PyObject*, PyObject* args) {
     return t != nullptr && t->device().is_cpu() && t->scalar_type() == at::kLong && t->is_contiguous() &&
         t->dim() == 2 && t->size(0) == n && t->size(1) == cols;
   };
-  if (!table_ok(places, 3) || !table_ok(expected, 2) || PyList_GET_SIZE(modules) != PyList_GET_SIZE(types)) {
+  if (!table_ok(places, 3) || !table_ok(expected, 2)) {
     PyErr_SetString(PyExc_ValueError, "flat_check: tables must be contiguous int64 CPU tensors of n x 3 and n x 2");
     return nullptr;
   }
@@ -206,11 +205,6 @@ PyObject* flat_check(PyObject*, PyObject* args) {
       }
     }
   }
-  for (Py_ssize_t i = 0; i < PyList_GET_SIZE(modules); ++i) {
-    if (reinterpret_cast<PyObject*>(Py_TYPE(PyList_GET_ITEM(modules, i))) != PyList_GET_ITEM(types, i)) {
-      return Py_BuildValue("(in)", 2, i);
-    }
-  }
   if (first_grad_break >= 0) {
     return Py_BuildValue("(in)", 3, first_grad_break);
   }
@@ -223,5 +217,5 @@ PyMethodDef fused_optim_flat_methods[] = {
     {"one_view", one_view, METH_VARARGS,
      "one_view(lists: tuple[list[Tensor]], written: tuple[bool]) -> tuple[Tensor] | None"},
     {"bump_versions", bump_versions, METH_O, "bump_versions(tensors: list[Tensor]) -> None"},
-    {"flat_check", flat_check, METH_VARARGS, "flat_check(params, places, expected, storage, modules, types) -> (kind, index)"},
+    {"flat_check", flat_check, METH_VARARGS, "flat_check(params, places, expected, storage) -> (kind, index)"},
     {nullptr, nullptr, 0, nullptr}};

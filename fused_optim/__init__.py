@@ -6,6 +6,7 @@ pure-Python reference kernel that runs wherever no native kernel is registered (
 """
 
 from ._library import backend_info
+from ._route import last_route
 from .ensemble import ModelEnsemble
 from .dropout import (
     CustomDropout,
@@ -82,6 +83,7 @@ __all__ = [
     "get_total_norm",
     "l1l2_grad_",
     "l1l2_penalty",
+    "last_route",
     "pre_step_",
     "stochastic_depth",
     "swa_update_",

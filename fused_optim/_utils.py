@@ -27,20 +27,18 @@ def as_tensor_list(tensors: Tensor | Iterable[Tensor], name: str) -> list[Tensor
     return result
 
 
-def as_float(value: float, name: str) -> float:
-    """A Python float from a real number (not bool); the op checks its range."""
+def as_float(value, name: str, *, like_torch: bool = False) -> float:
+    """A Python float from a real number (not bool), TypeError naming the argument otherwise; the
+    op checks its range. `like_torch`: read with ``float()``, as torch.nn.utils reads its numeric
+    arguments (the string 'inf', a one-element tensor are accepted)."""
+    if like_torch:
+        try:
+            return float(value)
+        except (TypeError, ValueError) as e:
+            raise type(e)(f"{name} must be a number, got {value!r}") from None
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
     return float(value)
-
-
-def to_float(value, name: str) -> float:
-    """float(value), as torch.nn.utils converts its numeric arguments (so the string 'inf', an int
-    or a one-element tensor are accepted), with an error naming the argument."""
-    try:
-        return float(value)
-    except (TypeError, ValueError) as e:
-        raise type(e)(f"{name} must be a number, got {value!r}") from None
 
 
 def as_int(value, name: str, minimum: int) -> int:

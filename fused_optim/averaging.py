@@ -12,9 +12,10 @@ from collections.abc import Callable, Mapping, Sequence
 import torch
 from torch import Tensor, nn
 
-from . import _distributed, reference
+from . import _distributed, _route, reference
+from ._route import ONE_VIEW, SHARDED
 from ._utils import as_float, as_int, as_tensor_list
-from .flat import FlatBuffersBroken, FlatParameters, bump_versions, flat_call, flat_parameters_of, flatten_parameters
+from .flat import FlatParameters, flatten_parameters
 
 
 def _normalized(weights: Sequence[float] | None, k: int) -> list[float]:
@@ -73,24 +74,19 @@ def average_tensors(
 def _weighted_sum(lists: list[list[Tensor]], w: list[float], out: list[Tensor] | None) -> list[Tensor]:
     """average_tensors' op call (into `out`, or new tensors when None), on DTensors shard by shard."""
     inputs = [t for tl in lists for t in tl]
-    if out is None:
-
-        def sharded_new() -> list[Tensor]:
-            local = [t for tl in _distributed.local_lists(*lists) for t in tl]
-            new = torch.ops.fused_optim.multi_tensor_weighted_sum.default(local, w)
-            return [_distributed.like(o, t) for o, t in zip(new, lists[0])]
-
-        return _distributed.fused_or_sharded(
-            lambda: torch.ops.fused_optim.multi_tensor_weighted_sum.default(inputs, w), sharded_new, inputs
-        )
-
-    def sharded_into_out() -> None:
+    lists_of_call = (inputs,) if out is None else (inputs, out)
+    route = _route.choose("average_tensors", lists_of_call, (False,) * len(lists_of_call), one_view_ok=False)
+    if route.kind == SHARDED and out is None:
+        local = [t for tl in _distributed.local_lists(*lists) for t in tl]
+        new = torch.ops.fused_optim.multi_tensor_weighted_sum.default(local, w)
+        return [_distributed.like(o, t) for o, t in zip(new, lists[0])]
+    if route.kind == SHARDED:
         *local, local_out = _distributed.local_lists(*lists, out)
         torch.ops.fused_optim.multi_tensor_weighted_sum_.default([t for tl in local for t in tl], w, local_out)
-
-    _distributed.fused_or_sharded(
-        lambda: torch.ops.fused_optim.multi_tensor_weighted_sum_.default(inputs, w, out), sharded_into_out, inputs, out
-    )
+        return out
+    if out is None:
+        return torch.ops.fused_optim.multi_tensor_weighted_sum.default(inputs, w)
+    torch.ops.fused_optim.multi_tensor_weighted_sum_.default(inputs, w, out)
     return out
 
 
@@ -176,7 +172,7 @@ def _host_value(t: Tensor) -> float | None:
     return None if t.device.type != "cpu" or torch.compiler.is_compiling() else t.item()
 
 
-def _lerp_(averaged: Sequence[Tensor], current: Sequence[Tensor], weight: Tensor | float) -> None:
+def _lerp_(function: str, averaged: Sequence[Tensor], current: Sequence[Tensor], weight: Tensor | float) -> None:
     averaged, current = list(averaged), list(current)
     if not isinstance(weight, Tensor):
         # A number is a constant: made where the tensors are (a fill, which a CUDA graph replays as
@@ -185,16 +181,15 @@ def _lerp_(averaged: Sequence[Tensor], current: Sequence[Tensor], weight: Tensor
         device = averaged[0].device if averaged and isinstance(averaged[0], Tensor) else "cpu"
         weight = torch.full((), weight, dtype=torch.float64, device=device)
     lerp = torch.ops.fused_optim.multi_tensor_lerp_.default
-
-    def fused() -> None:
-        if not flat_call((averaged, current), (True, False), lambda a, c: lerp([a], [c], weight))[0]:
-            lerp(averaged, current, weight)
-
-    def sharded() -> None:  # DTensors (sharded weights): shard-local, no communication.
-        lerp(*_distributed.local_lists(averaged, current), weight)
-
     try:
-        _distributed.fused_or_sharded(fused, sharded, averaged, current)
+        route = _route.choose(function, (averaged, current), (True, False))
+        if route.kind == ONE_VIEW:
+            lerp([route.views[0]], [route.views[1]], weight)
+            _route.bump_versions(averaged)
+        elif route.kind == SHARDED:  # sharded weights: shard-local, no communication.
+            lerp(*_distributed.local_lists(averaged, current), weight)
+        else:
+            lerp(averaged, current, weight)
     except (TypeError, ValueError, RuntimeError):
         _name_the_refusal(("averaged", averaged), [("current", current)], written=True)
         raise
@@ -218,7 +213,7 @@ def ema_update_(averaged: Sequence[Tensor], current: Sequence[Tensor], decay: fl
         value = decay = as_float(decay, "decay")
     if value is not None and not 0.0 <= value <= 1.0:
         raise ValueError(f"decay must be in [0, 1], got {value}")
-    _lerp_(averaged, current, 1.0 - decay)
+    _lerp_("ema_update_", averaged, current, 1.0 - decay)
 
 
 @torch.no_grad()
@@ -238,7 +233,7 @@ def swa_update_(averaged: Sequence[Tensor], current: Sequence[Tensor], num_avera
         n = num_averaged = as_float(num_averaged, "num_averaged")
     if n is not None and not (math.isfinite(n) and n >= 0):
         raise ValueError(f"num_averaged must be >= 0, got {n}")
-    _lerp_(averaged, current, 1.0 / (num_averaged + 1.0))
+    _lerp_("swa_update_", averaged, current, 1.0 / (num_averaged + 1.0))
 
 
 def get_ema_multi_avg_fn(decay: float = 0.999) -> Callable[[list[Tensor], list[Tensor], Tensor | int], None]:
@@ -436,12 +431,8 @@ class ModelEMA(nn.Module):
         """The model's FlatParameters when this EMA is flat, the model's views are intact and its
         layout is the EMA's (same dtype groups, same shapes in the same order), else None (the
         update then runs per tensor)."""
-        src = flat_parameters_of(model) if self.flat else None
-        if src is None:
-            return None
-        try:
-            src.check()
-        except FlatBuffersBroken:  # the model left its flat buffers (model.half(), p.data = t, ...)
+        src = _route.flat_holding(list(model.parameters())) if self.flat else None
+        if src is None or not src.intact():  # not flattened, or it left its buffers (model.half(), ...)
             return None
         if self._matched is not None and self._matched() is src:
             return src
@@ -462,9 +453,7 @@ class ModelEMA(nn.Module):
         src = self._flat_source(model) if isinstance(model, nn.Module) else None
         averaged, current, written, views = [], [], [], []
         if src is not None:
-            try:
-                self._flat.check()
-            except FlatBuffersBroken:  # the EMA was moved (ema.to(...)): its module is flattened again
+            if not self._flat.intact():  # the EMA was moved (ema.to(...)): its module is flattened again
                 self._flatten_module()
             ema_buffers, model_buffers = list(self.module.buffers()), list(model.buffers())
             if len(ema_buffers) != len(model_buffers) or any(a.shape != b.shape for a, b in zip(ema_buffers, model_buffers)):
@@ -515,7 +504,7 @@ class ModelEMA(nn.Module):
         for ema_p, shadow in written:
             ema_p.copy_(shadow)
         if views:  # written through their buffer: bumped as the per-tensor update would bump them
-            bump_versions(views)
+            _route.bump_versions(views)
         for b, mb in buffers:
             if self.buffer_mode == "copy" or not b.is_floating_point():
                 b.copy_(mb)

@@ -12,33 +12,22 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from . import _distributed, reference
-from ._utils import to_float
-from .flat import flat_call, via_flat
+from . import _distributed, _route, reference
+from ._route import FLAT, ONE_VIEW, SHARDED
+from ._utils import as_float, as_tensor_list
 
 _TensorOrTensors = Tensor | Iterable[Tensor]
 
-def _as_list(tensors: _TensorOrTensors, name: str) -> list[Tensor]:
-    if isinstance(tensors, Tensor):
-        return [tensors]
-    if not isinstance(tensors, Iterable):
-        raise TypeError(f"{name} must be a tensor or an iterable of tensors, got {type(tensors).__name__}")
-    return list(tensors)
-
 
 def _grads(parameters: list[Tensor]) -> list[Tensor]:
-    # One .grad read per parameter: each costs ~100 ns, a visible share for 2000 parameters. A
-    # plain loop: as fast as a comprehension with a walrus, which torch.compile cannot trace. A
-    # non-tensor is found only when the loop trips on it, so the usual call checks nothing more.
+    """The gradients of `parameters` that exist. One .grad read per parameter (~100 ns each, a
+    visible share for 2000 parameters), in a plain loop: as fast as a comprehension with a walrus,
+    which torch.compile cannot trace."""
     grads = []
-    try:
-        for p in parameters:
-            g = p.grad
-            if g is not None:
-                grads.append(g)
-    except AttributeError:
-        i, p = next((i, p) for i, p in enumerate(parameters) if not isinstance(p, Tensor))
-        raise TypeError(f"parameters[{i}] must be a tensor, got {type(p).__name__}") from None
+    for p in parameters:
+        g = p.grad
+        if g is not None:
+            grads.append(g)
     return grads
 
 
@@ -73,48 +62,28 @@ def get_total_norm(
     ``foreach`` is accepted for compatibility and ignored: the fused kernel always handles all
     tensors in one call.
     """
-    norm_type = to_float(norm_type, "norm_type")
-    tensors = _as_list(tensors, "tensors")
-
-    def sharded() -> Tensor:
+    norm_type = as_float(norm_type, "norm_type", like_torch=True)
+    tensors = as_tensor_list(tensors, "tensors")
+    # Order 0 counts the tensors with a non-zero element: not a norm of their concatenation.
+    route = _route.choose("get_total_norm", (tensors,), (False,), process_group=process_group, one_view_ok=norm_type != 0)
+    if route.kind == SHARDED:
         reference.check_norm_type(norm_type)
         total = _distributed.sharded_norm(tensors, norm_type, process_group).to(reference.norm_dtype(tensors))
         if error_if_nonfinite and not torch.isfinite(total):  # a host read, as in torch
             raise RuntimeError(reference.nonfinite_norm_message(norm_type))
         return total
-
-    if process_group is not None:
-        return sharded()
-    def fused() -> Tensor:
-        def norm(ts: list[Tensor]) -> Tensor:
-            return torch.ops.fused_optim.multi_tensor_norm.default(ts, norm_type, False, bool(error_if_nonfinite))[0]
-
-        # Order 0 counts the tensors with a non-zero element: not a norm of their concatenation.
-        done, total = flat_call((tensors,), (False,), lambda t: norm([t])) if norm_type != 0 else (False, None)
-        return total if done else norm(tensors)
-
-    return _distributed.fused_or_sharded(fused, sharded, tensors)
+    tensors = list(route.views) if route.kind == ONE_VIEW else tensors
+    return torch.ops.fused_optim.multi_tensor_norm.default(tensors, norm_type, False, bool(error_if_nonfinite))[0]
 
 
-def _scale_by_clip_coefficient(grads: list[Tensor], max_norm: float, total_norm: Tensor) -> None:
-    """grads *= min(1, max_norm / (total_norm + 1e-6)), local shards of DTensors included."""
+def _clip_coefficient(max_norm: float, total_norm: Tensor) -> Tensor:
+    """min(1, max_norm / (total_norm + 1e-6)), as torch computes it."""
     if not isinstance(total_norm, Tensor) or total_norm.numel() != 1:
         what = f"shape {list(total_norm.shape)}" if isinstance(total_norm, Tensor) else type(total_norm).__name__
         raise TypeError(f"total_norm must be a one-element tensor (get_total_norm's result), got {what}")
     if _distributed.is_dtensor(total_norm):
         total_norm = total_norm.full_tensor()  # torch's get_total_norm returns one for DTensors
-    clip_coef = torch.clamp(max_norm / (total_norm + 1e-6), max=1.0)
-
-    def fused() -> None:
-        scale = torch.ops.fused_optim.multi_tensor_scale_.default
-        if not flat_call((grads,), (True,), lambda g: scale([g], clip_coef))[0]:
-            scale(grads, clip_coef)
-
-    _distributed.fused_or_sharded(
-        fused,
-        lambda: torch.ops.fused_optim.multi_tensor_scale_.default(_distributed.local_lists(grads)[0], clip_coef),
-        grads,
-    )
+    return torch.clamp(max_norm / (total_norm + 1e-6), max=1.0)
 
 
 @torch.no_grad()
@@ -128,10 +97,23 @@ def clip_grads_with_norm_(
     ``foreach`` is accepted for compatibility and ignored: the fused kernel always handles all
     tensors in one call.
     """
-    max_norm = to_float(max_norm, "max_norm")
-    grads = _grads(_as_list(parameters, "parameters"))
-    if grads:
-        _scale_by_clip_coefficient(grads, max_norm, total_norm)
+    max_norm = as_float(max_norm, "max_norm", like_torch=True)
+    parameters = as_tensor_list(parameters, "parameters")
+    grads = _grads(parameters)
+    if not grads:
+        return
+    route = _route.choose("clip_grads_with_norm_", (grads,), (True,), params=parameters)
+    scale, coefficient = torch.ops.fused_optim.multi_tensor_scale_.default, _clip_coefficient(max_norm, total_norm)
+    if route.kind == FLAT:
+        scale(route.flat.grad_buffers(), coefficient)
+        route.flat.gradients_written()
+    elif route.kind == ONE_VIEW:
+        scale(list(route.views), coefficient)
+        _route.bump_versions(grads)
+    elif route.kind == SHARDED:
+        scale(_distributed.local_lists(grads)[0], coefficient)
+    else:
+        scale(grads, coefficient)
 
 
 @torch.no_grad()
@@ -160,34 +142,34 @@ def clip_grad_norm_(
     ``foreach`` is accepted for compatibility and ignored: the fused kernel always handles all
     tensors in one call.
     """
-    if process_group is None:
-        done, total = via_flat(parameters, "clip_grad_norm_", max_norm, norm_type, error_if_nonfinite)
-        if done:
-            return total
     is_generator = isinstance(parameters, types.GeneratorType)
-    parameters = _as_list(parameters, "parameters")
+    parameters = as_tensor_list(parameters, "parameters")
     if is_generator and not parameters:
         warnings.warn("`parameters` is an empty generator, no gradient clipping will occur.", stacklevel=3)
+    max_norm, norm_type = as_float(max_norm, "max_norm", like_torch=True), as_float(norm_type, "norm_type", like_torch=True)
     grads = _grads(parameters)
-    max_norm, norm_type = to_float(max_norm, "max_norm"), to_float(norm_type, "norm_type")
-
-    def sharded() -> Tensor:
+    # Order 0 counts the tensors with a non-zero element: not a norm of their concatenation.
+    route = _route.choose(
+        "clip_grad_norm_", (grads,), (True,), params=parameters, process_group=process_group,
+        flat_needs={"norm_type": norm_type}, one_view_ok=norm_type != 0,
+    )
+    clip = torch.ops.fused_optim.clip_grad_norm_.default
+    if route.kind == FLAT:
+        total = clip(route.flat.grad_buffers(), max_norm, norm_type, bool(error_if_nonfinite))
+        route.flat.gradients_written()
+        return total
+    if route.kind == ONE_VIEW:
+        total = clip(list(route.views), max_norm, norm_type, bool(error_if_nonfinite))
+        _route.bump_versions(grads)
+        return total
+    if route.kind == SHARDED:
         total = get_total_norm(grads, norm_type, error_if_nonfinite, process_group=process_group)
         if grads:
-            _scale_by_clip_coefficient(grads, max_norm, total)
+            scale = torch.ops.fused_optim.multi_tensor_scale_.default
+            scale(_distributed.local_lists(grads)[0], _clip_coefficient(max_norm, total))
+        _route.record("clip_grad_norm_", SHARDED)
         return total
-
-    if process_group is not None:
-        return sharded()
-    def fused() -> Tensor:
-        def clip(gs: list[Tensor]) -> Tensor:
-            return torch.ops.fused_optim.clip_grad_norm_.default(gs, max_norm, norm_type, bool(error_if_nonfinite))
-
-        # Order 0 counts the tensors with a non-zero element: not a norm of their concatenation.
-        done, total = flat_call((grads,), (True,), lambda g: clip([g])) if norm_type != 0 else (False, None)
-        return total if done else clip(grads)
-
-    return _distributed.fused_or_sharded(fused, sharded, grads)
+    return clip(grads, max_norm, norm_type, bool(error_if_nonfinite))
 
 
 @torch.no_grad()
@@ -202,12 +184,18 @@ def clip_grad_value_(parameters: _TensorOrTensors, clip_value: float, foreach: b
     ``foreach`` is accepted for compatibility and ignored: the fused kernel always handles all
     tensors in one call.
     """
-    clip_value = to_float(clip_value, "clip_value")
-    if via_flat(parameters, "clip_grad_value_", clip_value)[0]:
-        return
-    grads = _grads(_as_list(parameters, "parameters"))
+    clip_value = as_float(clip_value, "clip_value", like_torch=True)
+    parameters = as_tensor_list(parameters, "parameters")
+    grads = _grads(parameters)
+    route = _route.choose("clip_grad_value_", (grads,), (True,), params=parameters)
     clamp = torch.ops.fused_optim.clip_grad_value_.default
-    if not flat_call((grads,), (True,), lambda g: clamp([g], clip_value))[0]:
+    if route.kind == FLAT:
+        clamp(route.flat.grad_buffers(), clip_value)
+        route.flat.gradients_written()
+    elif route.kind == ONE_VIEW:
+        clamp(list(route.views), clip_value)
+        _route.bump_versions(grads)
+    else:  # per tensor; DTensors clamp their local shards through DTensor's own dispatch
         clamp(grads, clip_value)
 
 

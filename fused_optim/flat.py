@@ -1,208 +1,33 @@
 """Flat parameter and gradient buffers: the parameters of each dtype re-homed into one contiguous
-buffer (they become views of it, keeping their identity), their gradients into a matching one, and
-every glue op run as one call on one tensor per dtype, whatever the number of parameters.
+buffer (they become views of it, keeping their identity), their gradients into a matching one, so
+that every glue op runs as one call on one tensor per dtype, whatever the number of parameters.
 
-Two ways in:
-
-- :func:`flatten_parameters` returns a :class:`FlatParameters` whose methods (``clip_grad_norm_``,
-  ``l1l2_grad_``, ...) each make one op call; every call first checks, in one C++ pass over the
-  parameters, that they and their gradients still are the views (:meth:`FlatParameters.check`).
-- The public functions (``clip_grad_norm_``, ``l1l2_grad_``, ``ema_update_``, ...) take the same
-  one-call path when the tensors they are given are exactly the views of one buffer, in order
-  (:func:`as_one_view`), a buffer of ours or anyone's.
+:func:`flatten_parameters` returns a :class:`FlatParameters`. Its methods are the public
+functions over its parameters; the public functions themselves, given exactly the flattened
+parameters (``model.parameters()``, an optimizer's list), take the ``flat`` path of
+``fused_optim/_route.py``: one op call on the buffers. Nothing here is global: the list a call is
+given is the truth, and a FlatParameters only makes a call on that list faster.
 """
 
 from __future__ import annotations
 
-import inspect
 import math
-import types
+import threading
 import warnings
 import weakref
-from collections.abc import Callable, Iterable, Sequence
-from typing import TypeVar
+from collections.abc import Iterable
 
 import torch
 from torch import Tensor, nn
 
-from . import _distributed, reference
+from . import _distributed, _route
 from ._library import _C
-from ._utils import as_float, to_float
+from .clip_grad import clip_grad_norm_, clip_grad_value_, get_total_norm
+from .reference import _non_overlapping_and_dense as non_overlapping_and_dense  # MERGE: checks
+from .regularization import l1l2_grad_, l1l2_penalty
+from .step import pre_step_
 
-__all__ = ["FlatParameters", "as_one_view", "flatten_parameters", "flat_parameters_of"]
-
-T = TypeVar("T")
-
-
-# ---------------------------------------------------------------- one view of many tensors
-
-
-def _one_run(tensors: list[Tensor], written: bool) -> tuple[Tensor, int, int] | None:
-    """(first tensor, first element, number of elements) of the storage run `tensors` cover, when
-    they are dense, non-empty views of one storage, in one dtype, each starting where the previous
-    ends; a written list also needs tensors autograd lets us write. csrc/flat_views.cpp holds the
-    same rule, run when the extension is loaded."""
-    if not tensors:
-        return None
-    first, begin, numel = tensors[0], tensors[0].storage_offset(), 0
-    for i, t in enumerate(tensors):
-        if (
-            type(t) not in (Tensor, nn.Parameter)
-            or t.layout != torch.strided
-            or t.is_neg()
-            or t.is_conj()
-            or t.numel() == 0
-            or not reference._non_overlapping_and_dense(t)
-        ):
-            return None
-        if written and (t.requires_grad or t.is_inference()):
-            return None
-        same_storage = t.untyped_storage().data_ptr() == first.untyped_storage().data_ptr()
-        if i > 0 and (not same_storage or t.dtype != first.dtype or t.storage_offset() != begin + numel):
-            return None
-        numel += t.numel()
-    return first, begin, numel
-
-
-def _python_one_view(lists: tuple[list[Tensor], ...], written: tuple[bool, ...]) -> tuple[Tensor, ...] | None:
-    runs = [_one_run(tl, w) for tl, w in zip(lists, written)]
-    if any(r is None for r in runs):
-        return None
-    if any(
-        len(tl) != len(lists[0]) or any(a.shape != b.shape or a.stride() != b.stride() for a, b in zip(tl, lists[0]))
-        for tl in lists[1:]
-    ):
-        return None
-    for a in range(len(runs)):
-        for b in range(a + 1, len(runs)):
-            (ta, ba, na), (tb, bb, nb) = runs[a], runs[b]
-            if ta.untyped_storage().data_ptr() != tb.untyped_storage().data_ptr():
-                continue
-            sa, sb = ta.element_size(), tb.element_size()
-            overlap = ba * sa < (bb + nb) * sb and bb * sb < (ba + na) * sa
-            if overlap and (ba, na, ta.dtype) != (bb, nb, tb.dtype):
-                return None
-    with torch.no_grad():
-        return tuple(
-            torch.empty(0, dtype=t.dtype, device=t.device).set_(t.untyped_storage(), begin, (numel,))
-            for t, begin, numel in runs
-        )
-
-
-def as_one_view(lists: Sequence[list[Tensor]], written: Sequence[bool]) -> tuple[Tensor, ...] | None:
-    """For lists that pair up position by position (same shapes and strides), one 1-D tensor per
-    list over the memory its tensors cover, when each list is exactly the consecutive views of one
-    buffer, in order; None otherwise (a list that skips, reorders or repeats a view, mixes dtypes or
-    storages, holds an empty, non-dense or (for a `written` list) grad-requiring or inference
-    tensor, or a tensor subclass such as a DTensor; lists that overlap without covering the same
-    run). The returned tensors have no autograd history: after writing one, call
-    :func:`bump_versions` on the list it stands for.
-
-    A run that covers only part of a buffer is still exact: an elementwise op or a sum over it
-    equals the op on the list."""
-    lists, written = tuple(lists), tuple(bool(w) for w in written)
-    if _C is not None:
-        return _C.one_view(lists, written)
-    return _python_one_view(lists, written)
-
-
-def bump_versions(tensors: list[Tensor]) -> None:
-    """Bumps the version counter of each tensor (as the per-tensor op would have)."""
-    if _C is not None:
-        _C.bump_versions(tensors)
-    else:
-        torch.autograd.graph.increment_version(tensors)
-
-
-def flat_call(lists: tuple[list[Tensor], ...], written: tuple[bool, ...], op: Callable[..., T]) -> tuple[bool, T | None]:
-    """The public functions' fast path: (True, op(*views)) when every list is one view
-    (:func:`as_one_view`) and the op succeeds on the views, the written lists' versions then
-    bumped; (False, None) otherwise, having written nothing (an op checks everything before
-    writing; the per-tensor call that follows then raises its own, per-tensor error). Taken on the
-    native path only, outside torch.compile (which traces the per-tensor call, and cannot trace the
-    check): on the reference path the per-tensor call gives the same results."""
-    if _C is None or torch.compiler.is_compiling():
-        return False, None
-    views = _C.one_view(lists, written)
-    if views is None:
-        return False, None
-    try:
-        result = op(*views)
-    except (RuntimeError, TypeError, ValueError):
-        return False, None
-    for tensors, w in zip(lists, written):
-        if w:
-            _C.bump_versions(tensors)
-    return True, result
-
-
-def via_flat(parameters: object, method: str, *args) -> tuple[bool, object]:
-    """The public functions' path for ``f(module.parameters(), ...)``: (True, the result of the
-    FlatParameters method) when `parameters` is an unstarted ``module.parameters()`` generator
-    (recurse=True) of a flattened module, so that no module walk is needed (walking 2000
-    parameters costs ~0.4 ms, more than the op); (False, None) otherwise, the generator untouched.
-    A FlatParameters found broken warns once, and the call runs per tensor."""
-    if (
-        not isinstance(parameters, types.GeneratorType)
-        or parameters.gi_code is not _PARAMETERS_CODE
-        or inspect.getgeneratorstate(parameters) != inspect.GEN_CREATED
-        or _C is None
-        or torch.compiler.is_compiling()
-    ):
-        return False, None
-    args_of = parameters.gi_frame.f_locals
-    flat = _flat_of.get(args_of.get("self")) if args_of.get("recurse") is True else None
-    if flat is None:
-        return False, None
-    return call_flat(flat, method, *args)
-
-
-def call_flat(flat: FlatParameters, method: str, *args, **kwargs) -> tuple[bool, object]:
-    """(True, the FlatParameters method's result), or (False, None) when `flat` is found broken:
-    it warns once, and the caller runs the call per tensor."""
-    try:
-        return True, getattr(flat, method)(*args, **kwargs)
-    except FlatBuffersBroken as e:
-        if not flat._warned_broken:
-            warnings.warn(f"{e}; until then, the per-tensor path runs", stacklevel=4)
-            flat._warned_broken = True
-        return False, None
-
-
-_PARAMETERS_CODE = nn.Module.parameters.__code__
-
-
-# ---------------------------------------------------------------- structure watch
-
-# Bumped whenever any module registers a parameter or a submodule (setattr, register_parameter,
-# load_state_dict(assign=True), replacing a child): a FlatParameters built from a module then
-# re-checks, once, that the module still holds exactly its parameters.
-_structure_generation = 0
-_watching = False
-
-
-def _structure_changed(*args) -> None:
-    global _structure_generation
-    _structure_generation += 1
-
-
-def _watch_structure() -> None:
-    global _watching
-    if not _watching:
-        nn.modules.module.register_module_parameter_registration_hook(_structure_changed)
-        nn.modules.module.register_module_module_registration_hook(_structure_changed)
-        _watching = True
-
-
-_flat_of: weakref.WeakKeyDictionary[nn.Module, FlatParameters] = weakref.WeakKeyDictionary()
-
-
-def flat_parameters_of(module: nn.Module) -> FlatParameters | None:
-    """The FlatParameters last built from `module` by :func:`flatten_parameters`, or None."""
-    return _flat_of.get(module)
-
-
-# ---------------------------------------------------------------- FlatParameters
+__all__ = ["FlatBuffersBroken", "FlatParameters", "flatten_parameters"]
 
 
 class _Group:
@@ -221,7 +46,7 @@ class _Group:
             for p in params:
                 # A dense parameter keeps its strides (channels_last included): the optimizer's and
                 # autograd's gradients then have the same layout as the view they land in.
-                stride = p.stride() if reference._non_overlapping_and_dense(p) else _contiguous_strides(p.shape)
+                stride = p.stride() if non_overlapping_and_dense(p) else _contiguous_strides(p.shape)
                 view = self.data.as_strided(p.shape, stride, offset)
                 grad_view = self.grad.as_strided(p.shape, stride, offset)
                 view.copy_(p)
@@ -256,6 +81,10 @@ class _Group:
         # A parameter that does not require grad but has a gradient: a penalty on the buffer would reach it.
         self.frozen_with_grad = any(e is not None and not r for e, r in zip(self.expected, self.requires_grad))
         self.to_attach = [i for i, (e, r) in enumerate(zip(self.expected, self.requires_grad)) if e is None and r]
+        # A parameter without a gradient that does not require grad: a penalty would reach its slot.
+        self.frozen_without_grad = len(self.missing) > len(self.to_attach)
+        self.has_grad = len(self.missing) < len(self.params)
+        self.trainable = any(self.requires_grad)
 
 
 def _geometry(t: Tensor) -> int:
@@ -289,21 +118,27 @@ class FlatParameters:
     ``data`` buffer, and its ``.grad``, when it has one, a view of the ``grad`` buffer, so autograd
     accumulates into the buffer in place.
 
-    The methods mirror the per-tensor functions over :meth:`parameters` (same arguments, same
-    results: bitwise where the arithmetic is the same, within rounding for sums) with one op call
-    each. Before each, :meth:`check` verifies in one pass that nothing broke the views:
+    The methods are the public functions over :meth:`parameters` (same arguments, same results:
+    bitwise where the arithmetic is the same, within rounding for sums); they, and the public
+    functions given exactly these parameters in the order flattened, run one op call on the
+    buffers when the views are intact (see docs/flat-buffers.md):
 
     - a ``.grad`` that is a new tensor (``zero_grad(set_to_none=True)``, then backward) is copied into
       its slot and replaced by its view (one copy); a ``.grad`` that is None keeps its slot zero and
-      stays None (as the per-tensor functions skip it);
+      stays None (as the per-tensor functions skip it); a dtype none of whose parameters has a
+      gradient takes no part in a call on gradients;
     - a ``.grad`` that is a view of another buffer (DDP's ``gradient_as_bucket_view``) is left alone:
-      that call runs the per-tensor functions on the actual gradients, with a one-time warning;
-    - a parameter whose data left its view (``model.to(...)``, ``.half()``, assigning ``.data``),
-      or that its module no longer holds (FSDP2's ``fully_shard``, assigning a new Parameter,
-      ``load_state_dict(assign=True)``, replacing a submodule), raises RuntimeError: flatten again.
+      the call runs per tensor on the actual gradients, with a one-time warning;
+    - a parameter whose data left its view (``model.to(...)``, ``.half()``, assigning ``.data``):
+      the calls run per tensor, with a one-time warning, and :meth:`check` raises
+      :class:`FlatBuffersBroken`; ``flatten_parameters`` again restores the one-call path.
+
+    A FlatParameters built from a module registers state-dict hooks on its submodules, so that the
+    state dict of a part (``model[0].state_dict()``) holds copies of that part's weights, not views
+    of the whole buffer (which ``torch.save`` would write whole).
     """
 
-    def __init__(self, params: list[Tensor], module: nn.Module | None) -> None:
+    def __init__(self, params: list[Tensor]) -> None:
         if not params:
             raise ValueError("flatten_parameters: no parameters to flatten")
         device = params[0].device
@@ -315,7 +150,7 @@ class FlatParameters:
             if _distributed.is_dtensor(p):
                 raise ValueError(
                     f"parameters[{i}] is a DTensor: FSDP2 and tensor parallelism keep their own flat "
-                    "shards; flatten_parameters takes plain tensors (see README, Flat buffers)"
+                    "shards; flatten_parameters takes plain tensors (see docs/flat-buffers.md)"
                 )
             if id(p) in seen:
                 raise ValueError(f"parameters[{i}] appears twice: each parameter can be flattened once")
@@ -325,27 +160,18 @@ class FlatParameters:
                 raise ValueError(f"parameters[{i}] is on {p.device}, parameters[0] on {device}: one device only")
             if not p.is_floating_point():
                 raise TypeError(f"parameters[{i}] is {p.dtype}: flat buffers hold floating parameters")
-            if p.grad is not None and (p.grad.layout != torch.strided or p.grad._base is not None):
+            if p.grad is not None and (p.grad.layout != torch.strided or _foreign_view(p.grad)):
                 raise ValueError(f"parameters[{i}].grad is sparse or a view of another buffer: cannot re-home it")
             seen.add(id(p))
             by_dtype.setdefault(p.dtype, []).append(p)
-        storages = {}
-        for i, p in enumerate(params):
-            key = p.untyped_storage().data_ptr()
-            if key in storages and p.numel() and params[storages[key]].numel():
-                raise ValueError(
-                    f"parameters[{i}] shares memory with parameters[{storages[key]}]: flattening would "
-                    "separate them"
-                )
-            storages[key] = i
+        _refuse_shared_memory(params)
         self.device = device
+        self.listed = list(params)  # the order given: the public functions' lists are matched with it
         self._groups = [_Group(ps) for ps in by_dtype.values()]
+        for g in self._groups:
+            _grad_buffers[g.grad.untyped_storage().data_ptr()] = g.grad
         self._params = [p for g in self._groups for p in g.params]
-        self._module = weakref.ref(module) if module is not None else None
-        self._modules = list(module.modules()) if module is not None else []
-        self._types = [type(m) for m in self._modules]
-        self._generation = _structure_generation
-        self._warned = self._warned_broken = False
+        self._warned_foreign = self._warned_broken = False
 
     # ------------------------------------------------------------ views and their check
 
@@ -365,80 +191,96 @@ class FlatParameters:
         self.check()
         return [g.grad for g in self._groups]
 
-    def _check_structure(self) -> None:
-        if self._module is None:
-            return
-        module = self._module()
-        if module is None:
-            raise FlatBuffersBroken("FlatParameters: the module it was built from no longer exists")
-        for m, cls in zip(self._modules, self._types):
-            if type(m) is not cls:
-                raise FlatBuffersBroken(
-                    f"FlatParameters: a submodule changed class ({cls.__name__} -> {type(m).__name__}, as "
-                    "FSDP2's fully_shard does): its parameters are no longer these; flat buffers and "
-                    "FSDP2 do not combine (README, Flat buffers)"
-                )
-        held = list(module.parameters())
-        mine = {id(p) for p in self._params}
-        if len(held) != len(mine) or any(id(p) not in mine for p in held):
-            raise FlatBuffersBroken(
-                "FlatParameters: the module no longer holds exactly the flattened parameters (a "
-                "Parameter was assigned, a submodule replaced, load_state_dict(assign=True) or a "
-                "module conversion made new ones): call flatten_parameters(module) again"
-            )
-        self._generation = _structure_generation
+    def _moved(self) -> int | None:
+        """The index of the first group with a parameter whose data left its view, or None."""
+        for gi, g in enumerate(self._groups):
+            if _C is not None:
+                kind, _ = _C.flat_check(g.params, g.places, g.expected_table, g.storage)
+            else:
+                kind = _python_flat_check(g)
+            if kind == 1:
+                return gi
+        return None
 
-    def _moved(self, p: Tensor) -> FlatBuffersBroken:
-        return FlatBuffersBroken(
-            f"FlatParameters: a parameter of shape {list(p.shape)} no longer lives in the flat buffer "
-            "(its data was replaced: model.to(), .half(), an assignment to .data): call "
-            "flatten_parameters(model) again after converting the model"
-        )
+    def intact(self) -> bool:
+        """True when every parameter's data still is its view of the buffer."""
+        return self._moved() is None
 
     def check(self) -> bool:
-        """Verifies the views (see the class docstring); re-homes new gradients into their slots.
-        Returns True when every gradient is (or is None and has a zero slot in) the buffer, False
-        when some are views of another buffer (the methods then run per tensor). FlatBuffersBroken
-        (a RuntimeError) when a parameter left the buffer or its module."""
-        if (
-            self._module is not None
-            and (self._generation != _structure_generation or torch.__future__.get_overwrite_module_params_on_conversion())
-        ):
-            self._check_structure()
+        """Verifies the views (see the class docstring) and re-homes new gradients into their slots.
+        True when every gradient is (or is None and has a zero slot in) the buffer, False when some
+        are views of another buffer (the calls then run per tensor). Raises FlatBuffersBroken (a
+        RuntimeError) when a parameter's data left the buffer."""
         fine = True
         for g in self._groups:
-            kind, index = self._check_group(g)
+            kind, index = _C.flat_check(g.params, g.places, g.expected_table, g.storage) if _C is not None else (
+                _python_flat_check(g), -1
+            )
             if kind == 1:
-                raise self._moved(g.params[index])
-            if kind == 2:
-                self._check_structure()
+                p = g.params[index] if index >= 0 else g.params[0]
+                raise FlatBuffersBroken(
+                    f"FlatParameters: a parameter of shape {list(p.shape)} no longer lives in the flat buffer "
+                    "(its data was replaced: model.to(), .half(), an assignment to .data): call "
+                    "flatten_parameters again after converting the model"
+                )
             if kind == 3:
                 fine = self._rehome(g) and fine
         return fine
 
-    def _check_group(self, g: _Group) -> tuple[int, int]:
-        # The module classes are checked with the first group only (they are the same for all).
-        modules, types = (self._modules, self._types) if g is self._groups[0] else ([], [])
-        if _C is not None:
-            return _C.flat_check(g.params, g.places, g.expected_table, g.storage, modules, types)
-        for i, (p, view) in enumerate(zip(g.params, g.views)):
-            same = (
-                type(p) in (Tensor, nn.Parameter)
-                and p.untyped_storage().data_ptr() == view.untyped_storage().data_ptr()
-                and p.storage_offset() == view.storage_offset()
-                and p.shape == view.shape
-                and p.stride() == view.stride()
-                and p.dtype == view.dtype
-            )
-            if not same:
-                return 1, i
-        for i, (m, cls) in enumerate(zip(modules, types)):
-            if type(m) is not cls:
-                return 2, i
-        for i, (p, e, r) in enumerate(zip(g.params, g.expected, g.requires_grad)):
-            if p.grad is not e or p.requires_grad != bool(r):
-                return 3, i
-        return 0, -1
+    def ready(self, norm_type: float | None = None, penalty: bool = False) -> bool:
+        """Whether a call can run on the buffers now (``fused_optim/_route.py`` asks, after the
+        views' check and the re-homing of new gradients): `norm_type` for a call that takes the
+        gradients' norm (the norm of the buffers is not the gradients' for order 0, which counts
+        tensors, and for orders without an identity (< 0, inf, -inf) over zero slots or empty
+        tensors); `penalty` for a call that adds the penalty's gradient (a parameter with a
+        gradient that does not require grad gets none). Warns once when it cannot because the
+        views broke or gradients live in another buffer."""
+        try:
+            if not self.check():
+                return False
+        except FlatBuffersBroken as e:
+            if not self._warned_broken:
+                warnings.warn(f"{e}; until then, the per-tensor path runs", stacklevel=4)
+                self._warned_broken = True
+            return False
+        groups = self._taking_part(penalty)
+        if not groups or (penalty and any(g.frozen_with_grad for g in self._groups)):
+            return False
+        if norm_type is None:
+            return True
+        if norm_type == 0.0 or (penalty and any(g.frozen_without_grad for g in groups)):
+            return False
+        if norm_type < 0 and any(g.missing for g in groups):
+            return False
+        return not ((norm_type < 0 or math.isinf(norm_type)) and any(g.has_empty for g in groups))
+
+    def _taking_part(self, penalty: bool) -> list[_Group]:
+        """The groups a call writes or reads gradients of: those with a gradient, or, for a
+        penalty, those with a parameter that requires grad (it gets one)."""
+        return [g for g in self._groups if (g.trainable if penalty else g.has_grad)]
+
+    def grad_buffers(self, penalty: bool = False) -> list[Tensor]:
+        """The gradient buffers of the groups a call on gradients takes (after :meth:`ready`)."""
+        return [g.grad for g in self._taking_part(penalty)]
+
+    def data_buffers(self, penalty: bool = False) -> list[Tensor]:
+        """The parameter buffers matching :meth:`grad_buffers`."""
+        return [g.data for g in self._taking_part(penalty)]
+
+    def gradients_written(self, penalty: bool = False) -> None:
+        """After an op wrote the gradient buffers: parameters that require grad and had no gradient
+        get their view (with `penalty`: it holds the penalty's gradient), and the slots of the
+        others are zeroed again (a nan or inf norm, a nan or negative clip value fill them too)."""
+        if penalty:
+            for g in self._groups:
+                if g.to_attach:
+                    for i in g.to_attach:
+                        g.params[i].grad = g.expected[i] = g.grad_views[i]
+                    g.expectations_changed()
+        zeros = [v for g in self._groups for v in g.missing]
+        if zeros:
+            with torch.no_grad():
+                torch._foreach_zero_(zeros)
 
     def _rehome(self, g: _Group) -> bool:
         """Brings the group's gradients back into its buffer: new ones are copied into their slots
@@ -447,14 +289,14 @@ class FlatParameters:
         grads = [p.grad for p in g.params]
         for grad, v in zip(grads, g.grad_views):
             if grad is not None and grad is not v and (grad._base is not None or grad.layout != torch.strided):
-                if not self._warned:
+                if not self._warned_foreign:
                     warnings.warn(
                         "FlatParameters: a gradient is a view of another buffer (DDP's "
-                        "gradient_as_bucket_view?) or sparse: the flat methods run per tensor on the "
-                        "actual gradients (README, Flat buffers)",
-                        stacklevel=4,
+                        "gradient_as_bucket_view?) or sparse: the flat calls run per tensor on the "
+                        "actual gradients (docs/flat-buffers.md)",
+                        stacklevel=5,
                     )
-                    self._warned = True
+                    self._warned_foreign = True
                 return False
         copies = [(v, grad) for v, grad in zip(g.grad_views, grads) if grad is not None and grad is not v]
         zeros = [v for v, grad in zip(g.grad_views, grads) if grad is None]
@@ -472,122 +314,43 @@ class FlatParameters:
         g.expectations_changed()
         return True
 
-    def _rezero_missing(self) -> None:
-        """Zeroes the slots of parameters without a gradient after an op wrote the whole buffer."""
-        zeros = [v for g in self._groups for v in g.missing]
-        if zeros:
-            with torch.no_grad():
-                torch._foreach_zero_(zeros)
-
-    def _attach_missing(self) -> None:
-        """After the penalty's gradient was added into the buffers: parameters that require grad
-        and had no gradient get their view (which now holds the penalty's gradient)."""
-        for g in self._groups:
-            if g.to_attach:
-                for i in g.to_attach:
-                    g.params[i].grad = g.expected[i] = g.grad_views[i]
-                g.expectations_changed()
-
-    def _grads(self) -> list[Tensor] | None:
-        """The gradient buffers, or None when the call must run per tensor."""
-        return [g.grad for g in self._groups] if self.check() else None
-
-    def _params_with_grads(self) -> list[Tensor]:
-        """The parameters that have a gradient: what the per-tensor functions see, when a call
-        runs per tensor."""
-        return [p for p in self._params if p.grad is not None]
-
-    # ------------------------------------------------------------ the glue, one call each
+    # ------------------------------------------------------------ the glue: the public functions
 
     @torch.no_grad()
     def zero_grad(self) -> None:
         """Zeroes every gradient in place, keeping them in the buffer (what
         ``optimizer.zero_grad(set_to_none=False)`` does, in one fill); parameters without a
         gradient keep None."""
-        if self._grads() is None:
-            torch._foreach_zero_([p.grad for p in self._params_with_grads()])
-            return
-        for g in self._groups:
-            g.grad.zero_()
+        if self.ready():
+            for g in self._groups:
+                g.grad.zero_()
+        else:
+            torch._foreach_zero_([p.grad for p in self.listed if p.grad is not None])
 
     def get_total_norm(self, norm_type: float = 2.0, error_if_nonfinite: bool = False) -> Tensor:
-        """:func:`fused_optim.get_total_norm` of the parameters' gradients, one call."""
-        from .clip_grad import get_total_norm
-
-        grads = self._norm_grads(to_float(norm_type, "norm_type"))
-        if grads is None:
-            return get_total_norm([p.grad for p in self._params_with_grads()], norm_type, error_if_nonfinite)
-        with torch.no_grad():
-            return torch.ops.fused_optim.multi_tensor_norm.default(
-                grads, float(norm_type), False, bool(error_if_nonfinite)
-            )[0]
-
-    def _norm_grads(self, norm_type: float) -> list[Tensor] | None:
-        """The buffers for a norm, or None where the norm of the buffer is not the norm of the
-        gradients: order 0 counts tensors, not elements; orders without an identity (< 0, -inf, inf)
-        must see neither a zero slot nor skip an empty tensor."""
-        grads = self._grads()
-        if grads is None or norm_type == 0.0:
-            return None
-        if norm_type < 0 and any(g.missing for g in self._groups):
-            return None
-        if (norm_type < 0 or math.isinf(norm_type)) and any(g.has_empty for g in self._groups):
-            return None
-        return grads
+        """:func:`fused_optim.get_total_norm` of the parameters' gradients."""
+        norm_type = float(norm_type)
+        if self.ready(norm_type=norm_type):
+            return get_total_norm(self.grad_buffers(), norm_type, error_if_nonfinite)
+        return get_total_norm([p.grad for p in self.listed if p.grad is not None], norm_type, error_if_nonfinite)
 
     def clip_grad_norm_(self, max_norm: float, norm_type: float = 2.0, error_if_nonfinite: bool = False) -> Tensor:
-        """:func:`fused_optim.clip_grad_norm_` of the parameters, one call: the total norm from
-        before clipping; gradients scaled only when needed; nothing written on an error."""
-        from .clip_grad import clip_grad_norm_
-
-        norm_type, max_norm = to_float(norm_type, "norm_type"), to_float(max_norm, "max_norm")
-        grads = self._norm_grads(norm_type)
-        if grads is None:
-            return clip_grad_norm_(self._params_with_grads(), max_norm, norm_type, error_if_nonfinite)
-        with torch.no_grad():
-            total = torch.ops.fused_optim.clip_grad_norm_.default(grads, max_norm, norm_type, bool(error_if_nonfinite))
-        self._rezero_missing()  # a nan or inf norm scales zero slots to nan
-        return total
+        """:func:`fused_optim.clip_grad_norm_` over :meth:`parameters`."""
+        return clip_grad_norm_(self.listed, max_norm, norm_type, error_if_nonfinite)
 
     def clip_grad_value_(self, clip_value: float) -> None:
-        """:func:`fused_optim.clip_grad_value_` of the parameters, one call."""
-        from .clip_grad import clip_grad_value_
-
-        clip_value = to_float(clip_value, "clip_value")
-        grads = self._grads()
-        if grads is None:
-            clip_grad_value_(self._params_with_grads(), clip_value)
-            return
-        with torch.no_grad():
-            torch.ops.fused_optim.clip_grad_value_.default(grads, clip_value)
-        if not clip_value >= 0:  # a nan or negative clip value fills every element, zero slots too
-            self._rezero_missing()
+        """:func:`fused_optim.clip_grad_value_` over :meth:`parameters`."""
+        clip_grad_value_(self.listed, clip_value)
 
     def l1l2_penalty(self, l1: float = 0.0, l2: float = 0.0) -> Tensor:
-        """:func:`fused_optim.l1l2_penalty` of the parameters: one call on the buffers when no
-        gradient is wanted (``torch.no_grad()``, or no parameter requires grad); under grad mode
-        the differentiable per-tensor op (use :meth:`l1l2_grad_` in a training step)."""
-        from .regularization import l1l2_penalty
-
-        self.check()
-        if torch.is_grad_enabled() and any(r for g in self._groups for r in g.requires_grad):
-            return l1l2_penalty(self._params, l1, l2)
-        return torch.ops.fused_optim.l1l2_penalty.default(self.data, as_float(l1, "l1"), as_float(l2, "l2"))
+        """:func:`fused_optim.l1l2_penalty` over :meth:`parameters`: one call on the buffers when no
+        gradient is wanted (``torch.no_grad()``); under grad mode the differentiable per-tensor op
+        (use :meth:`l1l2_grad_` in a training step)."""
+        return l1l2_penalty(self.listed, l1, l2)
 
     def l1l2_grad_(self, l1: float = 0.0, l2: float = 0.0) -> None:
-        """:func:`fused_optim.l1l2_grad_` of the parameters, one call: parameters that require grad
-        and have none get one (their view of the buffer)."""
-        from .regularization import l1l2_grad_
-
-        l1, l2 = as_float(l1, "l1"), as_float(l2, "l2")
-        grads = self._grads()
-        if grads is None or any(g.frozen_with_grad for g in self._groups):
-            l1l2_grad_(self._params, l1, l2)
-            return
-        with torch.no_grad():
-            torch.ops.fused_optim.l1l2_grad_.default(self.data, grads, l1, l2)
-        self._attach_missing()
-        self._rezero_missing()  # what is still missing does not require grad: it gets no gradient
+        """:func:`fused_optim.l1l2_grad_` over :meth:`parameters`."""
+        l1l2_grad_(self.listed, l1, l2)
 
     def pre_step_(
         self,
@@ -598,31 +361,118 @@ class FlatParameters:
         clip_value: float | None = None,
         error_if_nonfinite: bool = False,
     ) -> Tensor:
-        """:func:`fused_optim.pre_step_` of the parameters, one call on the buffers: parameters that
-        require grad and have none get one (their view). Per tensor where a buffer's norm is not the
-        gradients' (see :meth:`get_total_norm`) or where the penalty would reach the slot of a
-        parameter that does not require grad (it gets no penalty, and no gradient)."""
-        from .step import _options, pre_step_
-
-        l1, l2, max_norm, norm_type, clip_value = _options(l1, l2, max_norm, norm_type, clip_value)
-        grads = self._norm_grads(norm_type)
-        penalized = l1 != 0.0 or l2 != 0.0
-        if grads is None or (
-            penalized and any(g.frozen_with_grad or len(g.missing) > len(g.to_attach) for g in self._groups)
-        ):
-            return pre_step_(self._params, l1, l2, max_norm, norm_type, clip_value, error_if_nonfinite)
-        with torch.no_grad():
-            total = torch.ops.fused_optim.pre_step_.default(
-                self.data, grads, l1, l2, max_norm, norm_type, clip_value, bool(error_if_nonfinite)
-            )
-        if penalized:
-            self._attach_missing()
-        self._rezero_missing()  # a nan or inf norm, a nan or negative clip value fill zero slots too
-        return total
+        """:func:`fused_optim.pre_step_` over :meth:`parameters`."""
+        return pre_step_(self.listed, l1, l2, max_norm, norm_type, clip_value, error_if_nonfinite)
 
     def __repr__(self) -> str:
         groups = ", ".join(f"{g.dtype}: {len(g.params)} tensors / {g.data.numel()} elements" for g in self._groups)
         return f"FlatParameters({groups}, device={self.device})"
+
+
+def _python_flat_check(g: _Group) -> int:
+    """csrc/flat_views.cpp's flat_check in Python (its kind: 0 fine, 1 a parameter's data left its
+    view, 3 a .grad or requires_grad is not as expected)."""
+    for p, view in zip(g.params, g.views):
+        same = (
+            type(p) in (Tensor, nn.Parameter)
+            and p.untyped_storage().data_ptr() == view.untyped_storage().data_ptr()
+            and p.storage_offset() == view.storage_offset()
+            and p.shape == view.shape
+            and p.stride() == view.stride()
+            and p.dtype == view.dtype
+        )
+        if not same:
+            return 1
+    if any(p.grad is not e or p.requires_grad != bool(r) for p, e, r in zip(g.params, g.expected, g.requires_grad)):
+        return 3
+    return 0
+
+
+# The gradient buffers of the FlatParameters alive, by storage address: their views may be re-homed
+# by flattening again, unlike a view of another buffer (DDP's gradient buckets).
+_grad_buffers: weakref.WeakValueDictionary[int, Tensor] = weakref.WeakValueDictionary()
+
+
+def _foreign_view(grad: Tensor) -> bool:
+    return grad._base is not None and _grad_buffers.get(grad.untyped_storage().data_ptr()) is not grad._base
+
+
+def _refuse_shared_memory(params: list[Tensor]) -> None:
+    """ValueError when two parameters overlap in memory (tied weights are one parameter): flattening
+    would separate them. Views of one buffer that do not overlap (a model flattened before) are
+    fine: they are re-homed into new buffers."""
+    spans = sorted(
+        (p.untyped_storage().data_ptr(), p.storage_offset() * p.element_size(), _extent(p) * p.element_size(), i)
+        for i, p in enumerate(params)
+        if p.numel()
+    )
+    for (s0, b0, n0, i0), (s1, b1, _, i1) in zip(spans, spans[1:]):
+        if s0 == s1 and b1 < b0 + n0:
+            first, second = sorted((i0, i1))
+            raise ValueError(
+                f"parameters[{second}] shares memory with parameters[{first}]: flattening would separate them"
+            )
+
+
+def _extent(p: Tensor) -> int:
+    """The number of elements from p's first element to its last, inclusive."""
+    return 1 + sum((size - 1) * abs(stride) for size, stride in zip(p.shape, p.stride()))
+
+
+_state_dict_depth = threading.local()  # the nesting of state_dict() calls, per thread
+
+
+class _PartsCopiedInStateDicts:
+    """The state-dict hooks of a flattened module's submodules (a pre-hook and a post-hook, as one
+    picklable object each): the state dict of a part of the model (``model[0].state_dict()``)
+    gets copies of the flattened weights it holds, since views would make ``torch.save`` write
+    the whole buffer. The outermost ``state_dict()`` call decides; a state dict that covers a
+    whole buffer keeps its views, and ``keep_vars=True`` the parameters themselves."""
+
+    def __init__(self, buffer_sizes: dict[int, int], pre: bool) -> None:
+        self.buffer_sizes, self.pre = buffer_sizes, pre  # storage address -> number of elements
+
+    def __call__(self, module: nn.Module, *args) -> None:
+        depth = getattr(_state_dict_depth, "n", 0)
+        if self.pre:
+            if depth == 0:
+                _state_dict_depth.keep_vars = args[1]
+            _state_dict_depth.n = depth + 1
+            return
+        _state_dict_depth.n = depth - 1
+        if depth == 1 and not _state_dict_depth.keep_vars:
+            self._copy_parts(args[0])
+
+    def _copy_parts(self, state_dict: dict) -> None:
+        covered: dict[int, set[tuple[int, int]]] = {}
+        for t in state_dict.values():
+            address = t.untyped_storage().data_ptr() if isinstance(t, Tensor) else None
+            if address in self.buffer_sizes:
+                covered.setdefault(address, set()).add((t.storage_offset(), t.numel()))
+        partial = {a for a, spans in covered.items() if sum(n for _, n in spans) < self.buffer_sizes[a]}
+        copies: dict[tuple, Tensor] = {}  # tied entries stay one tensor
+        for key, t in state_dict.items():
+            if isinstance(t, Tensor) and t.untyped_storage().data_ptr() in partial:
+                alias = (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), t.stride())
+                if alias not in copies:
+                    copies[alias] = t.clone()
+                state_dict[key] = copies[alias]
+
+
+# A module's FlatParameters (kept alive as long as the module: `flatten_parameters(model)` is
+# often called without keeping its result) and its state-dict hooks, removed when it is flattened
+# again.
+_of_module: weakref.WeakKeyDictionary[nn.Module, tuple[FlatParameters, list]] = weakref.WeakKeyDictionary()
+
+
+def _keep_with(module: nn.Module, flat: FlatParameters) -> None:
+    _, old_hooks = _of_module.pop(module, (None, []))
+    for handle in old_hooks:
+        handle.remove()
+    sizes = {g.data.untyped_storage().data_ptr(): g.data.numel() for g in flat._groups}
+    pre, post = _PartsCopiedInStateDicts(sizes, pre=True), _PartsCopiedInStateDicts(sizes, pre=False)
+    hooks = [h for m in module.modules() for h in (m.register_state_dict_pre_hook(pre), m.register_state_dict_post_hook(post))]
+    _of_module[module] = (flat, hooks)
 
 
 def flatten_parameters(model_or_params: nn.Module | Iterable[Tensor]) -> FlatParameters:
@@ -630,10 +480,13 @@ def flatten_parameters(model_or_params: nn.Module | Iterable[Tensor]) -> FlatPar
     iterable of parameters into one contiguous buffer per dtype, and their gradients into a
     matching one; returns the :class:`FlatParameters` that runs the glue ops on them in one call
     each. Flatten after moving the model to its device and dtype, and before wrapping it in DDP or
-    compiling a step.
+    compiling a step; flatten again after changing which parameters the model holds or converting
+    it (the public functions give correct results either way; flattening again makes them fast).
+    A module's FlatParameters lives as long as the module; one built from a list of parameters,
+    as long as you keep it.
 
     Raises ValueError for an empty set, a parameter given twice, on another device than the first,
-    sharing memory with another, not a leaf, a DTensor (FSDP2), or a gradient that is sparse or a
+    overlapping another in memory, not a leaf, a DTensor (FSDP2), or a gradient that is sparse or a
     view of another buffer; TypeError for non-tensors and non-floating parameters."""
     if isinstance(model_or_params, nn.Module):
         module, params = model_or_params, list(model_or_params.parameters())
@@ -643,8 +496,8 @@ def flatten_parameters(model_or_params: nn.Module | Iterable[Tensor]) -> FlatPar
         module, params = None, list(model_or_params)
     else:
         raise TypeError(f"model_or_params must be an nn.Module or an iterable of tensors, got {type(model_or_params).__name__}")
-    _watch_structure()
-    flat = FlatParameters(params, module)
+    flat = FlatParameters(params)
+    _route.register_flat(flat)
     if module is not None:
-        _flat_of[module] = flat
+        _keep_with(module, flat)
     return flat

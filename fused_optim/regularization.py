@@ -9,9 +9,9 @@ from collections.abc import Iterable
 import torch
 from torch import Tensor, nn
 
-from . import _distributed
+from . import _distributed, _route
+from ._route import FLAT, ONE_VIEW, SHARDED
 from ._utils import as_float, as_tensor_list, fill_missing_grads
-from .flat import flat_call, via_flat
 
 
 def l1l2_penalty(tensors: Tensor | Iterable[Tensor], l1: float = 0.0, l2: float = 0.0) -> Tensor:
@@ -41,20 +41,16 @@ def l1l2_penalty(tensors: Tensor | Iterable[Tensor], l1: float = 0.0, l2: float 
     tensors = as_tensor_list(tensors, "tensors")
     l1, l2 = as_float(l1, "l1"), as_float(l2, "l2")
     penalty = torch.ops.fused_optim.l1l2_penalty.default
-
-    def fused() -> Tensor:
-        # One view of the tensors has no autograd history: taken only when no gradient is wanted.
-        if not torch.is_grad_enabled():
-            done, value = flat_call((tensors,), (False,), lambda t: penalty([t], l1, l2))
-            if done:
-                return value
-        return penalty(tensors, l1, l2)
-
-    return _distributed.fused_or_sharded(
-        fused,
-        lambda: _distributed.sharded_penalty(tensors, l1, l2),
-        tensors,
-    )
+    # The buffers and one view of the tensors have no autograd history: taken when no gradient is wanted.
+    graph = torch.is_grad_enabled()
+    route = _route.choose("l1l2_penalty", (tensors,), (False,), params=None if graph else tensors, one_view_ok=not graph)
+    if route.kind == FLAT:
+        return penalty(route.flat.data, l1, l2)
+    if route.kind == ONE_VIEW:
+        return penalty(list(route.views), l1, l2)
+    if route.kind == SHARDED:
+        return _distributed.sharded_penalty(tensors, l1, l2)
+    return penalty(tensors, l1, l2)
 
 
 @torch.no_grad()
@@ -76,19 +72,25 @@ def l1l2_grad_(params: Tensor | Iterable[Tensor], l1: float = 0.0, l2: float = 0
     DTensors (FSDP2, tensor parallel): each rank adds into its own shards of the gradients, which
     must have their parameters' mesh and placements.
     """
-    if via_flat(params, "l1l2_grad_", l1, l2)[0]:
-        return
-    params = [p for p in as_tensor_list(params, "params") if p.requires_grad]
-    grads = [p.grad for p in params]
-    missing = fill_missing_grads(params, grads)
+    given = as_tensor_list(params, "params")
     l1, l2, add = as_float(l1, "l1"), as_float(l2, "l2"), torch.ops.fused_optim.l1l2_grad_.default
-
-    def fused() -> None:
-        if missing or not flat_call((params, grads), (False, True), lambda p, g: add([p], [g], l1, l2))[0]:
-            add(params, grads, l1, l2)
-
+    params = [p for p in given if p.requires_grad]
+    grads = [p.grad for p in params]
+    route = _route.choose(
+        "l1l2_grad_", (params, grads), (False, True), params=given, flat_needs={"penalty": True},
+        one_view_ok=all(g is not None for g in grads),
+    )
+    if route.kind == FLAT:
+        add(route.flat.data_buffers(penalty=True), route.flat.grad_buffers(penalty=True), l1, l2)
+        route.flat.gradients_written(penalty=True)
+        return
+    if route.kind == ONE_VIEW:
+        add([route.views[0]], [route.views[1]], l1, l2)
+        _route.bump_versions(grads)
+        return
+    missing = fill_missing_grads(params, grads)
     # DTensors: element by element, so each rank adds into its gradients' shards.
-    _distributed.fused_or_sharded(fused, lambda: add(*_distributed.local_lists(params, grads), l1, l2), params, grads)
+    add(*(_distributed.local_lists(params, grads) if route.kind == SHARDED else (params, grads)), l1, l2)
     for i in missing:  # attached only once the op has succeeded
         params[i].grad = grads[i]
 

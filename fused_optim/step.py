@@ -11,20 +11,22 @@ from typing import TypeVar
 import torch
 from torch import Tensor, nn
 
-from . import _distributed, reference
+from . import _distributed, _route, reference
 from ._library import _C
-from ._utils import as_float, fill_missing_grads, to_float
-from .flat import FlatParameters, call_flat, flat_call, flat_parameters_of, via_flat
+from ._route import FLAT, ONE_VIEW
+from ._utils import as_float, as_tensor_list, fill_missing_grads
+from .clip_grad import clip_grad_norm_, clip_grad_value_, get_total_norm
 from .reference import check_coefficient, check_norm_type, check_one_clip
+from .regularization import l1l2_grad_
 
 T = TypeVar("T")
 
 
 def _options(l1, l2, max_norm, norm_type, clip_value) -> tuple[float, float, float | None, float, float | None]:
     """The glue's arguments as floats (names in the errors); at most one way of clipping."""
-    l1, l2, norm_type = as_float(l1, "l1"), as_float(l2, "l2"), to_float(norm_type, "norm_type")
-    max_norm = None if max_norm is None else to_float(max_norm, "max_norm")
-    clip_value = None if clip_value is None else to_float(clip_value, "clip_value")
+    l1, l2, norm_type = as_float(l1, "l1"), as_float(l2, "l2"), as_float(norm_type, "norm_type", like_torch=True)
+    max_norm = None if max_norm is None else as_float(max_norm, "max_norm", like_torch=True)
+    clip_value = None if clip_value is None else as_float(clip_value, "clip_value", like_torch=True)
     check_norm_type(norm_type)
     check_one_clip(max_norm, clip_value)
     return l1, l2, max_norm, norm_type, clip_value
@@ -69,9 +71,6 @@ def _in_separate_calls(
     parameter with a gradient that does not require grad, DTensors, param groups with their own
     coefficients. Everything the calls could refuse is checked first, and with error_if_nonfinite
     the gradients are restored when the norm is refused: a refused call writes nothing."""
-    from .clip_grad import clip_grad_norm_, clip_grad_value_, get_total_norm
-    from .regularization import l1l2_grad_
-
     penalties = [(ps, a, b) for ps, a, b in penalties if a != 0.0 or b != 0.0]
     penalized = [p for ps, _, _ in penalties for p in ps if p.requires_grad]
     _check_before_writing(penalized, [p.grad for p in params if p.grad is not None], max_norm, norm_type, clip_value)
@@ -140,52 +139,52 @@ def pre_step_(
     are snapshotted and restored on the error). A parameter listed twice gets the penalty twice (a
     missing gradient is created once and shared), as the separate calls give it.
     """
-    done, total = via_flat(parameters, "pre_step_", l1, l2, max_norm, norm_type, clip_value, error_if_nonfinite)
-    if done:
-        return total
-    from .clip_grad import _as_list
-
     l1, l2, max_norm, norm_type, clip_value = _options(l1, l2, max_norm, norm_type, clip_value)
-    params = _as_list(parameters, "parameters")
+    params = as_tensor_list(parameters, "parameters")
     penalized = l1 != 0.0 or l2 != 0.0
-
-    def separate() -> Tensor:
-        return _in_separate_calls([(params, l1, l2)], params, max_norm, norm_type, clip_value, error_if_nonfinite)
 
     # What each step sees: the penalty goes to parameters that require grad (a missing gradient is
     # created), the norm and the clip to every gradient; the op pairs them, so a frozen parameter
     # with a gradient (rare) takes the separate calls. One loop: for 2000 parameters each pass over
     # them costs ~0.1 ms.
     held, grads, frozen_with_grad = [], [], False
-    try:
-        for p in params:
-            g = p.grad
-            if penalized and not p.requires_grad:
-                frozen_with_grad = frozen_with_grad or g is not None
-            elif g is not None or penalized:
-                held.append(p)
-                grads.append(g)
-    except AttributeError:
-        i, p = next((i, p) for i, p in enumerate(params) if not isinstance(p, Tensor))
-        raise TypeError(f"parameters[{i}] must be a tensor, got {type(p).__name__}") from None
+    for p in params:
+        g = p.grad
+        if penalized and not p.requires_grad:
+            frozen_with_grad = frozen_with_grad or g is not None
+        elif g is not None or penalized:
+            held.append(p)
+            grads.append(g)
     if frozen_with_grad:
-        return separate()
-    missing = fill_missing_grads(held, grads)
+        total = _in_separate_calls([(params, l1, l2)], params, max_norm, norm_type, clip_value, error_if_nonfinite)
+        _route.record("pre_step_", _route.PER_TENSOR)
+        return total
+    # Order 0 counts the tensors with a non-zero element: not a norm of their concatenation.
+    route = _route.choose(
+        "pre_step_", (held, grads), (False, True), params=params,
+        flat_needs={"norm_type": norm_type, "penalty": penalized},
+        one_view_ok=norm_type != 0 and all(g is not None for g in grads),
+    )
     op = torch.ops.fused_optim.pre_step_.default
     args = (l1, l2, max_norm, norm_type, clip_value, bool(error_if_nonfinite))
-
-    def fused() -> Tensor:
-        # Order 0 counts the tensors with a non-zero element: not a norm of their concatenation.
-        if not missing and norm_type != 0:
-            done, total = flat_call((held, grads), (False, True), lambda p, g: op([p], [g], *args))
-            if done:
-                return total
-        total = op(held, grads, *args)
-        for i in missing:  # attached only once the op has succeeded
-            held[i].grad = grads[i]
+    if route.kind == FLAT:
+        flat = route.flat
+        total = op(flat.data_buffers(penalty=penalized), flat.grad_buffers(penalty=penalized), *args)
+        flat.gradients_written(penalty=penalized)
         return total
-
-    return _distributed.fused_or_sharded(fused, separate, held, grads)
+    if route.kind == ONE_VIEW:
+        total = op([route.views[0]], [route.views[1]], *args)
+        _route.bump_versions(grads)
+        return total
+    if route.kind == _route.SHARDED:
+        total = _in_separate_calls([(params, l1, l2)], params, max_norm, norm_type, clip_value, error_if_nonfinite)
+        _route.record("pre_step_", _route.SHARDED)
+        return total
+    missing = fill_missing_grads(held, grads)
+    total = op(held, grads, *args)
+    for i in missing:  # attached only once the op has succeeded
+        held[i].grad = grads[i]
+    return total
 
 
 class AttachHandle:
@@ -280,22 +279,6 @@ def attach(
     handle = AttachHandle(optimizer)
     model_ref = weakref.ref(model) if model is not None else None
     skipped = [False]
-    # The model's FlatParameters holding exactly the optimizer's parameters (or None), matched
-    # again only when the parameters (compared by identity, ~30 us for 2000) or the model's
-    # FlatParameters (flattened later, or again) change. The cache holds the parameters, so their
-    # ids are not reused while it compares them.
-    layout: dict = {"ids": None, "flat": None, "model_flat": None}
-
-    def flat_of(params: list[Tensor]) -> FlatParameters | None:
-        model_flat = flat_parameters_of(model_ref()) if model_ref is not None and model_ref() is not None else None
-        if model_flat is None:
-            return None
-        ids = list(map(id, params))
-        if layout["ids"] != ids or layout["model_flat"] is not model_flat:
-            same = len(model_flat._params) == len(params) and {id(p) for p in model_flat._params} == set(ids)
-            layout.update(ids=ids, params=params, model_flat=model_flat, flat=model_flat if same else None)
-        return layout["flat"]
-
     def glue() -> None:
         if getattr(optimizer, "grad_scale", None) is not None:
             raise RuntimeError(
@@ -313,9 +296,7 @@ def attach(
         clip = dict(max_norm=max_norm, norm_type=norm_type, clip_value=clip_value, error_if_nonfinite=error_if_nonfinite)
         if len(set(coefficients)) == 1:
             a, b = coefficients[0]
-            flat = flat_of(params)
-            done, total = call_flat(flat, "pre_step_", a, b, **clip) if flat is not None else (False, None)
-            handle.total_norm = total if done else pre_step_(params, a, b, **clip)
+            handle.total_norm = pre_step_(params, a, b, **clip)
             return
         # Groups with their own coefficients: each group's penalty (groups without one create no
         # gradients), then one clip of all: two passes, every argument checked before the first.

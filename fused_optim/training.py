@@ -9,7 +9,7 @@ from collections.abc import Callable, Iterable
 import torch
 from torch import Tensor, nn
 
-from ._utils import as_float, as_int, to_float
+from ._utils import as_float, as_int
 from .clip_grad import clip_gradients
 
 
@@ -290,7 +290,7 @@ class EarlyStopping:
             self.best_state_dict = {k: v.detach().to("cpu", copy=True) for k, v in self.model.state_dict().items()}
 
     def __call__(self, val_loss: float | Tensor) -> bool:
-        value = to_float(val_loss, "val_loss")
+        value = as_float(val_loss, "val_loss", like_torch=True)
         epoch, self.epoch = self.epoch, self.epoch + 1
         if self.early_stop or epoch < self.start_from_epoch:
             return self.early_stop

@@ -14,8 +14,9 @@ import torch
 from torch import nn
 
 import fused_optim
-from fused_optim import _library, flat as flat_mod
-from fused_optim.flat import FlatBuffersBroken, as_one_view, flatten_parameters
+from fused_optim import _library, _route
+from fused_optim._route import one_view as as_one_view
+from fused_optim.flat import FlatBuffersBroken, flatten_parameters
 
 from conftest import DTYPES, EXT_DISABLED
 
@@ -220,37 +221,136 @@ def test_nonfinite_error_writes_nothing(backend):
 # ---------------------------------------------------------------- what breaks the views
 
 
-@pytest.mark.parametrize(
-    "breaker",
-    [
-        lambda m: m.double(),
-        lambda m: m.half(),
-        lambda m: m.to(torch.float64),
-        lambda m: setattr(m[3].weight, "data", torch.zeros_like(m[3].weight)),
-        lambda m: setattr(m[3].weight, "data", m[3].weight.data.t()),  # same memory, other geometry
-        lambda m: setattr(m[3], "weight", nn.Parameter(torch.zeros_like(m[3].weight))),
-        lambda m: m.load_state_dict({k: v.clone() for k, v in m.state_dict().items()}, assign=True),
-        lambda m: m.__setitem__(3, nn.Linear(64, 8)),
-    ],
-    ids=["double", "half", "to", "data", "transposed-data", "new-parameter", "load-assign", "new-submodule"],
-)
-def test_breaks_are_detected(backend, breaker):
-    _, flat_model, flat = _pair()
-    breaker(flat_model)
-    for call in (flat.check, lambda: flat.clip_grad_norm_(1.0), lambda: flat.l1l2_grad_(1e-3)):
-        with pytest.raises(FlatBuffersBroken, match="flatten"):
-            call()
+MOVERS = {
+    "double": lambda m: m.double(),
+    "half": lambda m: m.half(),
+    "to": lambda m: m.to(torch.float64),
+    "data": lambda m: setattr(m[3].weight, "data", torch.zeros_like(m[3].weight)),
+    "transposed-data": lambda m: setattr(m[3].weight, "data", m[3].weight.data.t().contiguous().t()),
+}
 
 
-def test_overwrite_on_conversion_is_detected(backend):
-    _, flat_model, flat = _pair()
+@pytest.mark.parametrize("mover", MOVERS.values(), ids=MOVERS.keys())
+def test_moved_data_is_detected_and_the_methods_run_per_tensor(backend, mover):
+    # The list is the truth: a FlatParameters whose views broke only loses its speed.
+    plain, flat_model, flat = _pair()
+    mover(plain), mover(flat_model)
+    with pytest.raises(FlatBuffersBroken, match="flatten"):
+        flat.check()
+    with pytest.warns(UserWarning, match="per-tensor path"):
+        total = flat.clip_grad_norm_(1e-3)
+    torch.testing.assert_close(total, fused_optim.clip_grad_norm_(plain.parameters(), 1e-3))
+    flat.l1l2_grad_(1e-3), fused_optim.l1l2_grad_(plain.parameters(), 1e-3)
+    _assert_grads_equal(plain, flat_model, exact=False)
+
+
+STRUCTURE_CHANGES = {
+    "new-parameter": lambda m: setattr(m[3], "weight", nn.Parameter(torch.zeros_like(m[3].weight))),
+    "load-assign": lambda m: m.load_state_dict({k: v.clone() for k, v in m.state_dict().items()}, assign=True),
+    "new-submodule": lambda m: m.__setitem__(3, nn.Linear(64, 8)),
+    "del-last": lambda m: m.__delitem__(-1),
+    "bias-none": lambda m: setattr(m[-1], "bias", None),
+    "del-bias": lambda m: delattr(m[-1], "bias"),
+    "overwrite-on-conversion": lambda m: _overwriting(lambda: m.to(torch.float64)),
+}
+
+
+def _overwriting(convert):
+    torch.__future__.set_overwrite_module_params_on_conversion(True)
     try:
-        torch.__future__.set_overwrite_module_params_on_conversion(True)
-        flat_model.to(torch.float64)
-        with pytest.raises(FlatBuffersBroken, match="no longer holds"):
-            flat.check()
+        convert()
     finally:
         torch.__future__.set_overwrite_module_params_on_conversion(False)
+
+
+@pytest.mark.parametrize("change", STRUCTURE_CHANGES.values(), ids=STRUCTURE_CHANGES.keys())
+def test_the_list_given_is_the_truth_after_the_model_changed(backend, change):
+    # Parameters added, removed or replaced after flattening: the public functions see the
+    # model's parameters as they are now (torch's results, nothing removed is counted or written),
+    # and flattening again, as the docs advise, works and brings the one-call path back.
+    plain, flat_model, _ = _pair()
+    torch.manual_seed(3)
+    change(plain)
+    torch.manual_seed(3)
+    change(flat_model)
+    for p, q in zip(plain.parameters(), flat_model.parameters()):  # new parameters: same values, a gradient
+        if q.grad is None and p.grad is None and p.requires_grad:
+            p.grad, q.grad = torch.ones_like(p), torch.ones_like(q)
+    expected = torch.nn.utils.clip_grad_norm_(plain.parameters(), 1e-3)
+    got = fused_optim.clip_grad_norm_(flat_model.parameters(), 1e-3)
+    torch.testing.assert_close(got, expected)
+    assert fused_optim.last_route().path != "flat"
+    _assert_grads_equal(plain, flat_model, exact=False)
+    again = flatten_parameters(flat_model)
+    _assert_grads_equal(plain, flat_model, exact=False)
+    torch.testing.assert_close(again.clip_grad_norm_(1e-3), torch.nn.utils.clip_grad_norm_(plain.parameters(), 1e-3))
+    if not EXT_DISABLED:
+        assert fused_optim.last_route() == ("clip_grad_norm_", "flat")
+
+
+@pytest.mark.parametrize("change", ["del-last", "bias-none", "del-bias"])
+def test_removed_parameters_gradients_are_neither_counted_nor_written(backend, change):
+    # The issue's case: 12.87 where torch gives 3.05 / 9.52 when the removed gradients counted.
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 3))
+    flatten_parameters(m)
+    m(torch.randn(5, 4)).square().sum().backward()
+    removed = [m[2].weight, m[2].bias] if change == "del-last" else [m[2].bias]
+    before = [p.grad.clone() for p in removed]
+    STRUCTURE_CHANGES[change](m)
+    kept = [p.grad.clone() for p in m.parameters()]
+    expected = torch.linalg.vector_norm(torch.cat([g.flatten() for g in kept]))
+    torch.testing.assert_close(fused_optim.clip_grad_norm_(m.parameters(), 1e-3), expected)
+    fused_optim.l1l2_grad_(m.parameters(), 0.1)
+    assert all(torch.equal(p.grad, b) for p, b in zip(removed, before))
+
+
+def test_frozen_half_part_and_gradientless_fp64_part_take_no_part(backend):
+    # A dtype without any gradient: clip_grad_value_ beyond its range is not refused (torch and
+    # the unflattened path accept it), and the total norm keeps the gradients' dtype (fp32).
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Linear(4, 4).half().requires_grad_(False), nn.Linear(4, 4), nn.Linear(4, 4).double())
+    m[2].requires_grad_(False)
+    plain = copy.deepcopy(m)
+    flat = flatten_parameters(m)
+    x = torch.randn(3, 4)
+    for model in (m, plain):
+        model[1](x).square().sum().backward()
+    fused_optim.clip_grad_value_(m.parameters(), 1e6)
+    fused_optim.pre_step_(m.parameters(), clip_value=1e6)
+    total = fused_optim.clip_grad_norm_(m.parameters(), 1e-3)
+    expected = torch.nn.utils.clip_grad_norm_(plain.parameters(), 1e-3)
+    assert total.dtype == expected.dtype == torch.float32
+    torch.testing.assert_close(total, expected)
+    _assert_grads_equal(plain, m)
+    assert flat.get_total_norm().dtype == torch.float32
+    if not EXT_DISABLED:
+        fused_optim.clip_grad_value_(m.parameters(), 1e6)
+        assert fused_optim.last_route() == ("clip_grad_value_", "flat")
+
+
+def test_state_dict_of_a_part_holds_that_part_only(backend, tmp_path):
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 3))
+    flatten_parameters(m)
+    torch.save(m[0].state_dict(), tmp_path / "first.pt")
+    loaded = torch.load(tmp_path / "first.pt")
+    assert all(torch.equal(loaded[k], v) for k, v in m[0].state_dict().items())
+    # What the file holds: the part's 4 x 8 + 8 elements, not the model's 4 x 8 + 8 + 8 x 3 + 3.
+    assert {loaded[k].untyped_storage().nbytes() for k in loaded} == {32 * 4, 8 * 4}
+    torch.save(m.state_dict(), tmp_path / "whole.pt")
+    whole = torch.load(tmp_path / "whole.pt")
+    assert {t.untyped_storage().nbytes() for t in whole.values()} == {67 * 4}  # the buffer, once
+    assert m.state_dict()["0.weight"].untyped_storage().data_ptr() == m[0].weight.untyped_storage().data_ptr()
+    assert m[0].state_dict(keep_vars=True)["weight"] is m[0].weight
+
+
+def test_flattening_twice_works(backend):
+    plain, flat_model, _ = _pair()
+    flatten_parameters(flat_model)
+    flatten_parameters(flat_model)
+    torch.testing.assert_close(fused_optim.clip_grad_norm_(flat_model.parameters(), 1e-3), fused_optim.clip_grad_norm_(plain.parameters(), 1e-3))
+    _assert_grads_equal(plain, flat_model, exact=False)
 
 
 @native_only
@@ -345,7 +445,7 @@ def test_as_one_view_only_when_exact(case):
         assert torch.equal(views[0], torch.cat([t.flatten() for t in tensors]))
         assert not views[0].requires_grad and views[0]._base is None
     if _library._C is not None and not EXT_DISABLED:  # the C++ and the Python rule agree
-        python = flat_mod._python_one_view((tensors,), (True,))
+        python = _route._python_one_view((tensors,), (True,))
         assert (python is not None) == exact
 
 

@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 import fused_optim
-from conftest import DTYPES, HALF_DTYPES, assert_close_to_fp64, native_cuda_test, opcheck
+from conftest import DTYPES, EXT_DISABLED, HALF_DTYPES, assert_close_to_fp64, native_cuda_test, opcheck
 from test_peers import _require
 
 INF = math.inf
@@ -685,14 +685,13 @@ def test_attach_takes_the_flat_path_once_the_model_is_flattened(backend):
     batch = batches(3)
     attached_step(ours, opt_ours, *batch[0])  # not flattened yet: per tensor
     hand_written_step(theirs, opt_theirs, *batch[0], **GLUE)
-    flat = fused_optim.flatten_parameters(ours)  # after the first step: the glue finds it
-    calls = []
-    method = flat.pre_step_
-    flat.pre_step_ = lambda *args, **kwargs: calls.append(1) or method(*args, **kwargs)
+    fused_optim.flatten_parameters(ours)  # after the first step: the glue finds it
+    routes = []
     for x, y in batch[1:]:
         attached_step(ours, opt_ours, x, y)
+        routes.append(fused_optim.last_route())
         hand_written_step(theirs, opt_theirs, x, y, **GLUE)
-    assert len(calls) == 2
+    assert routes == [("pre_step_", "per_tensor" if EXT_DISABLED else "flat")] * 2
     assert_same_weights(ours, theirs)
 
 
