@@ -41,9 +41,11 @@ def nbytes(tensors: list[torch.Tensor]) -> int:
 
 def params_with_grads(grads: list[torch.Tensor]) -> list[torch.Tensor]:
     """Parameters and their gradients, each a copy of `grads` (initialized values: uninitialized
-    weights hold NaNs and denormals that would time the penalty's slow paths)."""
+    weights hold NaNs and denormals that would time the penalty's slow paths); leaves even where
+    `grads` require grad (the pytest-benchmark files share their case tensors)."""
     params = []
     for g in grads:
+        g = g.detach()
         p = g.clone().requires_grad_()
         p.grad = g.clone()
         params.append(p)
