@@ -11,7 +11,8 @@ import pytest
 import torch
 
 import fused_optim
-from fused_optim.benchmark import foreach_average, make_case, seed_average, stack_average
+from fused_optim.benchmark.cases import make_case
+from fused_optim.benchmark.rows.averaging import foreach_average, seed_average, stack_average
 
 AVERAGE = {
     "fused": fused_optim.average_tensors,

@@ -13,7 +13,8 @@ import pytest
 import torch
 
 import fused_optim
-from fused_optim.benchmark import clip_by_norm_each_call, params_with_grads
+from fused_optim.benchmark.cases import params_with_grads
+from fused_optim.benchmark.rows.clip_grad import clip_by_norm_each_call
 
 NORM = {
     "fused": fused_optim.clip_grad_norm_,

@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 
 import fused_optim
-from fused_optim.benchmark import seed_dropout
+from fused_optim.benchmark.rows.dropout import seed_dropout
 
 P = 0.5
 FORWARD = {"fused": fused_optim.dropout, "F.dropout": F.dropout, "seed CustomDropout": seed_dropout}

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import fused_optim
-from fused_optim.benchmark import L1, L2, params_with_grads
+from fused_optim.benchmark.cases import L1, L2, params_with_grads
 
 
 def _setups(grads):

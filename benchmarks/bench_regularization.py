@@ -10,7 +10,8 @@ import pytest
 import torch
 
 import fused_optim
-from fused_optim.benchmark import L1, L2, foreach_grad_, foreach_penalty, seed_grad_, seed_penalty
+from fused_optim.benchmark.cases import L1, L2
+from fused_optim.benchmark.rows.regularization import foreach_grad_, foreach_penalty, seed_grad_, seed_penalty
 
 PENALTY = {
     "fused": lambda ps: fused_optim.l1l2_penalty(ps, L1, L2),

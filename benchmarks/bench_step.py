@@ -14,7 +14,9 @@ import pytest
 import torch
 
 import fused_optim
-from fused_optim.benchmark import L1, L2, _fused_separate, _torch_glue, clip_by_norm_each_call, params_with_grads
+from fused_optim.benchmark.cases import L1, L2, params_with_grads
+from fused_optim.benchmark.rows.clip_grad import clip_by_norm_each_call
+from fused_optim.benchmark.rows.pre_step import fused_separate, torch_glue
 
 IMPLS = ["pre_step_", "pre_step_ flat", "fused l1l2_grad_ + clip_grad_norm_", "torch _foreach_* + clip foreach=True"]
 
@@ -28,8 +30,8 @@ def _call(impl: str, grads: list[torch.Tensor]) -> tuple[list[torch.Tensor], Cal
         return params, lambda m: flat.pre_step_(L1, L2, max_norm=m)
     return params, {
         "pre_step_": lambda m: fused_optim.pre_step_(params, L1, L2, max_norm=m),
-        "fused l1l2_grad_ + clip_grad_norm_": lambda m: _fused_separate(params, m),
-        "torch _foreach_* + clip foreach=True": lambda m: _torch_glue(params, m),
+        "fused l1l2_grad_ + clip_grad_norm_": lambda m: fused_separate(params, m),
+        "torch _foreach_* + clip foreach=True": lambda m: torch_glue(params, m),
     }[impl]
 
 

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 import fused_optim
-from fused_optim.benchmark import timm_drop_path
+from fused_optim.benchmark.rows.structured_dropout import timm_drop_path
 
 
 @functools.cache

@@ -6,7 +6,7 @@ import functools
 
 import pytest
 
-from fused_optim.benchmark import make_case
+from fused_optim.benchmark.cases import make_case
 
 
 @functools.cache

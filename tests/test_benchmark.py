@@ -3,11 +3,13 @@ benchmark runs only)."""
 
 from __future__ import annotations
 
-import fused_optim.benchmark as bm
+from fused_optim.benchmark.cli import main
+from fused_optim.benchmark.report import plot_speedups
+from fused_optim.benchmark.timing import Bench
 
 
 def test_quick_table_for_one_suite(capsys):
-    rows = bm.main(["--rounds", "1", "--suites", "clip", "--cases", "b"])
+    rows = main(["--rounds", "1", "--suites", "clip", "--cases", "b"])
     assert {r.op for r in rows} == {"clip_grad_norm_ clipping", "clip_grad_norm_ no clip", "clip_grad_value_"}
     assert all(r.fused_ms > 0 and r.ref_ms > 0 for r in rows)
     out = capsys.readouterr().out
@@ -16,12 +18,12 @@ def test_quick_table_for_one_suite(capsys):
 
 def test_plot_writes_a_png(tmp_path):
     path = tmp_path / "speedup.png"
-    bm.plot_speedups(bm.Bench("cpu", rounds=1), str(path), counts=(10, 100), totals=(10**4, 10**5))
+    plot_speedups(Bench("cpu", rounds=1), str(path), counts=(10, 100), totals=(10**4, 10**5))
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 def test_flat_suite_reports_its_rows():
-    rows = bm.main(["--rounds", "1", "--suites", "flat", "--cases", "b"])
+    rows = main(["--rounds", "1", "--suites", "flat", "--cases", "b"])
     assert {r.op for r in rows} >= {
         "flat clip_grad_norm_ clipping", "flat clip_grad_norm_ no clip", "flat l1l2_penalty", "flat l1l2_grad_",
         "ModelEMA.update, flat", "clip_grad_norm_(model.parameters()) no clip, flattened",
@@ -31,15 +33,15 @@ def test_flat_suite_reports_its_rows():
 
 
 def test_pre_step_and_step_suites_report_their_rows():
-    rows = bm.main(["--rounds", "1", "--suites", "pre_step", "--cases", "b"])
+    rows = main(["--rounds", "1", "--suites", "pre_step", "--cases", "b"])
     assert {r.op for r in rows} == {"pre_step_ no clip", "pre_step_ clipping", "flat pre_step_ no clip", "flat pre_step_ clipping"}
     assert all(r.ref_ms > 0 and r.fused_ms > 0 for r in rows)
-    rows = bm.main(["--rounds", "1", "--suites", "step", "--cases", "a"])
+    rows = main(["--rounds", "1", "--suites", "step", "--cases", "a"])
     assert len(rows) == 2 and all(r.op == "transformer training step" for r in rows)
 
 
 def test_structured_dropout_suite_reports_its_rows():
-    rows = bm.main(["--rounds", "1", "--suites", "structured_dropout", "--cases", "a"])
+    rows = main(["--rounds", "1", "--suites", "structured_dropout", "--cases", "a"])
     assert {r.op for r in rows} == {
         "drop_path fwd", "dropout1d fwd", "dropout1d fwd inplace", "drop_path fwd+bwd", "drop_path_add (x + drop_path(branch))",
     }

@@ -88,7 +88,7 @@ def run(cmd: list[str], **kwargs) -> str:
 
 def build_sources() -> set[str]:
     """The files the build reads: setup.py's sources and headers, and the package's Python files."""
-    patterns = ["csrc/**/*.h", "csrc/**/*.cpp", "csrc/**/*.cu", "csrc/**/*.cuh", "fused_optim/*.py",
+    patterns = ["csrc/**/*.h", "csrc/**/*.cpp", "csrc/**/*.cu", "csrc/**/*.cuh", "fused_optim/**/*.py",
                 "setup.py", "pyproject.toml", "README.md", "LICENSE"]
     return {os.path.relpath(p, ROOT) for pat in patterns for p in glob.glob(os.path.join(ROOT, pat), recursive=True)}
 

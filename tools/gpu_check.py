@@ -34,7 +34,7 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CASES = os.path.join("tools", "cuda_kernel_cases.py")
 PHASE_BUDGET = {"build": 240, "tests": 180, "memcheck": 90, "racecheck": 90, "bench": 60}  # seconds
-PATHS = ["setup.py", "csrc/cuda", "tests/conftest.py", CASES, "fused_optim/benchmark.py"]
+PATHS = ["setup.py", "csrc/cuda", "tests/conftest.py", CASES, "fused_optim/benchmark/__main__.py"]
 
 
 def sanitizer() -> str | None:
