@@ -315,7 +315,7 @@ class FlatParameters:
             if _distributed.is_dtensor(p):
                 raise ValueError(
                     f"parameters[{i}] is a DTensor: FSDP2 and tensor parallelism keep their own flat "
-                    "shards; flatten_parameters takes plain tensors (see README, Flat buffers)"
+                    "shards; flatten_parameters takes plain tensors (see docs/flat-buffers.md)"
                 )
             if id(p) in seen:
                 raise ValueError(f"parameters[{i}] appears twice: each parameter can be flattened once")
@@ -376,7 +376,7 @@ class FlatParameters:
                 raise FlatBuffersBroken(
                     f"FlatParameters: a submodule changed class ({cls.__name__} -> {type(m).__name__}, as "
                     "FSDP2's fully_shard does): its parameters are no longer these; flat buffers and "
-                    "FSDP2 do not combine (README, Flat buffers)"
+                    "FSDP2 do not combine (docs/flat-buffers.md)"
                 )
         held = list(module.parameters())
         mine = {id(p) for p in self._params}
@@ -451,7 +451,7 @@ class FlatParameters:
                     warnings.warn(
                         "FlatParameters: a gradient is a view of another buffer (DDP's "
                         "gradient_as_bucket_view?) or sparse: the flat methods run per tensor on the "
-                        "actual gradients (README, Flat buffers)",
+                        "actual gradients (docs/flat-buffers.md)",
                         stacklevel=4,
                     )
                     self._warned = True
