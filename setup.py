@@ -41,7 +41,7 @@ X86_64 = platform.machine().lower() in ("x86_64", "amd64")
 CPU_CAPABILITIES = {"DEFAULT": [], **({"AVX2": ["-mavx2", "-mfma", "-mf16c"]} if X86_64 else {})}
 
 
-# The arithmetic contract (README, "Arithmetic"): a * b + c is rounded twice unless the source calls
+# The arithmetic contract (docs/numerics.md, "Arithmetic"): a * b + c is rounded twice unless the source calls
 # fma_rn, so the AVX2 and portable CPU builds, the scalar tails and the CUDA kernels give the same
 # bits; nvcc would otherwise contract it into one FMA (-fmad=true is its default).
 # tools/check_cuda_compile.py compiles with these flags and checks the PTX for it.

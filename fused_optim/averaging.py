@@ -344,7 +344,7 @@ class ModelEMA(nn.Module):
         if _distributed.any_dtensor(list(model.parameters())):
             raise ValueError(
                 "ModelEMA deep-copies the model, which FSDP2 refuses: build ModelEMA(model) before "
-                "fully_shard(model), then shard ema.module the same way (README, Scaling out)"
+                "fully_shard(model), then shard ema.module the same way (docs/distributed.md)"
             )
         self.module = copy.deepcopy(model).eval().requires_grad_(False)
         self.decay, self.warmup, self.min_decay = decay, warmup, min_decay

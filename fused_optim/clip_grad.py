@@ -52,7 +52,7 @@ def get_total_norm(
     and for an empty tensor with ``norm_type`` inf, -inf or < 0 (no identity; torch raises too);
     TypeError/ValueError for a non-numeric or nan ``norm_type`` or non-floating tensors.
 
-    Sharded tensors (see README, "Scaling out"): DTensors (FSDP2, tensor parallel) and, with
+    Sharded tensors (see docs/distributed.md): DTensors (FSDP2, tensor parallel) and, with
     ``process_group``, plain tensors that are each rank's shard of a larger vector (the others are
     taken as replicated). The result is then the **global** norm, a plain tensor with the same
     value on every rank (torch returns a DTensor there, to be ``.full_tensor()``-ed): the fused

@@ -535,7 +535,7 @@ def test_dropout_probability_too_small_to_drop_anything(backend, device, p):
 
 @pytest.mark.parametrize("bad", [float("nan"), float("inf")])
 def test_a_zero_coefficient_adds_nothing_even_for_a_nonfinite_parameter(backend, device, bad):
-    # The README's documented exception: the seed's formula gives 0 * nan = 0 * inf = nan. The
+    # The documented exception (docs/correctness.md): the seed's formula gives 0 * nan = 0 * inf = nan. The
     # gradient is no exception: autograd of the seed's formula, element by element.
     p = torch.tensor([bad, 1.0, -2.0], device=device, requires_grad=True)
     q = p.detach().clone().requires_grad_(True)

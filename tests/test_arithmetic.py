@@ -1,4 +1,4 @@
-"""The arithmetic contract (README, "Arithmetic"), compared bit for bit: every op gives the same
+"""The arithmetic contract (docs/numerics.md, "Arithmetic"), compared bit for bit: every op gives the same
 bits on the AVX2 and the portable CPU build (a subprocess with ATEN_CPU_CAPABILITY=default), in
 its vector body and in its scalar tail (tensor sizes 1..33), on the native and the reference
 kernels, and the lerp equals torch.lerp_.
@@ -27,7 +27,7 @@ LERP_WEIGHTS = [0.9, 0.7, 0.5, 0.4, 0.1, 1e-3, -0.3, 1.7]  # 1 - decay: warm-up 
 native_only = pytest.mark.skipif(EXT_DISABLED or _library._C is None, reason="compares the native kernels")
 # Both builds exist, and torch fuses its lerp, only on x86-64 CPUs with AVX2.
 needs_avx2 = pytest.mark.skipif(
-    torch.backends.cpu.get_cpu_capability() not in ("AVX2", "AVX512"), reason="needs an AVX2 CPU (README, Arithmetic)"
+    torch.backends.cpu.get_cpu_capability() not in ("AVX2", "AVX512"), reason="needs an AVX2 CPU (docs/numerics.md, Arithmetic)"
 )
 
 

@@ -138,7 +138,7 @@ def test_average_state_dicts_weighted_and_tied(backend):
     expected = sum(w / 6 * sd["embed.weight"].double() for w, sd in zip([1, 2, 3], sds))
     torch.testing.assert_close(averaged["embed.weight"].double(), expected)
     assert averaged["out.weight"] is averaged["embed.weight"]  # tied: averaged once, shared
-    # The first state dict decides the tying and the key order (README): a later one's entry under
+    # The first state dict decides the tying and the key order (docs/api.md, Averaging): a later one's entry under
     # the tied key is not read.
     untied = {k: v.clone() for k, v in reversed(sds[1].items())}
     untied["out.weight"].fill_(1e6)

@@ -80,7 +80,7 @@ def test_total_norm_mixed_dtypes(backend, device, norm_type):
 
 
 def test_half_norms_in_a_mixed_list_are_not_rounded_to_half_unlike_torch(backend, device):
-    # The README's documented difference: torch rounds each fp16/bf16 tensor's norm to its dtype
+    # The documented difference (docs/api.md): torch rounds each fp16/bf16 tensor's norm to its dtype
     # before combining (an fp16 norm above 65504 becomes inf, and clipping then zeroes every
     # gradient); ours keeps it in fp32 or wider.
     half = torch.full((10000,), 1000.0, dtype=torch.float16, device=device)  # norm 1e5 > 65504

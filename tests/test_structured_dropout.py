@@ -410,7 +410,7 @@ def test_non_numeric_p_raises_type_error_as_torch_and_writes_nothing(backend, p)
         fused_optim.stochastic_depth(x, p, "row")
     with pytest.raises(TypeError, match="drop probability p must be a real number"):
         fused_optim.StochasticDepth(p, "batch")(x)
-    for name in ("Dropout", "Dropout1d", "Dropout2d", "Dropout3d"):  # torch's constructors (README, Errors)
+    for name in ("Dropout", "Dropout1d", "Dropout2d", "Dropout3d"):  # torch's constructors (docs/correctness.md, Errors)
         with pytest.raises(TypeError) as theirs:
             getattr(nn, name)(p)
         with pytest.raises(TypeError) as ours:

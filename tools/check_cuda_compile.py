@@ -1,6 +1,6 @@
 """Compiles every csrc/cuda/*.cu to an object file with the machine's nvcc against the installed
 torch headers, and fails on any error: the CUDA code is checked on GPU-less CI machines too.
-It also reads the PTX nvcc kept for the arithmetic contract (README, "Arithmetic"): the elementwise
+It also reads the PTX nvcc kept for the arithmetic contract (docs/numerics.md, "Arithmetic"): the elementwise
 kernels whose formulas are rounded operation by operation hold no fused multiply-add, and the lerp
 kernels hold the one torch's lerp rounds with.
 

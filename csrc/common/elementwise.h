@@ -8,7 +8,7 @@
 
 namespace fused_optim {
 
-// The arithmetic contract (README, "Arithmetic"): a product and a sum are each rounded (no FMA
+// The arithmetic contract (docs/numerics.md, "Arithmetic"): a product and a sum are each rounded (no FMA
 // contraction: -ffp-contract=off for the host, -fmad=false for nvcc, see setup.py) except where a
 // formula calls fma_rn, which rounds a * b + c once on every path.
 template <typename T>
