@@ -285,34 +285,45 @@ class FlatParameters:
     def _rehome(self, g: _Group) -> bool:
         """Brings the group's gradients back into its buffer: new ones are copied into their slots
         (and replaced by their views), the slots of missing ones zeroed. False, touching nothing,
-        when a gradient is a view of another buffer."""
-        grads = [p.grad for p in g.params]
-        for grad, v in zip(grads, g.grad_views):
-            if grad is not None and grad is not v and (grad._base is not None or grad.layout != torch.strided):
-                if not self._warned_foreign:
-                    warnings.warn(
-                        "FlatParameters: a gradient is a view of another buffer (DDP's "
-                        "gradient_as_bucket_view?) or sparse: the flat calls run per tensor on the "
-                        "actual gradients (docs/flat-buffers.md)",
-                        stacklevel=5,
-                    )
-                    self._warned_foreign = True
-                return False
-        copies = [(v, grad) for v, grad in zip(g.grad_views, grads) if grad is not None and grad is not v]
-        zeros = [v for v, grad in zip(g.grad_views, grads) if grad is None]
-        with torch.no_grad():
-            if copies:
-                torch._foreach_copy_([v for v, _ in copies], [grad for _, grad in copies])
-            if len(zeros) == len(grads):
-                g.grad.zero_()
-            elif zeros:
-                torch._foreach_zero_(zeros)
-        for p, v, grad in zip(g.params, g.grad_views, grads):
-            if grad is not None and grad is not v:
-                p.grad = v
-        g.expected = [v if grad is not None else None for v, grad in zip(g.grad_views, grads)]
+        when a gradient is a view of another buffer (warned once)."""
+        if _C is not None:
+            changed = _C.flat_rehome(g.params, g.grad_views, g.expected_table)
+            if changed is not None and not changed and _C.flat_check(g.params, g.places, g.expected_table, g.storage)[0] == 0:
+                return True  # the usual step: every gradient new, copied; nothing else changed
+        else:
+            changed = self._python_rehome(g)
+        if changed is None:
+            if not self._warned_foreign:
+                warnings.warn(
+                    "FlatParameters: a gradient is a view of another buffer (DDP's "
+                    "gradient_as_bucket_view?) or sparse: the flat calls run per tensor on the "
+                    "actual gradients (docs/flat-buffers.md)",
+                    stacklevel=5,
+                )
+                self._warned_foreign = True
+            return False
+        g.expected = [v if p.grad is not None else None for p, v in zip(g.params, g.grad_views)]
         g.expectations_changed()
         return True
+
+    @staticmethod
+    def _python_rehome(g: _Group) -> bool | None:
+        """csrc/flat_views.cpp's flat_rehome in Python."""
+        grads = [p.grad for p in g.params]
+        if any(
+            grad is not None and grad is not v and (grad._base is not None or grad.layout != torch.strided)
+            for grad, v in zip(grads, g.grad_views)
+        ):
+            return None
+        with torch.no_grad():
+            for p, v, grad, e in zip(g.params, g.grad_views, grads, g.expected):
+                if grad is None and e is not None:
+                    v.zero_()
+                elif grad is not None and grad is not v:
+                    v.copy_(grad)
+                    p.grad = v
+        return True
+
 
     # ------------------------------------------------------------ the glue: the public functions
 
