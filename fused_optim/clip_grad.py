@@ -12,7 +12,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from . import _distributed, reference
+from . import _distributed, checks
 from ._utils import to_float
 from .flat import flat_call, via_flat
 
@@ -77,10 +77,10 @@ def get_total_norm(
     tensors = _as_list(tensors, "tensors")
 
     def sharded() -> Tensor:
-        reference.check_norm_type(norm_type)
-        total = _distributed.sharded_norm(tensors, norm_type, process_group).to(reference.norm_dtype(tensors))
+        checks.check_norm_type(norm_type)
+        total = _distributed.sharded_norm(tensors, norm_type, process_group).to(checks.norm_dtype(tensors))
         if error_if_nonfinite and not torch.isfinite(total):  # a host read, as in torch
-            raise RuntimeError(reference.nonfinite_norm_message(norm_type))
+            raise RuntimeError(checks.nonfinite_norm_message(norm_type))
         return total
 
     if process_group is not None:

@@ -25,7 +25,7 @@ from typing import TypeVar
 import torch
 from torch import Tensor, nn
 
-from . import _distributed, reference
+from . import _distributed, checks
 from ._library import _C
 from ._utils import as_float, to_float
 
@@ -52,7 +52,7 @@ def _one_run(tensors: list[Tensor], written: bool) -> tuple[Tensor, int, int] | 
             or t.is_neg()
             or t.is_conj()
             or t.numel() == 0
-            or not reference._non_overlapping_and_dense(t)
+            or not checks.non_overlapping_and_dense(t)
         ):
             return None
         if written and (t.requires_grad or t.is_inference()):
@@ -221,7 +221,7 @@ class _Group:
             for p in params:
                 # A dense parameter keeps its strides (channels_last included): the optimizer's and
                 # autograd's gradients then have the same layout as the view they land in.
-                stride = p.stride() if reference._non_overlapping_and_dense(p) else _contiguous_strides(p.shape)
+                stride = p.stride() if checks.non_overlapping_and_dense(p) else _contiguous_strides(p.shape)
                 view = self.data.as_strided(p.shape, stride, offset)
                 grad_view = self.grad.as_strided(p.shape, stride, offset)
                 view.copy_(p)
