@@ -86,6 +86,9 @@ def _load_extension():
     return _C, None
 
 
+# After the schemas (its static registrations could come first, the dispatcher keeps kernels for
+# ops defined later, but its register_autograd_for_namespace, called at the end of this file, needs
+# every op defined) and before any Python kernel, so that _has_kernel sees what _C registered.
 _C, EXTENSION_ERROR = _load_extension()
 
 
