@@ -1,13 +1,16 @@
 // Autograd and version counters of every op, for every device, when the native extension is
 // loaded; without it, fused_optim/_library.py registers the same rules in Python:
-// - l1l2_penalty: its derivative (below; the fused l1l2_penalty_backward op computes it, and under
-//   create_graph a formula of differentiable ATen ops does, so higher orders are right);
-// - ops that write a tensor (Tensor(a!) in their schema) have no derivative: with grad mode on they
-//   refuse to write a tensor that requires grad, before anything is written (a leaf or a view of
-//   one with torch's own messages), and they bump the version counter of every tensor they wrote
-//   (ADInplaceOrView), so a tensor saved for backward and overwritten is caught as torch catches it;
-// - the other ops without a derivative take torch's NotImplemented fallback: an output computed
-//   from a tensor that requires grad raises when backpropagated through.
+// - the ops with a derivative register it explicitly: l1l2_penalty here (below; the fused
+//   l1l2_penalty_backward op computes it, and under create_graph a formula of differentiable ATen
+//   ops does, so higher orders are right), the dropout family in Python (_library.py);
+// - every other op of the namespace gets its kernels from its schema, in
+//   register_autograd_for_namespace (no list of names here): an op that writes a tensor (a mutable
+//   schema, Tensor(a!)) has no derivative: with grad mode on it refuses to write a tensor that
+//   requires grad, before anything is written (a leaf or a view of one with torch's own messages),
+//   and it bumps the version counter of every tensor it wrote (ADInplaceOrView), so a tensor saved
+//   for backward and overwritten is caught as torch catches it; an op that writes nothing takes
+//   torch's NotImplemented fallback: an output computed from a tensor that requires grad raises
+//   when backpropagated through.
 //
 // Why C++: a Python autograd kernel converts a Tensor[] argument to Python and back on every call,
 // which cost ~290 us for 2000 tensors here (about as much as the fused kernels themselves).
@@ -20,8 +23,12 @@
 #include <torch/csrc/autograd/autograd_not_implemented_fallback.h>
 #include <torch/library.h>
 
+#include "autograd.h"
+
 #include <algorithm>
+#include <memory>
 #include <string>
+#include <vector>
 
 namespace fused_optim {
 namespace {
@@ -168,28 +175,46 @@ void bump_written_versions(const c10::OperatorHandle& op, c10::DispatchKeySet ke
   });
 }
 
-// Keep in step with fused_optim/_library.py's SCHEMAS (tests/test_library.py checks every op).
-constexpr const char* kWritingOps[] = {
-    "l1l2_grad_", "multi_tensor_scale_", "clip_grad_norm_", "clip_grad_value_", "pre_step_",
-    "multi_tensor_weighted_sum_", "multi_tensor_lerp_", "dropout_", "drop_groups_"};
-constexpr const char* kNoDerivativeOps[] = {
-    "l1l2_penalty_backward", "multi_tensor_norm", "multi_tensor_weighted_sum", "dropout_mask"};
-
 } // namespace
 
 TORCH_LIBRARY_IMPL(fused_optim, Autograd, m) {
   m.impl("l1l2_penalty", &l1l2_penalty_autograd);
-  for (const char* name : kWritingOps) {
-    m.impl(name, torch::CppFunction::makeFromBoxedFunction<&refuse_grad_requiring_writes>());
-  }
-  for (const char* name : kNoDerivativeOps) {
-    m.impl(name, torch::autograd::autogradNotImplementedFallback());
-  }
 }
 
-TORCH_LIBRARY_IMPL(fused_optim, ADInplaceOrView, m) {
-  for (const char* name : kWritingOps) {
-    m.impl(name, torch::CppFunction::makeFromBoxedFunction<&bump_written_versions>());
+void register_autograd_for_namespace(const std::string& ns) {
+  // The registrations live as long as the process, as TORCH_LIBRARY_IMPL's do.
+  static std::vector<std::unique_ptr<torch::Library>> libraries;
+  auto library = [&](c10::DispatchKey key) {
+    libraries.push_back(std::make_unique<torch::Library>(torch::Library::IMPL, ns, key, __FILE__, __LINE__));
+    return libraries.back().get();
+  };
+  torch::Library* autograd = nullptr;
+  torch::Library* inplace_or_view = nullptr;
+  auto& dispatcher = c10::Dispatcher::singleton();
+  for (const c10::OperatorName& name : dispatcher.getAllOpNames()) {
+    if (name.getNamespace() != std::string_view(ns)) {
+      continue;
+    }
+    const std::optional<c10::OperatorHandle> op = dispatcher.findSchema(name);
+    if (!op) {
+      continue;  // kernels registered for an op nobody defined
+    }
+    // Library::impl takes the name without its namespace ("op" or "op.overload").
+    std::string impl_name = name.name.substr(ns.size() + 2);
+    if (!name.overload_name.empty()) {
+      impl_name += "." + name.overload_name;
+    }
+    const bool writes = op->schema().is_mutable();
+    if (!op->hasKernelForDispatchKey(c10::DispatchKey::Autograd)) {
+      autograd = autograd ? autograd : library(c10::DispatchKey::Autograd);
+      autograd->impl(
+          impl_name.c_str(), writes ? torch::CppFunction::makeFromBoxedFunction<&refuse_grad_requiring_writes>()
+                                    : torch::autograd::autogradNotImplementedFallback());
+    }
+    if (writes && !op->hasKernelForDispatchKey(c10::DispatchKey::ADInplaceOrView)) {
+      inplace_or_view = inplace_or_view ? inplace_or_view : library(c10::DispatchKey::ADInplaceOrView);
+      inplace_or_view->impl(impl_name.c_str(), torch::CppFunction::makeFromBoxedFunction<&bump_written_versions>());
+    }
   }
 }
 

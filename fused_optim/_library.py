@@ -1,7 +1,16 @@
-"""The fused_optim op library, in one place: every schema of the `fused_optim` namespace, the
-reference kernels (registered for every device), the fake kernels for torch.compile, autograd, and
-the loading of the native extension fused_optim._C, whose C++/CUDA kernels take over the devices
-they register for.
+"""The fused_optim op library, in one place, in the order it is built (top to bottom):
+
+1. the schemas of every op of the `fused_optim` namespace (SCHEMAS);
+2. the native extension fused_optim._C, loaded once the schemas exist: its static registrations
+   (the CPU/CUDA kernels, and l1l2_penalty's C++ autograd) attach to the ops defined in 1;
+3. the reference kernels (registered for every device; _C's kernels take over the devices they
+   register for);
+4. the fake kernels for torch.compile;
+5. autograd: first the ops with a derivative, each registered explicitly (l1l2_penalty in C++
+   when _C is loaded, else in Python; dropout, drop_groups, drop_groups_add in Python), then every
+   other op by the rule its schema decides (_C.register_autograd_for_namespace in C++, the Python
+   kernels below for whatever key is still empty): an op that writes (a mutable schema) refuses
+   grad-requiring writes and bumps versions, any other takes torch's NotImplemented fallback.
 """
 
 from __future__ import annotations
@@ -14,7 +23,7 @@ import torch
 from torch import Tensor
 from torch.utils import _pytree as pytree
 
-from . import reference
+from . import checks, reference
 
 _lib = torch.library.Library("fused_optim", "DEF")
 
@@ -54,29 +63,8 @@ SCHEMAS = {
     ),
 }
 
-for _name, _schema in SCHEMAS.items():
+for _schema in SCHEMAS.values():
     _lib.define(_schema)
-    _lib.impl(_name, getattr(reference, _name), "CompositeExplicitAutograd")
-
-
-# Fake kernels: shapes and dtypes only, with the same device/dtype checks as the real kernels.
-@torch.library.register_fake("fused_optim::l1l2_penalty", lib=_lib)
-def _(tensors: list[Tensor], l1: float, l2: float) -> Tensor:
-    reference.check_floating_list(tensors, "tensors")
-    device = tensors[0].device if tensors else None
-    return torch.empty((), dtype=reference.reduction_dtype(tensors), device=device)
-
-
-@torch.library.register_fake("fused_optim::l1l2_penalty_backward", lib=_lib)
-def _(grad_out: Tensor, tensors: list[Tensor], l1: float, l2: float) -> list[Tensor]:
-    reference.check_floating_list(tensors, "tensors")
-    return [torch.empty_like(t) for t in tensors]
-
-
-@torch.library.register_fake("fused_optim::l1l2_grad_", lib=_lib)
-def _(params: list[Tensor], grads: list[Tensor], l1: float, l2: float) -> None:
-    reference.check_floating_list(params, "params")
-    reference.check_paired_lists(params, grads)
 
 
 def _load_extension():
@@ -98,78 +86,111 @@ def _load_extension():
     return _C, None
 
 
+# After the schemas (its static registrations could come first, the dispatcher keeps kernels for
+# ops defined later, but its register_autograd_for_namespace, called at the end of this file, needs
+# every op defined) and before any Python kernel, so that _has_kernel sees what _C registered.
 _C, EXTENSION_ERROR = _load_extension()
+
+
+def _has_kernel(name: str, key: str) -> bool:
+    """Whether a kernel of op `name` is registered for dispatch key `key` (by _C, or above)."""
+    return torch._C._dispatch_has_kernel_for_dispatch_key(f"fused_optim::{name}", key)
+
+
+for _name in SCHEMAS:
+    _lib.impl(_name, getattr(reference, _name), "CompositeExplicitAutograd")
+
+
+# Fake kernels: shapes and dtypes only, with the same device/dtype checks as the real kernels.
+@torch.library.register_fake("fused_optim::l1l2_penalty", lib=_lib)
+def _(tensors: list[Tensor], l1: float, l2: float) -> Tensor:
+    checks.check_floating_list(tensors, "tensors")
+    device = tensors[0].device if tensors else None
+    return torch.empty((), dtype=checks.reduction_dtype(tensors), device=device)
+
+
+@torch.library.register_fake("fused_optim::l1l2_penalty_backward", lib=_lib)
+def _(grad_out: Tensor, tensors: list[Tensor], l1: float, l2: float) -> list[Tensor]:
+    checks.check_floating_list(tensors, "tensors")
+    return [torch.empty_like(t) for t in tensors]
+
+
+@torch.library.register_fake("fused_optim::l1l2_grad_", lib=_lib)
+def _(params: list[Tensor], grads: list[Tensor], l1: float, l2: float) -> None:
+    checks.check_floating_list(params, "params")
+    checks.check_paired_lists(params, grads)
+
 
 @torch.library.register_fake("fused_optim::multi_tensor_norm", lib=_lib)
 def _(tensors: list[Tensor], norm_type: float, per_tensor: bool, error_if_nonfinite: bool = False) -> tuple[Tensor, Tensor]:
-    reference.check_norm_type(norm_type)
-    reference.check_floating_list(tensors, "tensors")
-    reference.check_norm_defined(tensors, norm_type)
+    checks.check_norm_type(norm_type)
+    checks.check_floating_list(tensors, "tensors")
+    checks.check_norm_defined(tensors, norm_type)
     device = tensors[0].device if tensors else None
-    dtype = reference.norm_dtype(tensors)
+    dtype = checks.norm_dtype(tensors)
     total = torch.empty((), dtype=dtype, device=device)
     return total, torch.empty((len(tensors) if per_tensor else 0,), dtype=dtype, device=device)
 
 
 @torch.library.register_fake("fused_optim::multi_tensor_scale_", lib=_lib)
 def _(tensors: list[Tensor], scale: Tensor) -> None:
-    reference.check_floating_list(tensors, "tensors")
+    checks.check_floating_list(tensors, "tensors")
 
 
 @torch.library.register_fake("fused_optim::clip_grad_norm_", lib=_lib)
 def _(grads: list[Tensor], max_norm: float, norm_type: float, error_if_nonfinite: bool) -> Tensor:
-    reference.check_norm_type(norm_type)
-    reference.check_floating_list(grads, "grads")
-    reference.check_norm_defined(grads, norm_type)
+    checks.check_norm_type(norm_type)
+    checks.check_floating_list(grads, "grads")
+    checks.check_norm_defined(grads, norm_type)
     device = grads[0].device if grads else None
-    return torch.empty((), dtype=reference.norm_dtype(grads), device=device)
+    return torch.empty((), dtype=checks.norm_dtype(grads), device=device)
 
 
 @torch.library.register_fake("fused_optim::clip_grad_value_", lib=_lib)
 def _(grads: list[Tensor], clip_value: float) -> None:
-    reference.check_floating_list(grads, "grads")
-    reference.check_clip_value(grads, clip_value)
+    checks.check_floating_list(grads, "grads")
+    checks.check_clip_value(grads, clip_value)
 
 
 @torch.library.register_fake("fused_optim::pre_step_", lib=_lib)
 def _(params: list[Tensor], grads: list[Tensor], l1: float, l2: float, max_norm: float | None, norm_type: float,
       clip_value: float | None, error_if_nonfinite: bool) -> Tensor:
-    reference.check_pre_step_meta(params, grads, l1, l2, max_norm, norm_type, clip_value)
+    checks.check_pre_step_meta(params, grads, l1, l2, max_norm, norm_type, clip_value)
     device = grads[0].device if grads else None
-    return torch.empty((), dtype=reference.norm_dtype(grads), device=device)
+    return torch.empty((), dtype=checks.norm_dtype(grads), device=device)
 
 
 @torch.library.register_fake("fused_optim::multi_tensor_weighted_sum", lib=_lib)
 def _(inputs: list[Tensor], weights: list[float]) -> list[Tensor]:
-    out = [torch.empty_like(t) for t in inputs[: reference.num_outputs(inputs, weights)]]
-    reference.check_weighted_sum_args(inputs, weights, out)
+    out = [torch.empty_like(t) for t in inputs[: checks.num_outputs(inputs, weights)]]
+    checks.check_weighted_sum_args(inputs, weights, out)
     return out
 
 
 @torch.library.register_fake("fused_optim::multi_tensor_weighted_sum_", lib=_lib)
 def _(inputs: list[Tensor], weights: list[float], out: list[Tensor]) -> None:
-    reference.check_weighted_sum_args(inputs, weights, out)
+    checks.check_weighted_sum_args(inputs, weights, out)
 
 
 @torch.library.register_fake("fused_optim::multi_tensor_lerp_", lib=_lib)
 def _(self: list[Tensor], end: list[Tensor], weight: Tensor) -> None:
-    reference.check_lerp_args(self, end, weight)
+    checks.check_lerp_args(self, end, weight)
 
 
 @torch.library.register_fake("fused_optim::dropout", lib=_lib)
 def _(input: Tensor, p: float, seed_offset: Tensor) -> Tensor:
-    reference.check_dropout_args(input, p, seed_offset)
+    checks.check_dropout_args(input, p, seed_offset)
     return torch.empty_like(input)
 
 
 @torch.library.register_fake("fused_optim::dropout_", lib=_lib)
 def _(input: Tensor, p: float, seed_offset: Tensor) -> None:
-    reference.check_dropout_args(input, p, seed_offset)
+    checks.check_dropout_args(input, p, seed_offset)
 
 
 @torch.library.register_fake("fused_optim::dropout_mask", lib=_lib)
 def _(input: Tensor, p: float, seed_offset: Tensor) -> Tensor:
-    reference.check_dropout_args(input, p, seed_offset)
+    checks.check_dropout_args(input, p, seed_offset)
     return torch.empty((input.numel() + 7) // 8, dtype=torch.uint8, device=input.device)
 
 
@@ -177,19 +198,45 @@ def _(input: Tensor, p: float, seed_offset: Tensor) -> Tensor:
 # differs from empty_like's for expanded inputs): the fakes run that multiply on fake multipliers.
 @torch.library.register_fake("fused_optim::drop_groups", lib=_lib)
 def _(input: Tensor, group_dims: int, p: float, scale: bool, seed_offset: Tensor) -> Tensor:
-    reference.check_drop_groups_args(input, group_dims, p, seed_offset)
+    checks.check_drop_groups_args(input, group_dims, p, seed_offset)
     return input * reference.group_multipliers_like(input, group_dims)
 
 
 @torch.library.register_fake("fused_optim::drop_groups_", lib=_lib)
 def _(input: Tensor, group_dims: int, p: float, scale: bool, seed_offset: Tensor) -> None:
-    reference.check_drop_groups_args(input, group_dims, p, seed_offset)
+    checks.check_drop_groups_args(input, group_dims, p, seed_offset)
 
 
 @torch.library.register_fake("fused_optim::drop_groups_add", lib=_lib)
 def _(x: Tensor, branch: Tensor, group_dims: int, p: float, scale: bool, seed_offset: Tensor) -> Tensor:
-    reference.check_drop_groups_add_args(x, branch, group_dims, p, seed_offset)
+    checks.check_drop_groups_add_args(x, branch, group_dims, p, seed_offset)
     return torch.addcmul(x, branch, reference.group_multipliers_like(branch, group_dims))
+
+
+# Autograd, 1: the ops with a derivative, each registered here explicitly (the only place that
+# says which ops have one). l1l2_penalty's derivative calls the l1l2_penalty_backward op, which
+# holds the formula; under create_graph the reference formula (differentiable torch ops) runs, so
+# higher orders are right. csrc/autograd.cpp registers the same in C++ when _C is loaded (a Python
+# autograd kernel costs ~290 us for 2000 tensors), so Python registers it only when none is.
+def _l1l2_penalty_setup_context(ctx, inputs, output) -> None:
+    tensors, ctx.l1, ctx.l2 = inputs
+    ctx.save_for_backward(*tensors)
+
+
+def _l1l2_penalty_backward(ctx, grad: Tensor):
+    tensors = list(ctx.saved_tensors)
+    if torch.is_grad_enabled():  # create_graph
+        return reference.l1l2_penalty_backward(grad, tensors, ctx.l1, ctx.l2), None, None
+    return torch.ops.fused_optim.l1l2_penalty_backward(grad, tensors, ctx.l1, ctx.l2), None, None
+
+
+if not _has_kernel("l1l2_penalty", "Autograd"):
+    torch.library.register_autograd(
+        "fused_optim::l1l2_penalty",
+        _l1l2_penalty_backward,
+        setup_context=_l1l2_penalty_setup_context,
+        lib=_lib,
+    )
 
 
 # Dropout's backward regenerates the mask from (seed, offset): the same op applied to the gradient.
@@ -235,29 +282,10 @@ torch.library.register_autograd(
 )
 
 
-# Autograd and version counters (csrc/autograd.cpp, which says why, registers the same rules in C++
-# when the extension is loaded; these Python kernels fill the keys it left empty):
-# - l1l2_penalty's derivative calls the l1l2_penalty_backward op, which holds the formula; under
-#   create_graph the reference formula (differentiable torch ops) runs, so higher orders are right;
-# - ops that write a tensor refuse, with grad mode on, to write one that requires grad, and bump the
-#   version of what they wrote once their kernel has succeeded;
-# - other ops without a derivative give outputs whose backward raises (torch's NotImplemented).
-def _l1l2_penalty_setup_context(ctx, inputs, output) -> None:
-    tensors, ctx.l1, ctx.l2 = inputs
-    ctx.save_for_backward(*tensors)
-
-
-def _l1l2_penalty_backward(ctx, grad: Tensor):
-    tensors = list(ctx.saved_tensors)
-    if torch.is_grad_enabled():  # create_graph
-        return reference.l1l2_penalty_backward(grad, tensors, ctx.l1, ctx.l2), None, None
-    return torch.ops.fused_optim.l1l2_penalty_backward(grad, tensors, ctx.l1, ctx.l2), None, None
-
-
-def _has_kernel(name: str, key: str) -> bool:
-    return torch._C._dispatch_has_kernel_for_dispatch_key(f"fused_optim::{name}", key)
-
-
+# Autograd, 2 (the kernels, as csrc/autograd.cpp's): with grad mode on, an op that writes a tensor
+# refuses to write one that requires grad, and bumps the version of what it wrote once its kernel
+# has succeeded; an op without a derivative that writes nothing gives outputs whose backward raises
+# (torch's NotImplemented).
 def _written(schema, args) -> list[tuple[str, int | None, Tensor]]:
     """(argument name, index in its list or None, tensor) of every tensor the op writes."""
     written = []
@@ -351,22 +379,21 @@ def _no_derivative(name: str, op):
     return kernel
 
 
-DIFFERENTIABLE = {"l1l2_penalty", "dropout", "drop_groups", "drop_groups_add"}  # the ops with a derivative (registered above and below)
+# The ops with a derivative: those given an Autograd kernel above (or by _C for l1l2_penalty).
+DIFFERENTIABLE = frozenset(name for name in SCHEMAS if _has_kernel(name, "Autograd"))
 
-if not _has_kernel("l1l2_penalty", "Autograd"):
-    torch.library.register_autograd(
-        "fused_optim::l1l2_penalty",
-        _l1l2_penalty_backward,
-        setup_context=_l1l2_penalty_setup_context,
-        lib=_lib,
-    )
+# Autograd, 2: every other op, by what its schema says. With _C loaded, C++ registers these kernels
+# (csrc/autograd.cpp: a Python kernel converts a Tensor[] to Python and back on every call) for
+# every op of the namespace that the dispatcher knows, which is why it runs here, after the schemas
+# and the explicit registrations above and not when _C is imported; the Python kernels fill what it
+# left empty (everything, without _C).
+if _C is not None:
+    _C.register_autograd_for_namespace("fused_optim")
 
 with warnings.catch_warnings():
     warnings.filterwarnings("ignore", message=".*Warning only once for all operators.*")
     for _name in SCHEMAS:
         _op = getattr(torch.ops.fused_optim, _name).default
-        if _name in DIFFERENTIABLE:
-            continue
         if not _has_kernel(_name, "Autograd"):
             _make = _refuse_grad_requiring_writes if _op._schema.is_mutable else _no_derivative
             _lib.impl(_name, _make(_name, _op), "Autograd", with_keyset=True)

@@ -34,7 +34,7 @@ from torch import Tensor, nn
 
 from ._distributed import any_dtensor
 from ._library import _C
-from .reference import _non_overlapping_and_dense as non_overlapping_and_dense  # MERGE: checks
+from .checks import non_overlapping_and_dense
 
 SHARDED, FLAT, ONE_VIEW, PER_TENSOR = "sharded", "flat", "one_view", "per_tensor"
 

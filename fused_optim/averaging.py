@@ -12,7 +12,7 @@ from collections.abc import Callable, Mapping, Sequence
 import torch
 from torch import Tensor, nn
 
-from . import _distributed, _route, reference
+from . import _distributed, _route, checks
 from ._route import ONE_VIEW, SHARDED
 from ._utils import as_float, as_int, as_tensor_list
 from .flat import FlatParameters, flatten_parameters
@@ -157,13 +157,13 @@ def _name_the_refusal(first: tuple[str, list], others: list[tuple[str, list]], w
         as_tensor_list(tensors, name)
     if any(_distributed.any_dtensor(tensors) for _, tensors in (first, *others)):
         return  # the sharded path's own message (these checks read plain tensors' storage)
-    reference.check_floating_list(first[1], first[0])
+    checks.check_floating_list(first[1], first[0])
     for name, tensors in others:
-        reference.check_paired_lists(first[1], tensors, (first[0], name))
+        checks.check_paired_lists(first[1], tensors, (first[0], name))
     if written:
-        reference.check_writable(first[1], first[0])
+        checks.check_writable(first[1], first[0])
         for name, tensors in others:
-            reference.check_same_or_disjoint(first[1], first[0], tensors, name)
+            checks.check_same_or_disjoint(first[1], first[0], tensors, name)
 
 
 def _host_value(t: Tensor) -> float | None:

@@ -12,7 +12,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from . import _distributed, _route, reference
+from . import _distributed, _route, checks
 from ._route import FLAT, ONE_VIEW, SHARDED
 from ._utils import as_float, as_tensor_list
 
@@ -67,10 +67,10 @@ def get_total_norm(
     # Order 0 counts the tensors with a non-zero element: not a norm of their concatenation.
     route = _route.choose("get_total_norm", (tensors,), (False,), process_group=process_group, one_view_ok=norm_type != 0)
     if route.kind == SHARDED:
-        reference.check_norm_type(norm_type)
-        total = _distributed.sharded_norm(tensors, norm_type, process_group).to(reference.norm_dtype(tensors))
+        checks.check_norm_type(norm_type)
+        total = _distributed.sharded_norm(tensors, norm_type, process_group).to(checks.norm_dtype(tensors))
         if error_if_nonfinite and not torch.isfinite(total):  # a host read, as in torch
-            raise RuntimeError(reference.nonfinite_norm_message(norm_type))
+            raise RuntimeError(checks.nonfinite_norm_message(norm_type))
         return total
     tensors = list(route.views) if route.kind == ONE_VIEW else tensors
     return torch.ops.fused_optim.multi_tensor_norm.default(tensors, norm_type, False, bool(error_if_nonfinite))[0]

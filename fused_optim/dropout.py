@@ -10,7 +10,7 @@ import warnings
 import torch
 from torch import Tensor, nn
 
-from . import reference
+from . import checks
 
 # Seeds and offsets are drawn below 2**62 so that they fit int64 tensors on every path.
 _SEED_BOUND = 2**62
@@ -31,7 +31,7 @@ def _check_input(input: Tensor, generator: torch.Generator | None = None) -> Non
     """What the kernels need of the tensor they drop from (and of the generator they draw from)."""
     if not isinstance(input, Tensor):
         raise TypeError(f"input must be a tensor, got {type(input).__name__}")
-    if input.dtype not in reference._FLOATING:
+    if input.dtype not in checks.FLOATING:
         raise TypeError(f"input must be a real floating tensor (fp32, fp64, fp16 or bf16), got {input.dtype}")
     if generator is not None:
         if not isinstance(generator, torch.Generator):
@@ -245,7 +245,7 @@ def drop_path_add(x: Tensor, branch: Tensor, drop_prob: float = 0.0, training: b
     if branch.dim() == 0:
         raise ValueError("drop_path_add: branch must have a sample (batch) dimension, got a 0-dim tensor")
     if not training or drop_prob == 0.0 or branch.numel() == 0:
-        reference.check_drop_groups_add_args(x, branch, 1, drop_prob, torch.zeros(2, dtype=torch.int64))
+        checks.check_drop_groups_add_args(x, branch, 1, drop_prob, torch.zeros(2, dtype=torch.int64))
         return x + branch
     seed_offset = draw_seed_offset(None, branch.device)
     return torch.ops.fused_optim.drop_groups_add.default(x, branch, 1, drop_prob, scale_by_keep, seed_offset)

@@ -23,7 +23,7 @@ from torch import Tensor, nn
 from . import _distributed, _route
 from ._library import _C
 from .clip_grad import clip_grad_norm_, clip_grad_value_, get_total_norm
-from .reference import _non_overlapping_and_dense as non_overlapping_and_dense  # MERGE: checks
+from .checks import non_overlapping_and_dense
 from .regularization import l1l2_grad_, l1l2_penalty
 from .step import pre_step_
 

@@ -2,7 +2,9 @@
 (or has no kernel for a device), and the readable specification the native kernels must match.
 
 Math runs in the op-math type (fp32 for fp16/bf16, else the input dtype); totals across tensors
-are combined in fp64, as the native kernels combine their per-chunk partial sums.
+are combined in fp64, as the native kernels combine their per-chunk partial sums. The argument
+checks and dtype rules the kernels start with live in fused_optim/checks.py (shared with the fake
+kernels and the Python wrappers).
 """
 
 from __future__ import annotations
@@ -12,99 +14,8 @@ import math
 import torch
 from torch import Tensor
 
-_FLOATING = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
-
-
-def opmath_dtype(dtype: torch.dtype) -> torch.dtype:
-    """The dtype math is done in for tensors of `dtype`."""
-    return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
-
-
-def reduction_dtype(tensors: list[Tensor]) -> torch.dtype:
-    """Dtype of a reduction over `tensors`: promoted op-math type, fp32 for an empty list."""
-    dtype = torch.float32 if not tensors else opmath_dtype(tensors[0].dtype)
-    for t in tensors:
-        dtype = torch.promote_types(dtype, opmath_dtype(t.dtype))
-    return dtype
-
-
-def check_coefficient(value: float, name: str) -> None:
-    if not (math.isfinite(value) and value >= 0.0):
-        raise ValueError(f"{name} must be a finite number >= 0, got {value}")
-
-
-def check_floating_list(tensors: list[Tensor], name: str) -> None:
-    for i, t in enumerate(tensors):
-        if t.dtype not in _FLOATING:
-            raise TypeError(
-                f"{name}[{i}] must be a real floating tensor (fp32, fp64, fp16 or bf16), got {t.dtype}"
-            )
-        if t.device != tensors[0].device:
-            raise RuntimeError(
-                f"{name} must all be on one device, but {name}[0] is on {tensors[0].device} "
-                f"and {name}[{i}] is on {t.device}"
-            )
-
-
-def check_paired_lists(params: list[Tensor], grads: list[Tensor], names=("params", "grads")) -> None:
-    if len(params) != len(grads):
-        raise ValueError(
-            f"{names[0]} and {names[1]} must have the same length, got {len(params)} and {len(grads)}"
-        )
-    for i, (p, g) in enumerate(zip(params, grads)):
-        if p.shape != g.shape or p.dtype != g.dtype or p.device != g.device:
-            raise RuntimeError(
-                f"{names[1]}[{i}] must match {names[0]}[{i}] in shape, dtype and device: got "
-                f"{g.dtype}{list(g.shape)} on {g.device} for {p.dtype}{list(p.shape)} on {p.device}"
-            )
-
-
-def check_writable(tensors: list[Tensor], name: str) -> None:
-    """No two elements of a written tensor share memory (an expanded tensor, say), as torch
-    requires of the target of an in-place op (ATen's has_internal_overlap == YES)."""
-    for i, t in enumerate(tensors):
-        if any(stride == 0 and size > 1 for size, stride in zip(t.shape, t.stride())):
-            raise RuntimeError(
-                f"{name}[{i}]: unsupported operation: more than one element of the written-to tensor refers to a "
-                "single memory location. Please clone() the tensor before performing the operation."
-            )
-
-
-def _non_overlapping_and_dense(t: Tensor) -> bool:
-    """Whether t's elements fill one block of memory in some order of its dims (ATen's rule)."""
-    expected = 1
-    for size, stride in sorted(((n, s) for n, s in zip(t.shape, t.stride()) if n != 1), key=lambda d: (d[1], d[0])):
-        if stride != expected:
-            return False
-        expected *= size
-    return True
-
-
-def _partially_overlap(a: Tensor, b: Tensor) -> bool:
-    """ATen's get_overlap_status(a, b) == PARTIAL: dense tensors of one storage whose byte ranges
-    meet without being the same memory laid out the same way (other layouts are not decided)."""
-    if a is b or not a.numel() or not b.numel():
-        return False
-    if not (_non_overlapping_and_dense(a) and _non_overlapping_and_dense(b)):
-        return False
-    if a.untyped_storage().data_ptr() != b.untyped_storage().data_ptr():
-        return False
-    a_begin, b_begin = a.data_ptr(), b.data_ptr()
-    a_end, b_end = a_begin + a.numel() * a.element_size(), b_begin + b.numel() * b.element_size()
-    if (a_begin, a_end) == (b_begin, b_end):
-        return a.stride() != b.stride()
-    return a_begin < b_end and b_begin < a_end
-
-
-def check_same_or_disjoint(written: list[Tensor], written_name: str, read: list[Tensor], read_name: str) -> None:
-    """Each read[i] that written[i] is computed from is the same memory or disjoint from it."""
-    for i, (w, r) in enumerate(zip(written, read)):
-        if _partially_overlap(w, r):
-            raise RuntimeError(
-                f"{written_name}[{i}] and {read_name}[{i}]: unsupported operation: some elements of the input "
-                "tensor and the written-to tensor refer to a single memory location. Please clone() the tensor "
-                "before performing the operation."
-            )
+from . import checks
+from .checks import opmath_dtype, reduction_dtype
 
 
 def sum_in_opmath_range(total: Tensor, dtype: torch.dtype) -> Tensor:
@@ -119,9 +30,7 @@ def l1l2_penalty(tensors: list[Tensor], l1: float, l2: float) -> Tensor:
     """l1 * sum|p| + l2 * sum p^2 over every element of every tensor (0-dim), the sums taken in
     fp64, those of the fp32-op-math tensors (fp16/bf16/fp32) apart and held as fp32 holds them
     (sum_in_opmath_range), as the native kernels, which add such tensors in short fp32 runs."""
-    check_coefficient(l1, "l1")
-    check_coefficient(l2, "l2")
-    check_floating_list(tensors, "tensors")
+    checks.check_penalty_args(tensors, l1, l2)
     device = tensors[0].device if tensors else None
     sums = {dt: torch.zeros(2, dtype=torch.float64, device=device) for dt in (torch.float32, torch.float64)}
     for t in tensors:
@@ -148,9 +57,7 @@ def l1l2_penalty_backward(grad_out: Tensor, tensors: list[Tensor], l1: float, l2
     """grad_out * (l1 * sign(p) + 2 * l2 * p) for each tensor p, in p's dtype: the coefficients
     grad_out * l1 and 2 * grad_out * l2 in fp64, each rounded once to the op-math type, then
     _penalty_grad from a zero gradient."""
-    check_coefficient(l1, "l1")
-    check_coefficient(l2, "l2")
-    check_floating_list(tensors, "tensors")
+    checks.check_penalty_backward_args(grad_out, tensors, l1, l2)
     grads = []
     for t in tensors:
         x = t.to(opmath_dtype(t.dtype))
@@ -163,50 +70,10 @@ def l1l2_penalty_backward(grad_out: Tensor, tensors: list[Tensor], l1: float, l2
 def l1l2_grad_(params: list[Tensor], grads: list[Tensor], l1: float, l2: float) -> None:
     """grads[i] += l1 * sign(params[i]) + 2 * l2 * params[i] (_penalty_grad, the coefficients l1 and
     2 * l2 rounded to the op-math type), rounded once to the grad's dtype."""
-    check_coefficient(l1, "l1")
-    check_coefficient(l2, "l2")
-    check_floating_list(params, "params")
-    check_paired_lists(params, grads)
-    check_writable(grads, "grads")
-    check_same_or_disjoint(grads, "grads", params, "params")
+    checks.check_l1l2_grad_args(params, grads, l1, l2)
     for p, g in zip(params, grads):
         x = p.to(opmath_dtype(p.dtype))
         g.copy_(_penalty_grad(g.to(x.dtype), x, l1, 2.0 * l2))
-
-
-def norm_dtype(tensors: list[Tensor]) -> torch.dtype:
-    """Dtype of a norm over `tensors`, as torch.nn.utils.get_total_norm returns it: the promoted
-    dtype of the tensors (fp16 for fp16 gradients), fp32 for an empty list."""
-    dtype = tensors[0].dtype if tensors else torch.float32
-    for t in tensors:
-        dtype = torch.promote_types(dtype, t.dtype)
-    return dtype
-
-
-def check_norm_type(norm_type: float) -> None:
-    if math.isnan(norm_type):
-        raise ValueError("norm_type must be a number, got nan")
-
-
-def check_norm_defined(tensors: list[Tensor], norm_type: float) -> None:
-    """inf, -inf and p < 0 (a max, a min, a sum of 1/|x|^|p|) have no identity: an empty tensor has
-    no such norm, and torch.linalg.vector_norm refuses it."""
-    if norm_type < 0 or norm_type == math.inf:
-        for i, t in enumerate(tensors):
-            if t.numel() == 0:
-                raise RuntimeError(
-                    f"tensors[{i}] is empty: linalg.vector_norm cannot compute the {norm_type:g} norm on an empty "
-                    "tensor because the operation does not have an identity"
-                )
-
-
-def nonfinite_norm_message(norm_type: float) -> str:
-    """torch.nn.utils' error for a non-finite total norm."""
-    return (
-        f"The total norm of order {norm_type} for gradients from `parameters` is non-finite, so it "
-        "cannot be clipped. To disable this error and scale the gradients by the non-finite norm "
-        "anyway, set `error_if_nonfinite=False`"
-    )
 
 
 def _norm(t: Tensor, norm_type: float, opmath: torch.dtype) -> Tensor:
@@ -231,10 +98,8 @@ def multi_tensor_norm(
     (see _norm for overflow); both results have the tensors' promoted dtype; per-tensor norms are empty unless per_tensor.
     RuntimeError (torch's message) for a nan or infinite total when error_if_nonfinite: inside the
     op, so that torch.compile traces it without a data-dependent branch."""
-    check_norm_type(norm_type)
-    check_floating_list(tensors, "tensors")
-    check_norm_defined(tensors, norm_type)
-    dtype = norm_dtype(tensors)
+    checks.check_norm_args(tensors, norm_type)
+    dtype = checks.norm_dtype(tensors)
     device = tensors[0].device if tensors else None
     norms = [_norm(t, norm_type, opmath_dtype(t.dtype)) for t in tensors]
     if not norms:
@@ -242,16 +107,13 @@ def multi_tensor_norm(
     stacked = torch.stack(norms)
     total = _norm(stacked, norm_type, opmath_dtype(dtype)).to(dtype)  # torch sums the norms in their dtype
     if error_if_nonfinite and not math.isfinite(total.item()):
-        raise RuntimeError(nonfinite_norm_message(norm_type))
+        raise RuntimeError(checks.nonfinite_norm_message(norm_type))
     return total, (stacked if per_tensor else stacked[:0]).to(dtype)
 
 
 def multi_tensor_scale_(tensors: list[Tensor], scale: Tensor) -> None:
     """tensors[i] *= scale (a one-element tensor); nothing is written when scale is 1."""
-    check_floating_list(tensors, "tensors")
-    check_writable(tensors, "tensors")
-    if scale.numel() != 1:
-        raise RuntimeError(f"scale must hold one element, got shape {list(scale.shape)}")
+    checks.check_scale_args(tensors, scale)
     if scale.item() == 1.0:
         return
     for t in tensors:
@@ -261,8 +123,8 @@ def multi_tensor_scale_(tensors: list[Tensor], scale: Tensor) -> None:
 def clip_grad_norm_(grads: list[Tensor], max_norm: float, norm_type: float, error_if_nonfinite: bool) -> Tensor:
     """Scales grads by min(1, max_norm / (total + 1e-6)), in the total's dtype as torch does;
     returns the total norm (before clipping)."""
-    check_floating_list(grads, "grads")
-    check_writable(grads, "grads")
+    checks.check_floating_list(grads, "grads")
+    checks.check_writable(grads, "grads")
     total, _ = multi_tensor_norm(grads, norm_type, False, error_if_nonfinite)
     if not grads:
         return total
@@ -270,51 +132,13 @@ def clip_grad_norm_(grads: list[Tensor], max_norm: float, norm_type: float, erro
     return total
 
 
-def check_clip_value(grads: list[Tensor], clip_value: float) -> None:
-    """clip_value converts to every gradient's dtype, as torch.clamp_'s scalar bounds must (nan and
-    +-inf do; a finite value beyond the dtype's range does not)."""
-    for i, g in enumerate(grads):
-        if math.isfinite(clip_value) and abs(clip_value) > torch.finfo(g.dtype).max:
-            raise RuntimeError(
-                f"clip_value {clip_value} cannot be converted to type {g.dtype} of grads[{i}] without overflow"
-            )
-
-
 def clip_grad_value_(grads: list[Tensor], clip_value: float) -> None:
     """grads[i] = clamp(grads[i], -clip_value, clip_value) as torch.clamp_: min(max(g, lo), hi), so
     -|clip_value| everywhere for a negative one; a NaN element stays NaN; a NaN clip_value makes
     every element NaN."""
-    check_floating_list(grads, "grads")
-    check_writable(grads, "grads")
-    check_clip_value(grads, clip_value)
+    checks.check_clip_value_args(grads, clip_value)
     for g in grads:
         g.clamp_(min=-clip_value, max=clip_value)
-
-
-def check_one_clip(max_norm, clip_value) -> None:
-    if max_norm is not None and clip_value is not None:
-        raise ValueError("pre_step_: pass max_norm or clip_value, not both")
-
-
-def check_pre_step_meta(params, grads, l1, l2, max_norm, norm_type, clip_value) -> None:
-    """pre_step_'s checks that read no memory (the fake kernel's): l1l2_grad_'s, the norm's, and
-    the clamp's for clip_value."""
-    check_coefficient(l1, "l1")
-    check_coefficient(l2, "l2")
-    check_norm_type(norm_type)
-    check_one_clip(max_norm, clip_value)
-    check_floating_list(params, "params")
-    check_paired_lists(params, grads)
-    check_norm_defined(grads, norm_type)
-    if clip_value is not None:
-        check_clip_value(grads, clip_value)
-
-
-def check_pre_step_args(params, grads, l1, l2, max_norm, norm_type, clip_value) -> None:
-    """pre_step_'s checks: the above, and the gradients' memory (writable, apart from params)."""
-    check_pre_step_meta(params, grads, l1, l2, max_norm, norm_type, clip_value)
-    check_writable(grads, "grads")
-    check_same_or_disjoint(grads, "grads", params, "params")
 
 
 def pre_step_(params, grads, l1, l2, max_norm, norm_type, clip_value, error_if_nonfinite) -> Tensor:
@@ -322,7 +146,7 @@ def pre_step_(params, grads, l1, l2, max_norm, norm_type, clip_value, error_if_n
     0), the total norm of the resulting gradients (returned), then clip_grad_norm_'s scaling by that
     total (max_norm) or clip_grad_value_'s clamp (clip_value). With error_if_nonfinite, a nan or inf
     total raises RuntimeError (torch's message) and every gradient is left as it was."""
-    check_pre_step_args(params, grads, l1, l2, max_norm, norm_type, clip_value)
+    checks.check_pre_step_args(params, grads, l1, l2, max_norm, norm_type, clip_value)
     saved = [g.clone() for g in grads] if error_if_nonfinite else []
     if l1 != 0.0 or l2 != 0.0:
         l1l2_grad_(params, grads, l1, l2)
@@ -330,7 +154,7 @@ def pre_step_(params, grads, l1, l2, max_norm, norm_type, clip_value, error_if_n
     if error_if_nonfinite and not math.isfinite(total.item()):
         for g, s in zip(grads, saved):
             g.copy_(s)
-        raise RuntimeError(nonfinite_norm_message(norm_type))
+        raise RuntimeError(checks.nonfinite_norm_message(norm_type))
     if max_norm is not None and grads:
         multi_tensor_scale_(grads, torch.clamp(max_norm / (total + 1e-6), max=1.0))
     elif clip_value is not None:
@@ -341,35 +165,9 @@ def pre_step_(params, grads, l1, l2, max_norm, norm_type, clip_value, error_if_n
 # ---------------------------------------------------------------- averaging
 
 
-def check_weighted_sum_args(inputs: list[Tensor], weights: list[float], out: list[Tensor]) -> None:
-    if not weights:
-        raise ValueError("weights must hold one weight per input list, got none")
-    for m, w in enumerate(weights):
-        if not math.isfinite(w):
-            raise ValueError(f"weights[{m}] must be finite, got {w}")
-    if len(inputs) != len(weights) * len(out):
-        raise ValueError(
-            f"inputs must hold len(weights) * len(out) = {len(weights) * len(out)} tensors "
-            f"(one list per weight, laid end to end), got {len(inputs)}"
-        )
-    check_floating_list(out, "out")
-    n = len(out)
-    for m in range(len(weights)):
-        check_paired_lists(out, inputs[m * n : (m + 1) * n], names=("out", f"inputs (list {m})"))
-
-
-def num_outputs(inputs: list[Tensor], weights: list[float]) -> int:
-    """len(inputs) / len(weights): the length of each of the lists laid end to end."""
-    if not weights or len(inputs) % len(weights):
-        raise ValueError(
-            f"inputs must hold len(weights) lists of equal length, got {len(inputs)} tensors for {len(weights)} weights"
-        )
-    return len(inputs) // len(weights)
-
-
 def multi_tensor_weighted_sum(inputs: list[Tensor], weights: list[float]) -> list[Tensor]:
     """New tensors out[i] = sum_m weights[m] * inputs[m * n + i], n = len(inputs) / len(weights)."""
-    out = [torch.empty_like(t) for t in inputs[: num_outputs(inputs, weights)]]
+    out = [torch.empty_like(t) for t in inputs[: checks.num_outputs(inputs, weights)]]
     multi_tensor_weighted_sum_(inputs, weights, out)
     return out
 
@@ -377,37 +175,21 @@ def multi_tensor_weighted_sum(inputs: list[Tensor], weights: list[float]) -> lis
 def multi_tensor_weighted_sum_(inputs: list[Tensor], weights: list[float], out: list[Tensor]) -> None:
     """out[i] = sum_m weights[m] * inputs[m * len(out) + i], in the op-math type; out[i] may be one
     of its own inputs."""
-    check_weighted_sum_args(inputs, weights, out)
+    checks.check_weighted_sum_args(inputs, weights, out)
+    checks.check_weighted_sum_memory(inputs, weights, out)
     n = len(out)
-    check_writable(out, "out")
-    for m in range(len(weights)):
-        check_same_or_disjoint(out, "out", inputs[m * n : (m + 1) * n], f"inputs (list {m})")
     for i, o in enumerate(out):
         acc = sum(w * inputs[m * n + i].to(opmath_dtype(o.dtype)) for m, w in enumerate(weights))
         o.copy_(acc)
-
-
-def check_lerp_args(self: list[Tensor], end: list[Tensor], weight: Tensor) -> None:
-    """weight: a one-element floating tensor on the CPU or on self's device (a weight computed on
-    the GPU spares a host sync). Its value is checked by the kernels, not here (fake tensors)."""
-    if weight.numel() != 1 or not weight.is_floating_point():
-        raise RuntimeError(f"weight must be a floating tensor of one element, got {weight.dtype}{list(weight.shape)}")
-    if self and weight.device.type != "cpu" and weight.device != self[0].device:
-        raise RuntimeError(f"weight must be on the CPU or on {self[0].device} (self's device), got {weight.device}")
-    check_floating_list(self, "self")
-    check_paired_lists(self, end, names=("self", "end"))
 
 
 def multi_tensor_lerp_(self: list[Tensor], end: list[Tensor], weight: Tensor) -> None:
     """self[i] = torch.lerp(self[i], end[i], weight), in place: the EMA and SWA update. The weight
     is read as a Python float (a host sync for a GPU weight: the native kernel reads it on the
     device), rounded to the op-math type by torch.lerp_ as by the native kernels."""
-    check_lerp_args(self, end, weight)
-    check_writable(self, "self")
-    check_same_or_disjoint(self, "self", end, "end")
-    w = weight.item()
-    if weight.device.type == "cpu" and not math.isfinite(w):  # the kernels read only a CPU weight on the host
-        raise ValueError(f"weight must be finite, got {w}")
+    checks.check_lerp_args(self, end, weight)
+    checks.check_lerp_memory(self, end)
+    w = checks.check_lerp_weight_value(weight)
     for s, e in zip(self, end):
         s.lerp_(e, w)
 
@@ -446,22 +228,6 @@ def philox_words(numel: int, seed: int, offset: int) -> Tensor:
     return torch.stack([c0, c1, c2, c3]).view(4, groups, 8).transpose(0, 1).reshape(-1)[:numel]
 
 
-def check_dropout_args(input: Tensor, p: float, seed_offset: Tensor) -> None:
-    if not 0.0 <= p <= 1.0:
-        raise ValueError(f"dropout probability has to be between 0 and 1, but got {p}")
-    if input.dtype not in _FLOATING:
-        raise TypeError(f"input must be a real floating tensor (fp32, fp64, fp16 or bf16), got {input.dtype}")
-    if (
-        seed_offset.dtype != torch.int64
-        or seed_offset.numel() != 2
-        or not (seed_offset.device.type == "cpu" or seed_offset.device == input.device)  # the native ops' rule
-    ):
-        raise RuntimeError(
-            f"seed_offset must be an int64 tensor of 2 elements on the CPU or on {input.device}, got "
-            f"{seed_offset.dtype}{list(seed_offset.shape)} on {seed_offset.device}"
-        )
-
-
 def dropout_keep(input: Tensor, p: float, seed_offset: Tensor) -> Tensor:
     """Bool tensor of input's shape: which elements the stream keeps."""
     seed, offset = seed_offset.tolist()  # a host sync for a GPU pair: the native kernel reads it there
@@ -472,7 +238,7 @@ def dropout_keep(input: Tensor, p: float, seed_offset: Tensor) -> Tensor:
 def dropout(input: Tensor, p: float, seed_offset: Tensor) -> Tensor:
     """input * keep / (1 - p), in the op-math type; dropped elements are multiplied by 0 (a nan
     stays nan, as in torch). The result has the input's layout (torch.empty_like's), as torch's."""
-    check_dropout_args(input, p, seed_offset)
+    checks.check_dropout_args(input, p, seed_offset)
     x = input.to(opmath_dtype(input.dtype))
     scale = 0.0 if p == 1.0 else 1.0 / (1.0 - p)
     multiplier = dropout_keep(input, p, seed_offset).to(x.dtype) * scale
@@ -480,14 +246,14 @@ def dropout(input: Tensor, p: float, seed_offset: Tensor) -> Tensor:
 
 
 def dropout_(input: Tensor, p: float, seed_offset: Tensor) -> None:
-    check_dropout_args(input, p, seed_offset)
-    check_writable([input], "input")
+    checks.check_dropout_args(input, p, seed_offset)
+    checks.check_writable([input], "input")
     input.copy_(dropout(input, p, seed_offset))
 
 
 def dropout_mask(input: Tensor, p: float, seed_offset: Tensor) -> Tensor:
     """The keep mask packed 8 elements a byte: bit i % 8 of byte i // 8 (uint8, zero-padded)."""
-    check_dropout_args(input, p, seed_offset)
+    checks.check_dropout_args(input, p, seed_offset)
     keep = dropout_keep(input, p, seed_offset).reshape(-1).to(torch.uint8)
     padded = torch.zeros(-(-keep.numel() // 8) * 8, dtype=torch.uint8, device=keep.device)
     padded[: keep.numel()] = keep
@@ -496,22 +262,6 @@ def dropout_mask(input: Tensor, p: float, seed_offset: Tensor) -> Tensor:
 
 
 # ---------------------------------------------------------------- structured dropout
-
-
-def check_drop_groups_args(input: Tensor, group_dims: int, p: float, seed_offset: Tensor) -> None:
-    check_dropout_args(input, p, seed_offset)
-    if not 0 <= group_dims <= input.dim():
-        raise ValueError(f"group_dims must be between 0 and input.dim() = {input.dim()}, got {group_dims}")
-
-
-def check_drop_groups_add_args(x: Tensor, branch: Tensor, group_dims: int, p: float, seed_offset: Tensor) -> None:
-    check_drop_groups_args(branch, group_dims, p, seed_offset)
-    if x.shape != branch.shape:
-        raise ValueError(f"x and branch must have the same shape, got {list(x.shape)} and {list(branch.shape)}")
-    if x.dtype != branch.dtype:
-        raise TypeError(f"x and branch must have the same dtype, got {x.dtype} and {branch.dtype}")
-    if x.device != branch.device:
-        raise RuntimeError(f"x and branch must be on the same device, got {x.device} and {branch.device}")
 
 
 def group_multipliers_like(input: Tensor, group_dims: int) -> Tensor:
@@ -530,17 +280,17 @@ def group_multipliers(input: Tensor, group_dims: int, p: float, scale: bool, see
 
 
 def drop_groups(input: Tensor, group_dims: int, p: float, scale: bool, seed_offset: Tensor) -> Tensor:
-    check_drop_groups_args(input, group_dims, p, seed_offset)
+    checks.check_drop_groups_args(input, group_dims, p, seed_offset)
     return input * group_multipliers(input, group_dims, p, scale, seed_offset)
 
 
 def drop_groups_(input: Tensor, group_dims: int, p: float, scale: bool, seed_offset: Tensor) -> None:
-    check_drop_groups_args(input, group_dims, p, seed_offset)
-    check_writable([input], "input")
+    checks.check_drop_groups_args(input, group_dims, p, seed_offset)
+    checks.check_writable([input], "input")
     input.mul_(group_multipliers(input, group_dims, p, scale, seed_offset))
 
 
 def drop_groups_add(x: Tensor, branch: Tensor, group_dims: int, p: float, scale: bool, seed_offset: Tensor) -> Tensor:
     """x + drop_groups(branch), in one addcmul (the product is not rounded before the sum)."""
-    check_drop_groups_add_args(x, branch, group_dims, p, seed_offset)
+    checks.check_drop_groups_add_args(x, branch, group_dims, p, seed_offset)
     return torch.addcmul(x, branch, group_multipliers(branch, group_dims, p, scale, seed_offset))

@@ -11,12 +11,11 @@ from typing import TypeVar
 import torch
 from torch import Tensor, nn
 
-from . import _distributed, _route, reference
-from ._library import _C
+from . import _distributed, _route, checks
 from ._route import FLAT, ONE_VIEW
 from ._utils import as_float, as_tensor_list, fill_missing_grads
 from .clip_grad import clip_grad_norm_, clip_grad_value_, get_total_norm
-from .reference import check_coefficient, check_norm_type, check_one_clip
+from .checks import check_coefficient, check_norm_type, check_one_clip
 from .regularization import l1l2_grad_
 
 T = TypeVar("T")
@@ -39,7 +38,7 @@ def _check_before_writing(
     `penalized` parameters and their gradients, and the norm's and the clip's of `grads` (every
     gradient there will be). A penalized parameter without a gradient gets a fresh zeros_like one,
     of which only its size (a norm without identity) and dtype (the clamp's bound) can be refused."""
-    check = _C.check_pre_step if _C is not None else reference.check_pre_step_args
+    check = checks.check_pre_step_args
     created = [p for p in penalized if p.grad is None]
     penalized = [p for p in penalized if p.grad is not None]
     pairs = [penalized, [p.grad for p in penalized]]
@@ -48,13 +47,13 @@ def _check_before_writing(
         # An empty local shard has no max or min, the whole tensor may: the sharded norm decides.
         norm_type = 2.0
     check(*pairs, 0.0, 0.0, None, 2.0, None)  # l1l2_grad_'s checks; the norm's and the clip's below
-    reference.check_norm_defined(created, norm_type)
+    checks.check_norm_defined(created, norm_type)
     if clip_value is not None:
-        reference.check_clip_value(created, clip_value)
+        checks.check_clip_value(created, clip_value)
     if max_norm is not None or clip_value is not None:  # written: the op's checks of the gradients alone
         check(grads, grads, 0.0, 0.0, max_norm, norm_type, clip_value)
     else:
-        reference.check_norm_defined(grads, norm_type)
+        checks.check_norm_defined(grads, norm_type)
 
 
 def _in_separate_calls(

@@ -16,7 +16,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 import fused_optim
-from fused_optim import reference
+from fused_optim import checks, reference
 from conftest import DTYPES, EXT_DISABLED, HAS_CUDA, native_cuda_test, opcheck
 
 SEED_OFFSET = torch.tensor([1234567890123, 98765432101], dtype=torch.int64)
@@ -379,9 +379,9 @@ def test_reference_takes_seed_offset_on_the_cpu_or_the_inputs_device_only():
     # Stand-ins (the rule reads dtype, shape and device), so that it is checked without two GPUs.
     x = _stand_in(torch.float32, (4,), "cuda:0")
     for device in ("cpu", "cuda:0"):
-        reference.check_dropout_args(x, 0.5, _stand_in(torch.int64, (2,), device))
+        checks.check_dropout_args(x, 0.5, _stand_in(torch.int64, (2,), device))
     with pytest.raises(RuntimeError, match=r"^seed_offset must be .* on the CPU or on cuda:0, got .* on cuda:1$"):
-        reference.check_dropout_args(x, 0.5, _stand_in(torch.int64, (2,), "cuda:1"))
+        checks.check_dropout_args(x, 0.5, _stand_in(torch.int64, (2,), "cuda:1"))
 
 
 @native_cuda_test

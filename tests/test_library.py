@@ -58,8 +58,8 @@ def _registered_at(op: str, key: str) -> str | None:
 def test_every_op_has_autograd_and_version_kernels(op):
     # Every op has an Autograd kernel (a derivative, a refusal of grad-requiring writes, or
     # torch's NotImplemented rule), and every op that writes a tensor an ADInplaceOrView kernel
-    # that bumps versions; with the extension loaded, those of csrc/autograd.cpp (its op lists
-    # must follow SCHEMAS), except the dropout family's derivatives, which are Python's.
+    # that bumps versions; with the extension loaded, those of csrc/autograd.cpp (which derives
+    # them from the schemas), except the dropout family's derivatives, which are Python's.
     mutable = getattr(torch.ops.fused_optim, op).default._schema.is_mutable
     autograd = _registered_at(op, "Autograd")
     version = _registered_at(op, "ADInplaceOrView")
@@ -68,6 +68,11 @@ def test_every_op_has_autograd_and_version_kernels(op):
     if not EXT_DISABLED and op not in ("dropout", "drop_groups", "drop_groups_add"):
         assert autograd.endswith("csrc/autograd.cpp"), autograd
         assert not mutable or version.endswith("csrc/autograd.cpp"), version
+
+
+def test_the_ops_with_a_derivative_are_those_registered_with_one():
+    assert _library.DIFFERENTIABLE == {"l1l2_penalty", "dropout", "drop_groups", "drop_groups_add"}
+    assert not any(getattr(torch.ops.fused_optim, op).default._schema.is_mutable for op in _library.DIFFERENTIABLE)
 
 
 def test_backend_info_reports_build():

@@ -73,10 +73,10 @@ inline double keep_scale(double p) {
 }
 
 inline void check_dropout_args(const at::Tensor& input, double p) {
-  TORCH_CHECK_VALUE(p >= 0.0 && p <= 1.0, "dropout probability has to be between 0 and 1, but got ", p);
+  TORCH_CHECK_VALUE(p >= 0.0 && p <= 1.0, "dropout probability has to be between 0 and 1, but got ", python_float(p));
   TORCH_CHECK_TYPE(
       is_kernel_float(input.scalar_type()),
-      "input must be a real floating tensor (fp32, fp64, fp16 or bf16), got ", input.scalar_type());
+      "input must be a real floating tensor (fp32, fp64, fp16 or bf16), got ", python_dtype(input.scalar_type()));
 }
 
 // Out of place and in place over a backend's run(in, out), which takes contiguous tensors (the
@@ -155,7 +155,7 @@ at::Tensor drop_groups_add(const at::Tensor& x, const at::Tensor& branch, int64_
   TORCH_CHECK_VALUE(x.sizes() == branch.sizes(), "x and branch must have the same shape, got ", x.sizes(), " and ",
                     branch.sizes());
   TORCH_CHECK_TYPE(x.scalar_type() == branch.scalar_type(), "x and branch must have the same dtype, got ",
-                   x.scalar_type(), " and ", branch.scalar_type());
+                   python_dtype(x.scalar_type()), " and ", python_dtype(branch.scalar_type()));
   TORCH_CHECK(x.device() == branch.device(), "x and branch must be on the same device, got ", x.device(), " and ",
               branch.device());
   return at::addcmul(x, branch, group_multipliers(branch, group_dims, p, scale, run));

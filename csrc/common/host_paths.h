@@ -147,8 +147,8 @@ void clip_grad_value_host(at::TensorList grads, double clip_value, c10::DeviceTy
                                     const std::vector<std::vector<at::Tensor>>&) { clamp(dtype, g); });
 }
 
-// pre_step_'s checks, everything it refuses (also run alone by _C.check_pre_step, for the Python
-// paths that write in several calls and must refuse before the first).
+// pre_step_'s checks, everything it refuses (fused_optim.checks.check_pre_step_args, the same in
+// Python, runs alone on the Python paths that write in several calls and must refuse before the first).
 inline void check_pre_step_args(at::TensorList params, at::TensorList grads, double l1, double l2,
                                 std::optional<double> max_norm, double norm_type, std::optional<double> clip_value,
                                 c10::DeviceType device) {

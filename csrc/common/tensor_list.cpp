@@ -10,12 +10,91 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstdio>
+#include <cstdlib>
 #include <cstdint>
 #include <limits>
 #include <sstream>
 #include <string>
 
 namespace fused_optim {
+
+std::string python_dtype(at::ScalarType t) {
+  switch (t) {
+    case at::kFloat: return "torch.float32";
+    case at::kDouble: return "torch.float64";
+    case at::kHalf: return "torch.float16";
+    case at::kBFloat16: return "torch.bfloat16";
+    case at::kComplexHalf: return "torch.complex32";
+    case at::kComplexFloat: return "torch.complex64";
+    case at::kComplexDouble: return "torch.complex128";
+    case at::kByte: return "torch.uint8";
+    case at::kChar: return "torch.int8";
+    case at::kShort: return "torch.int16";
+    case at::kInt: return "torch.int32";
+    case at::kLong: return "torch.int64";
+    case at::kBool: return "torch.bool";
+    case at::kFloat8_e4m3fn: return "torch.float8_e4m3fn";
+    case at::kFloat8_e5m2: return "torch.float8_e5m2";
+    case at::kFloat8_e4m3fnuz: return "torch.float8_e4m3fnuz";
+    case at::kFloat8_e5m2fnuz: return "torch.float8_e5m2fnuz";
+    default: return std::string("torch.") + c10::toString(t);
+  }
+}
+
+std::string python_float(double value) {
+  if (std::isnan(value)) {
+    return "nan";
+  }
+  if (std::isinf(value)) {
+    return value > 0 ? "inf" : "-inf";
+  }
+  if (value == 0.0) {
+    return std::signbit(value) ? "-0.0" : "0.0";
+  }
+  // The shortest digits that read back as `value` (Python's repr), as d.ddde[+-]xx.
+  char buf[40];
+  for (int precision = 1; precision <= 17; ++precision) {
+    std::snprintf(buf, sizeof(buf), "%.*e", precision - 1, value);
+    if (std::strtod(buf, nullptr) == value) {
+      break;
+    }
+  }
+  std::string s(buf);
+  const bool negative = s[0] == '-';
+  const size_t e = s.find('e');
+  const int exponent = std::stoi(s.substr(e + 1));
+  std::string digits;
+  for (size_t i = negative ? 1 : 0; i < e; ++i) {
+    if (s[i] != '.') {
+      digits += s[i];
+    }
+  }
+  while (digits.size() > 1 && digits.back() == '0') {
+    digits.pop_back();
+  }
+  // Python's float_repr_style 'short': scientific below 1e-4 and from 1e16 on.
+  const int point = exponent + 1;  // digits before the decimal point
+  std::string out;
+  if (point <= -4 || point > 16) {
+    out = digits.substr(0, 1) + (digits.size() > 1 ? "." + digits.substr(1) : "");
+    std::snprintf(buf, sizeof(buf), "e%c%02d", exponent < 0 ? '-' : '+', std::abs(exponent));
+    out += buf;
+  } else if (point <= 0) {
+    out = "0." + std::string(-point, '0') + digits;
+  } else if (static_cast<size_t>(point) >= digits.size()) {
+    out = digits + std::string(point - digits.size(), '0') + ".0";
+  } else {
+    out = digits.substr(0, point) + "." + digits.substr(point);
+  }
+  return negative ? "-" + out : out;
+}
+
+std::string describe_tensor(const at::Tensor& t) {
+  std::ostringstream s;
+  s << python_dtype(t.scalar_type()) << t.sizes() << " on " << t.device();
+  return s.str();
+}
 
 void check_floating_list(at::TensorList tensors, const char* name, c10::DeviceType device) {
   for (size_t i = 0; i < tensors.size(); ++i) {
@@ -24,12 +103,14 @@ void check_floating_list(at::TensorList tensors, const char* name, c10::DeviceTy
     TORCH_CHECK_TYPE(
         is_kernel_float(t.scalar_type()),
         name, "[", i, "] must be a real floating tensor (fp32, fp64, fp16 or bf16), got ",
-        t.scalar_type());
+        python_dtype(t.scalar_type()));
     TORCH_CHECK(
-        t.device().type() == device && t.device() == tensors[0].device(),
-        name, " must all be on one ", c10::DeviceTypeName(device), " device, but ", name, "[0] is on ",
+        t.device() == tensors[0].device(), name, " must all be on one device, but ", name, "[0] is on ",
         tensors[0].device(), " and ", name, "[", i, "] is on ", t.device());
   }
+  TORCH_CHECK(
+      tensors.empty() || tensors[0].device().type() == device, name, " are on ", tensors[0].device(),
+      ", but the op runs on ", c10::DeviceTypeName(device, /*lower_case=*/true), " for its other arguments");
 }
 
 void check_paired_lists(
@@ -44,14 +125,13 @@ void check_paired_lists(
         g.defined() && p.sizes() == g.sizes() && p.scalar_type() == g.scalar_type() &&
             p.device() == g.device(),
         grads_name, "[", i, "] must match ", params_name, "[", i, "] in shape, dtype and device: got ",
-        g.defined() ? g.toString() : std::string("undefined"), g.sizes(), " on ",
-        g.defined() ? g.device() : p.device(), " for ", p.toString(), p.sizes(), " on ", p.device());
+        g.defined() ? describe_tensor(g) : std::string("an undefined tensor"), " for ", describe_tensor(p));
   }
 }
 
 void check_coefficient(double value, const char* name) {
   TORCH_CHECK_VALUE(
-      std::isfinite(value) && value >= 0.0, name, " must be a finite number >= 0, got ", value);
+      std::isfinite(value) && value >= 0.0, name, " must be a finite number >= 0, got ", python_float(value));
 }
 
 void check_weighted_sum_args(
@@ -59,7 +139,7 @@ void check_weighted_sum_args(
   const size_t k = weights.size();
   TORCH_CHECK_VALUE(k >= 1, "weights must hold one weight per input list, got none");
   for (size_t m = 0; m < k; ++m) {
-    TORCH_CHECK_VALUE(std::isfinite(weights[m]), "weights[", m, "] must be finite, got ", weights[m]);
+    TORCH_CHECK_VALUE(std::isfinite(weights[m]), "weights[", m, "] must be finite, got ", python_float(weights[m]));
   }
   TORCH_CHECK_VALUE(
       inputs.size() == k * out.size(), "inputs must hold len(weights) * len(out) = ", k * out.size(),
@@ -105,15 +185,15 @@ std::vector<at::Tensor> weighted_sum_outputs(at::TensorList inputs, at::ArrayRef
 std::optional<double> check_weight_tensor(const at::Tensor& weight, const char* name, c10::Device device) {
   TORCH_CHECK(
       weight.numel() == 1 && at::isFloatingType(weight.scalar_type()), name,
-      " must be a floating tensor of one element, got ", weight.scalar_type(), weight.sizes());
+      " must be a floating tensor of one element, got ", python_dtype(weight.scalar_type()), weight.sizes());
   TORCH_CHECK(
       weight.device().is_cpu() || weight.device() == device, name, " must be on the CPU or on ", device,
-      ", got ", weight.device());
+      " (self's device), got ", weight.device());
   if (!weight.device().is_cpu()) {
     return std::nullopt;
   }
   const double value = weight.item<double>();
-  TORCH_CHECK_VALUE(std::isfinite(value), name, " must be finite, got ", value);
+  TORCH_CHECK_VALUE(std::isfinite(value), name, " must be finite, got ", python_float(value));
   return value;
 }
 
@@ -418,8 +498,8 @@ void check_clip_value(at::TensorList grads, double clip_value) {
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, grads[i].scalar_type(), "check_clip_value", [&] {
       const double largest = static_cast<double>(std::numeric_limits<scalar_t>::max());
       TORCH_CHECK(
-          !std::isfinite(clip_value) || std::abs(clip_value) <= largest, "clip_value ", clip_value,
-          " cannot be converted to type ", grads[i].scalar_type(), " of grads[", i, "] without overflow");
+          !std::isfinite(clip_value) || std::abs(clip_value) <= largest, "clip_value ", python_float(clip_value),
+          " cannot be converted to type ", python_dtype(grads[i].scalar_type()), " of grads[", i, "] without overflow");
     });
   }
 }
@@ -433,11 +513,8 @@ at::ScalarType norm_dtype(at::TensorList tensors) {
 }
 
 void check_finite_norm(const at::Tensor& total, double norm_type) {
-  // Python prints integral floats as "2.0"; the message names the order as torch's does.
-  std::ostringstream p;
-  p << norm_type << (norm_type == std::floor(norm_type) && std::abs(norm_type) < 1e15 ? ".0" : "");
   TORCH_CHECK(
-      std::isfinite(total.item<double>()), "The total norm of order ", p.str(),
+      std::isfinite(total.item<double>()), "The total norm of order ", python_float(norm_type),
       " for gradients from `parameters` is non-finite, so it cannot be clipped. To disable this error and "
       "scale the gradients by the non-finite norm anyway, set `error_if_nonfinite=False`");
 }

@@ -4,6 +4,7 @@
 #include <ATen/core/Tensor.h>
 
 #include <functional>
+#include <string>
 #include <optional>
 #include <utility>
 #include <vector>
@@ -11,12 +12,21 @@
 namespace fused_optim {
 
 // The dtypes every op takes (fp32, fp64, fp16, bf16; not fp8, which at::isFloatingType admits and
-// the kernels are not built for), as reference._FLOATING.
+// the kernels are not built for), as fused_optim.checks.FLOATING.
 inline bool is_kernel_float(at::ScalarType t) {
   return t == at::kFloat || t == at::kDouble || t == at::kHalf || t == at::kBFloat16;
 }
 
-// Every tensor of `tensors` (the argument called `name`) is a real floating tensor on `device`.
+// The messages of the checks read as fused_optim/checks.py's (tests/test_check_parity.py): a dtype
+// as Python prints it ("torch.float16", not "Half"), a float as Python's repr ("2.0", "1e-05"), a
+// tensor's description as "torch.float32[2, 3] on cpu".
+std::string python_dtype(at::ScalarType t);
+std::string python_float(double value);
+std::string describe_tensor(const at::Tensor& t);
+
+// Every tensor of `tensors` (the argument called `name`) is a real floating tensor, all on one
+// device, and that of this kernel (`device`): a list wholly on another device type reaches a kernel
+// only when another argument's device picked it.
 void check_floating_list(at::TensorList tensors, const char* name, c10::DeviceType device);
 
 // `params` and `grads` pair up one to one with equal shape, dtype and device.
