@@ -509,6 +509,8 @@ class ModelEMA(nn.Module):
             if self.buffer_mode == "copy" or not b.is_floating_point():
                 b.copy_(mb)
         self.step += 1
+        if src is not None:
+            _route.record("ModelEMA.update", _route.FLAT)  # one lerp over the buffers
 
     def forward(self, *args, **kwargs):
         return self.module(*args, **kwargs)
