@@ -1,36 +1,12 @@
 """Shared fixtures: every op test runs on each backend (native kernels, reference kernels) and
-device (cpu, and cuda when present)."""
+device (cpu, and cuda when present). What tests share besides fixtures is in helpers.py."""
 
 from __future__ import annotations
 
-import contextlib
-import os
-import warnings
-
 import pytest
-import torch
 
-import fused_optim
-from fused_optim import _library, reference
-
-HAS_CUDA = torch.cuda.is_available()
-EXT_DISABLED = os.environ.get("FUSED_OPTIM_DISABLE_EXT", "0") == "1"
-
-DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16]
-HALF_DTYPES = [torch.float16, torch.bfloat16]
-
-
-@contextlib.contextmanager
-def reference_kernels():
-    """Routes every fused_optim op to its reference kernel on CPU and CUDA, as when _C is absent.
-
-    Registering a kernel for a dispatch key shadows the C++ one until the library is closed."""
-    with warnings.catch_warnings(), torch.library._scoped_library("fused_optim", "IMPL") as lib:
-        warnings.filterwarnings("ignore", message=".*[Oo]verrid.*")
-        for name in _library.SCHEMAS:
-            for key in ("CPU", "CUDA"):
-                lib.impl(name, getattr(reference, name), key)
-        yield
+from fused_optim import _library
+from helpers import EXT_DISABLED, HAS_CUDA, reference_kernels
 
 
 @pytest.fixture(params=["native", "reference"])
@@ -57,42 +33,3 @@ def backend(request):
 )
 def device(request):
     return request.param
-
-
-def assert_close_to_fp64(actual, expected64, plain, dtype):
-    """Compares a result with its fp64 reference.
-
-    fp32/fp64: torch.testing.assert_close defaults at `dtype`. fp16/bf16 (flash-attention's rule):
-    the error against fp64 is at most twice that of `plain`, the same computation done plainly by
-    PyTorch in `dtype`, plus fp32 rounding of the reference."""
-    assert actual.shape == expected64.shape
-    if dtype in HALF_DTYPES and actual.numel() > 0:
-        err = (actual.double() - expected64).abs().max().item()
-        plain_err = (plain.double() - expected64).abs().max().item()
-        floor = torch.finfo(torch.float32).eps * expected64.abs().max().item()
-        assert err <= 2 * plain_err + floor, f"error {err} > 2 x plain {dtype} error {plain_err}"
-    else:
-        torch.testing.assert_close(actual, expected64.to(actual.dtype))
-
-
-# Every check opcheck has: schema, autograd registration, fake tensor, AOT dispatch static and
-# dynamic (its default leaves out the static one).
-OPCHECK_UTILS = (
-    "test_schema",
-    "test_autograd_registration",
-    "test_faketensor",
-    "test_aot_dispatch_static",
-    "test_aot_dispatch_dynamic",
-)
-
-
-def opcheck(op, args) -> None:
-    torch.library.opcheck(op, args, test_utils=OPCHECK_UTILS)
-
-
-def native_cuda_test(test):
-    """Marks a test of the native CUDA kernels' own properties (no host sync, launch counts, graph
-    capture): skipped without CUDA or with the extension disabled (the reference has none of them)."""
-    test = pytest.mark.skipif(EXT_DISABLED, reason="a property of the native CUDA kernels")(test)
-    test = pytest.mark.skipif(not HAS_CUDA, reason="CUDA is not available")(test)
-    return pytest.mark.cuda(test)

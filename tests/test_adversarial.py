@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 from torch import nn
 
 import fused_optim
-from conftest import DTYPES, HALF_DTYPES
+from helpers import DTYPES, HALF_DTYPES
 
 ops = torch.ops.fused_optim
 SEED_OFFSET = torch.tensor([987654321, 12345], dtype=torch.int64)

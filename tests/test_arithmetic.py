@@ -16,7 +16,7 @@ import pytest
 import torch
 
 import fused_optim  # noqa: F401  (registers torch.ops.fused_optim)
-from conftest import DTYPES, EXT_DISABLED, reference_kernels
+from helpers import DTYPES, EXT_DISABLED, reference_kernels
 from fused_optim import _library
 
 ops = torch.ops.fused_optim

@@ -11,7 +11,7 @@ from torch import nn
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn, get_swa_multi_avg_fn
 
 import fused_optim
-from conftest import DTYPES, assert_close_to_fp64, native_cuda_test, opcheck
+from helpers import DTYPES, assert_close_to_fp64, native_cuda_test, opcheck
 
 SIZES = (1000, 70001, 3, 1, 0)
 

@@ -16,7 +16,7 @@ from hypothesis import strategies as st
 from torch import nn
 
 import fused_optim
-from conftest import DTYPES, HALF_DTYPES, native_cuda_test, opcheck
+from helpers import DTYPES, HALF_DTYPES, native_cuda_test, opcheck
 
 NORM_TYPES = [2.0, 1.0, 0.0, 3.5, 0.5, -1.5, math.inf, -math.inf]
 INF = math.inf

@@ -18,7 +18,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from conftest import EXT_DISABLED, native_cuda_test
+from helpers import EXT_DISABLED, native_cuda_test
 import fused_optim
 from fused_optim import _library, reference
 

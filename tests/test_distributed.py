@@ -13,7 +13,7 @@ import sys
 
 import pytest
 
-from test_training import HERE, run_distributed
+from helpers import HERE, run_distributed
 
 
 @pytest.mark.parametrize("world", [2, 4])

@@ -17,7 +17,7 @@ from torch.utils.checkpoint import checkpoint
 
 import fused_optim
 from fused_optim import checks, reference
-from conftest import DTYPES, EXT_DISABLED, HAS_CUDA, native_cuda_test, opcheck
+from helpers import DTYPES, EXT_DISABLED, HAS_CUDA, native_cuda_test, opcheck
 
 SEED_OFFSET = torch.tensor([1234567890123, 98765432101], dtype=torch.int64)
 

@@ -19,7 +19,7 @@ from fused_optim import _library, _route
 from fused_optim._route import one_view as as_one_view
 from fused_optim.flat import FlatBuffersBroken, flatten_parameters
 
-from conftest import DTYPES, EXT_DISABLED
+from helpers import DTYPES, EXT_DISABLED
 
 native_only = pytest.mark.skipif(EXT_DISABLED or _library._C is None, reason="needs the native extension")
 

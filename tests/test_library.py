@@ -12,7 +12,7 @@ import torch
 
 import fused_optim
 from fused_optim import _library
-from conftest import EXT_DISABLED
+from helpers import EXT_DISABLED
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

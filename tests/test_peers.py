@@ -18,21 +18,11 @@ import torch
 from torch import nn
 
 import fused_optim
-
-
-def _require(module: str):
-    """The installed module's spec; a skip where it is not installed, a failure in CI (where
-    .ci/run installs it, so a missing one is a broken setup, not a reason to skip)."""
-    spec = importlib.util.find_spec(module)
-    if spec is None:
-        if os.environ.get("CI"):
-            pytest.fail(f"{module} is not installed, but .ci/run installs it")
-        pytest.skip(f"{module} is not installed (.ci/run installs it)")
-    return spec
+from helpers import require
 
 
 def _timm_model_ema_v3():
-    root = _require("timm").submodule_search_locations[0]
+    root = require("timm").submodule_search_locations[0]
     spec = importlib.util.spec_from_file_location("timm_model_ema", os.path.join(root, "utils", "model_ema.py"))
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
@@ -135,7 +125,7 @@ def test_model_ema_default_style_refuses_timms_arguments():
 def _lightning_run(values: list[float], **kwargs) -> tuple[bool, int, str | None, int]:
     """Lightning's EarlyStopping in a real Trainer, the validation metric of epoch e being
     values[e]: (stopped, stopped_epoch, its message, epochs run)."""
-    _require("lightning")
+    require("lightning")
     import lightning.pytorch as pl
     from lightning.pytorch.callbacks import EarlyStopping
 

@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 import fused_optim
-from conftest import DTYPES, HALF_DTYPES, assert_close_to_fp64, opcheck
+from helpers import DTYPES, HALF_DTYPES, assert_close_to_fp64, opcheck
 
 L1, L2 = 0.3, 0.7
 

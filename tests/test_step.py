@@ -13,8 +13,7 @@ import torch
 from torch import nn
 
 import fused_optim
-from conftest import DTYPES, EXT_DISABLED, HALF_DTYPES, assert_close_to_fp64, native_cuda_test, opcheck
-from test_peers import _require
+from helpers import DTYPES, EXT_DISABLED, HALF_DTYPES, assert_close_to_fp64, native_cuda_test, opcheck, require
 
 INF = math.inf
 NORM_TYPES = [2.0, 1.0, 0.0, 3.5, INF, -INF, -1.5]
@@ -927,7 +926,7 @@ def test_attach_with_torch_averaged_model(backend):
 
 
 def _lightning_fit(attach_glue: bool, precision: str):
-    _require("lightning")
+    require("lightning")
     import lightning.pytorch as pl
 
     data = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(*[torch.cat(t) for t in zip(*batches(8))]), batch_size=10)

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import fused_optim
-from conftest import DTYPES, HALF_DTYPES, assert_close_to_fp64, native_cuda_test, opcheck
+from helpers import DTYPES, HALF_DTYPES, assert_close_to_fp64, native_cuda_test, opcheck
 from fused_optim import reference
 
 ops = torch.ops.fused_optim

@@ -6,26 +6,13 @@ from __future__ import annotations
 import copy
 import os
 import random
-import subprocess
-import sys
 
 import pytest
 import torch
 from torch import nn
 
 import fused_optim
-
-HERE = os.path.dirname(os.path.abspath(__file__))
-
-
-def run_distributed(*names: str, world: int = 2) -> None:
-    """Runs checks of tests/distributed_checks.py on `world` gloo processes (bounded in time)."""
-    proc = subprocess.run(
-        [sys.executable, os.path.join(HERE, "distributed_checks.py"), str(world), *names],
-        capture_output=True, text=True, timeout=300,
-    )
-    assert proc.returncode == 0 and proc.stdout.strip().endswith("ok"), proc.stderr[-3000:]
-
+from helpers import run_distributed
 
 # ---------------------------------------------------------------- GradientAccumulator
 
