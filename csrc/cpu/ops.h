@@ -6,7 +6,7 @@
 
 namespace fused_optim::cpu {
 
-// l1l2_grad_ (csrc/cpu/l1l2_penalty.cpp): grads += l1 * sign(params) + 2 * l2 * params.
+// l1l2_grad_ (csrc/cpu/regularization.cpp): grads += l1 * sign(params) + 2 * l2 * params.
 void l1l2_grad_cpu(at::TensorList params, at::TensorList grads, double l1, double l2);
 
 } // namespace fused_optim::cpu

@@ -6,7 +6,7 @@
 
 namespace fused_optim::cuda {
 
-// l1l2_grad_ (csrc/cuda/l1l2_penalty.cu): grads += l1 * sign(params) + 2 * l2 * params.
+// l1l2_grad_ (csrc/cuda/regularization.cu): grads += l1 * sign(params) + 2 * l2 * params.
 void l1l2_grad_cuda(at::TensorList params, at::TensorList grads, double l1, double l2);
 
 } // namespace fused_optim::cuda
