@@ -28,4 +28,9 @@ std::tuple<at::Tensor, at::Tensor> multi_tensor_norm_cpu(
 // Multiplies every tensor by scale, writing nothing when scale is 1.
 void scale_in_place(at::TensorList tensors, double scale);
 
+// dropout (csrc/cpu/dropout.cpp), which the structured forms (csrc/cpu/structured_dropout.cpp) run
+// on: writes dropout(input) with probability p and seed_offset (a CPU int64 tensor of 2 elements,
+// checked even when p keeps everything) into out; both contiguous, possibly the same tensor.
+void run_dropout(const at::Tensor& input, const at::Tensor& out, double p, const at::Tensor& seed_offset);
+
 } // namespace fused_optim::cpu

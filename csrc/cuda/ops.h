@@ -24,4 +24,16 @@ void scale_by(at::TensorList tensors, const at::Tensor& scale);
 // The clamp of one dtype group of dense gradients (clip_grad_value_'s and pre_step_'s).
 void clamp_group(at::ScalarType dtype, const std::vector<at::Tensor>& g, double clip_value);
 
+// dropout (csrc/cuda/dropout.cu), which the structured forms (csrc/cuda/structured_dropout.cu) run on:
+// (seed, offset) as the kernel gets them: from device memory when `device` is set.
+struct SeedOffset {
+  const int64_t* device;
+  uint64_t seed, offset;
+};
+// The kernel's view of seed_offset (checked: int64, 2 elements, on the CPU or on input's device;
+// a CPU pair is refused under CUDA graph capture); `holder` keeps a device copy alive until the launch.
+SeedOffset seed_offset_arg(const at::Tensor& seed_offset, const at::Tensor& input, at::Tensor& holder);
+// Writes dropout(input) with probability p into out; both contiguous, possibly the same tensor.
+void run_dropout(const at::Tensor& input, const at::Tensor& out, double p, const at::Tensor& seed_offset);
+
 } // namespace fused_optim::cuda
