@@ -1,8 +1,8 @@
 // CUDA kernels of gradient clipping: multi-tensor norms (per-chunk partials, then per-tensor norms,
 // a block each, then the total, each in the fixed order of common/reduce_order.h; the last two
-// steps in cuda/norm_from_chunks.cuh, shared with the pre-step, csrc/cuda/pre_step.cu), scaling by
-// a coefficient read from device memory (blocks exit without writing when it is 1) and clamping in
-// one pass; the pre-step runs on the last three (declared in cuda/ops.h).
+// steps are in cuda/norm_from_chunks.cuh, which the pre-step shares), scaling by a coefficient
+// read from device memory (blocks exit without writing when it is 1) and clamping in one pass.
+// pre_step_ (csrc/cuda/pre_step.cu) runs on the norm, the scaling and the clamp (cuda/ops.h).
 // clip_grad_norm_ makes no host synchronization unless error_if_nonfinite asks for the norm's value.
 #include "common/elementwise.h"
 #include "common/host_paths.h"
