@@ -109,7 +109,8 @@ at::Tensor dropout_tile_mask(const at::Tensor& keep) {
 
 // The norms' per-tensor step over tensors of the given sizes, numbered group by group (group[t]:
 // tensor t's group, groups in order of first appearance, as dtype groups): one row per block of
-// every launch, (launch, block, tensor, first chunk, end chunk), as clip_grad.cu fills its arguments.
+// every launch, (launch, block, tensor, first chunk, end chunk), as norm_from_chunks.cuh fills its
+// arguments.
 at::Tensor norm_chunk_ranges(c10::IntArrayRef numels, c10::IntArrayRef group) {
   TORCH_CHECK(numels.size() == group.size(), "numels and group must have the same length");
   std::vector<std::vector<int64_t>> groups;

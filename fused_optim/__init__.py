@@ -8,9 +8,8 @@ pure-Python reference kernel that runs wherever no native kernel is registered (
 from ._library import backend_info
 from ._route import last_route
 from .ensemble import ModelEnsemble
-from .dropout import (
-    CustomDropout,
-    Dropout,
+from .dropout import CustomDropout, Dropout, dropout, unpack_dropout_mask
+from .structured_dropout import (
     Dropout1d,
     Dropout2d,
     Dropout3d,
@@ -18,12 +17,10 @@ from .dropout import (
     StochasticDepth,
     drop_path,
     drop_path_add,
-    dropout,
     dropout1d,
     dropout2d,
     dropout3d,
     stochastic_depth,
-    unpack_dropout_mask,
 )
 from .averaging import (
     ModelEMA,

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import glob
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -73,6 +75,40 @@ def test_every_op_has_autograd_and_version_kernels(op):
 def test_the_ops_with_a_derivative_are_those_registered_with_one():
     assert _library.DIFFERENTIABLE == {"l1l2_penalty", "dropout", "drop_groups", "drop_groups_add"}
     assert not any(getattr(torch.ops.fused_optim, op).default._schema.is_mutable for op in _library.DIFFERENTIABLE)
+
+
+# The op families (issue 28, "one op family, one row"): a family's ops are registered in
+# csrc/cpu/<family>.cpp and csrc/cuda/<family>.cu, its per-capability CPU kernels (if any) are
+# csrc/cpu/kernels/<family>.cpp, and those files hold no other family's ops.
+OP_FAMILIES = {
+    "regularization": ["l1l2_penalty", "l1l2_penalty_backward", "l1l2_grad_"],
+    "clip_grad": ["multi_tensor_norm", "multi_tensor_scale_", "clip_grad_norm_", "clip_grad_value_"],
+    "pre_step": ["pre_step_"],
+    "averaging": ["multi_tensor_weighted_sum", "multi_tensor_weighted_sum_", "multi_tensor_lerp_"],
+    "dropout": ["dropout", "dropout_", "dropout_mask"],
+    "structured_dropout": ["drop_groups", "drop_groups_", "drop_groups_add"],
+}
+
+
+def _stems(pattern: str) -> set[str]:
+    return {os.path.splitext(os.path.basename(p))[0] for p in glob.glob(os.path.join(ROOT, pattern))}
+
+
+def test_op_families_are_the_kernel_files():
+    assert sorted(op for ops in OP_FAMILIES.values() for op in ops) == sorted(_library.SCHEMAS)
+    assert _stems("csrc/cpu/*.cpp") == set(OP_FAMILIES)
+    assert _stems("csrc/cuda/*.cu") == set(OP_FAMILIES)
+    assert _stems("csrc/cpu/kernels/*.cpp") <= set(OP_FAMILIES)
+
+
+@pytest.mark.parametrize("family", sorted(OP_FAMILIES))
+def test_each_family_registers_its_ops_in_its_own_files(family):
+    for path in (f"csrc/cpu/{family}.cpp", f"csrc/cuda/{family}.cu"):
+        with open(os.path.join(ROOT, path)) as f:
+            assert sorted(re.findall(r'm\.impl\("(\w+)"', f.read())) == sorted(OP_FAMILIES[family]), path
+    if not EXT_DISABLED:
+        for op in OP_FAMILIES[family]:
+            assert _registered_at(op, "CPU").endswith(f"csrc/cpu/{family}.cpp"), op
 
 
 def test_backend_info_reports_build():

@@ -79,9 +79,9 @@ void plan_launches(const std::vector<int64_t>& numels, int depth, const Slot& sl
   }
 }
 
-// The norms' per-tensor step (csrc/cuda/clip_grad.cu's tensor_norms): block b of a launch reduces
-// the chunk partials [begin[b], end[b]) into the norm of tensor first_tensor + b. The ranges are
-// kernel arguments, so a CUDA graph's replay reads nothing from host memory.
+// The norms' per-tensor step (csrc/cuda/norm_from_chunks.cuh's tensor_norms): block b of a launch
+// reduces the chunk partials [begin[b], end[b]) into the norm of tensor first_tensor + b. The
+// ranges are kernel arguments, so a CUDA graph's replay reads nothing from host memory.
 constexpr int kMaxRangesPerLaunch = 220;
 struct ChunkRanges {
   int64_t first_tensor;

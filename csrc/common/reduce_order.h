@@ -1,8 +1,9 @@
-// How the CUDA norm kernels (csrc/cuda/clip_grad.cu) reduce, as host-device code that the kernels
-// call: what an element adds to an accumulator, how two accumulators combine, and what a thread
-// folds. block_order_reduce and block_order_combine run a block's order on the host with the same
-// functions (csrc/testing.cpp exposes them), so the CPU tests check it against its documentation
-// and the CUDA tests check the kernels against it, bit for bit.
+// How the CUDA norm kernels (csrc/cuda/clip_grad.cu, pre_step.cu, norm_from_chunks.cuh) reduce, as
+// host-device code that the kernels call: what an element adds to an accumulator, how two
+// accumulators combine, and what a thread folds. block_order_reduce and block_order_combine run a
+// block's order on the host with the same functions (csrc/testing.cpp exposes them), so the CPU
+// tests check it against its documentation and the CUDA tests check the kernels against it, bit for
+// bit.
 //
 // The order, for one block of kThreads threads over n values:
 //  1. thread t folds values t, t + kThreads, t + 2 kThreads, ... in turn, from the identity:

@@ -14,15 +14,13 @@
 namespace fused_optim {
 
 DEFINE_DISPATCH(norm_stub);
-DEFINE_DISPATCH(penalty_norm_stub);
 DEFINE_DISPATCH(scale_stub);
 DEFINE_DISPATCH(clamp_stub);
 REGISTER_AVX512_DISPATCH(norm_stub, nullptr)
-REGISTER_AVX512_DISPATCH(penalty_norm_stub, nullptr)
 REGISTER_AVX512_DISPATCH(scale_stub, nullptr)
 REGISTER_AVX512_DISPATCH(clamp_stub, nullptr)
 
-namespace {
+namespace cpu {
 
 // The accumulator kind of a norm order p (2 -> kSumSquares, inf -> kMax, ...).
 NormKind norm_kind(double p) {
@@ -60,6 +58,8 @@ double total_norm(const std::vector<double>& norms, NormKind kind, double p, at:
   return norm_from_acc(sum_in_opmath_range(total, dtype != at::kDouble), kind, p);
 }
 
+namespace {
+
 // Per-tensor norms (fp64) of all tensors, one kernel call per dtype.
 std::vector<double> per_tensor_norms(at::TensorList tensors, double p) {
   const NormKind kind = norm_kind(p);
@@ -73,6 +73,8 @@ std::vector<double> per_tensor_norms(at::TensorList tensors, double p) {
   });
   return norms;
 }
+
+} // namespace
 
 std::tuple<at::Tensor, at::Tensor> multi_tensor_norm_cpu(
     at::TensorList tensors, double norm_type, bool per_tensor, bool error_if_nonfinite) {
@@ -101,6 +103,8 @@ void scale_in_place(at::TensorList tensors, double scale) {
                                       const std::vector<std::vector<at::Tensor>>&) { scale_stub(c10::kCPU, written, scale); });
 }
 
+namespace {
+
 void multi_tensor_scale_cpu(at::TensorList tensors, const at::Tensor& scale) {
   check_scale_args(tensors, scale, c10::kCPU);
   scale_in_place(tensors, scale.item<double>());
@@ -119,46 +123,14 @@ void clip_grad_value_cpu(at::TensorList grads, double clip_value) {
   });
 }
 
-at::Tensor pre_step_cpu(at::TensorList params, at::TensorList grads, double l1, double l2,
-                        std::optional<double> max_norm, double norm_type, std::optional<double> clip_value,
-                        bool error_if_nonfinite) {
-  const auto options = at::TensorOptions().dtype(norm_dtype(grads));
-  return pre_step_host(
-      params, grads, l1, l2, max_norm, norm_type, clip_value, error_if_nonfinite, c10::kCPU,
-      [&](bool write) {
-        // One pass per dtype group; per-tensor norms in position order, combined as
-        // multi_tensor_norm combines them, so the total equals its total over the written gradients.
-        const NormKind kind = norm_kind(norm_type);
-        std::vector<double> norms(grads.size());
-        const DenseTargets targets(grads);
-        const std::vector<at::Tensor> laid_out = in_layout_of(params, targets.dense());
-        for (const auto& [dtype, idx] : group_by_dtype(grads)) {
-          std::vector<double> acc(idx.size());
-          penalty_norm_stub(c10::kCPU, select(laid_out, idx), select(targets.dense(), idx), l1, 2.0 * l2, write, kind,
-                            norm_type, acc.data());
-          for (size_t k = 0; k < idx.size(); ++k) {
-            norms[idx[k]] = norm_from_acc(sum_in_opmath_range(acc[k], dtype != at::kDouble), kind, norm_type);
-          }
-        }
-        if (write) {
-          targets.write_back();
-        }
-        return scalar_result(total_norm(norms, kind, norm_type, norm_dtype(grads)), options);
-      },
-      [&] { cpu::l1l2_grad_cpu(params, grads, l1, l2); },
-      [&](bool error) { return std::get<0>(multi_tensor_norm_cpu(grads, norm_type, false, error)); },
-      [&](const at::Tensor& coef) { scale_in_place(grads, coef.item<double>()); },
-      [&](at::ScalarType, const std::vector<at::Tensor>& g) { clamp_stub(c10::kCPU, g, *clip_value); });
-}
-
 } // namespace
+} // namespace cpu
 
 TORCH_LIBRARY_IMPL(fused_optim, CPU, m) {
-  m.impl("pre_step_", &pre_step_cpu);
-  m.impl("multi_tensor_norm", &multi_tensor_norm_cpu);
-  m.impl("multi_tensor_scale_", &multi_tensor_scale_cpu);
-  m.impl("clip_grad_norm_", &clip_grad_norm_cpu);
-  m.impl("clip_grad_value_", &clip_grad_value_cpu);
+  m.impl("multi_tensor_norm", &cpu::multi_tensor_norm_cpu);
+  m.impl("multi_tensor_scale_", &cpu::multi_tensor_scale_cpu);
+  m.impl("clip_grad_norm_", &cpu::clip_grad_norm_cpu);
+  m.impl("clip_grad_value_", &cpu::clip_grad_value_cpu);
 }
 
 } // namespace fused_optim

@@ -1,7 +1,8 @@
-// CPU ops of dropout with a counter-based RNG: out of place, in place, and the packed mask; and
-// the structured forms (a decision per group: DropPath, channel dropout, common/dropout.h). The
-// mask is never stored: (seed, offset, element or group index) decide each element (cpu/kernels.h).
+// CPU ops of dropout with a counter-based RNG: out of place, in place, and the packed mask (the
+// structured forms, csrc/cpu/structured_dropout.cpp, run on run_dropout). The mask is never
+// stored: (seed, offset, element index) decide each element (cpu/kernels.h).
 #include "cpu/kernels.h"
+#include "cpu/ops.h"
 
 #include <ATen/ops/empty.h>
 #include <torch/library.h>
@@ -15,6 +16,7 @@ DEFINE_DISPATCH(dropout_mask_stub);
 REGISTER_AVX512_DISPATCH(dropout_stub, nullptr)
 REGISTER_AVX512_DISPATCH(dropout_mask_stub, nullptr)
 
+namespace cpu {
 namespace {
 
 // (seed, offset) from the two int64 elements of seed_offset.
@@ -26,8 +28,10 @@ std::pair<uint64_t, uint64_t> unpack_seed_offset(const at::Tensor& seed_offset) 
   return {static_cast<uint64_t>(so.const_data_ptr<int64_t>()[0]), static_cast<uint64_t>(so.const_data_ptr<int64_t>()[1])};
 }
 
-// Writes dropout(input) into out; both contiguous, possibly the same tensor. seed_offset is
-// checked even when p keeps everything, as the reference checks it.
+} // namespace
+
+// Writes dropout(input) into out (declared in cpu/ops.h); both contiguous, possibly the same
+// tensor. seed_offset is checked even when p keeps everything, as the reference checks it.
 void run_dropout(const at::Tensor& input, const at::Tensor& out, double p, const at::Tensor& seed_offset) {
   const auto [seed, offset] = unpack_seed_offset(seed_offset);
   if (keeps_all(p)) {
@@ -38,6 +42,8 @@ void run_dropout(const at::Tensor& input, const at::Tensor& out, double p, const
   }
   dropout_stub(c10::kCPU, input, out, keep_threshold(p), keep_scale(p), seed, offset);
 }
+
+namespace {
 
 at::Tensor dropout_cpu(const at::Tensor& input, double p, const at::Tensor& seed_offset) {
   check_dropout_args(input, p);
@@ -59,35 +65,13 @@ at::Tensor dropout_mask_cpu(const at::Tensor& input, double p, const at::Tensor&
   return mask;
 }
 
-// The structured forms: the groups' multipliers from run_dropout, then one ATen pass.
-at::Tensor drop_groups_cpu(const at::Tensor& input, int64_t group_dims, double p, bool scale, const at::Tensor& seed_offset) {
-  return drop_groups_out_of_place(input, group_dims, p, scale, [&](const at::Tensor& in, const at::Tensor& out) {
-    run_dropout(in, out, p, seed_offset);
-  });
-}
-
-void drop_groups_inplace_cpu(const at::Tensor& input, int64_t group_dims, double p, bool scale, const at::Tensor& seed_offset) {
-  drop_groups_in_place(input, group_dims, p, scale, [&](const at::Tensor& in, const at::Tensor& out) {
-    run_dropout(in, out, p, seed_offset);
-  });
-}
-
-at::Tensor drop_groups_add_cpu(const at::Tensor& x, const at::Tensor& branch, int64_t group_dims, double p, bool scale,
-                               const at::Tensor& seed_offset) {
-  return drop_groups_add(x, branch, group_dims, p, scale, [&](const at::Tensor& in, const at::Tensor& out) {
-    run_dropout(in, out, p, seed_offset);
-  });
-}
-
 } // namespace
+} // namespace cpu
 
 TORCH_LIBRARY_IMPL(fused_optim, CPU, m) {
-  m.impl("dropout", &dropout_cpu);
-  m.impl("dropout_", &dropout_inplace_cpu);
-  m.impl("dropout_mask", &dropout_mask_cpu);
-  m.impl("drop_groups", &drop_groups_cpu);
-  m.impl("drop_groups_", &drop_groups_inplace_cpu);
-  m.impl("drop_groups_add", &drop_groups_add_cpu);
+  m.impl("dropout", &cpu::dropout_cpu);
+  m.impl("dropout_", &cpu::dropout_inplace_cpu);
+  m.impl("dropout_mask", &cpu::dropout_mask_cpu);
 }
 
 } // namespace fused_optim

@@ -1,12 +1,14 @@
 // CUDA kernels of gradient clipping: multi-tensor norms (per-chunk partials, then per-tensor norms,
-// a block each, then the total, each in the fixed order of common/reduce_order.h), scaling by a
-// coefficient read from device memory (blocks exit without writing when it is 1), clamping in one
-// pass, and the pre-step (the penalty's gradient added and the norm's partials taken in the same pass).
+// a block each, then the total, each in the fixed order of common/reduce_order.h; the last two
+// steps are in cuda/norm_from_chunks.cuh, which the pre-step shares), scaling by a coefficient
+// read from device memory (blocks exit without writing when it is 1) and clamping in one pass.
+// pre_step_ (csrc/cuda/pre_step.cu) runs on the norm, the scaling and the clamp (cuda/ops.h).
 // clip_grad_norm_ makes no host synchronization unless error_if_nonfinite asks for the norm's value.
 #include "common/elementwise.h"
 #include "common/host_paths.h"
 #include "common/reduce_order.h"
 #include "cuda/multi_tensor_apply.cuh"
+#include "cuda/norm_from_chunks.cuh"
 #include "cuda/ops.h"
 
 #include <ATen/Dispatch.h>
@@ -19,22 +21,6 @@
 
 namespace fused_optim::cuda {
 namespace {
-
-// Step 3 of common/reduce_order.h's order (tree_combine there), given thread t's own fold in fp64;
-// the result is valid in every thread.
-__device__ double block_combine(Kind kind, double value) {
-  __shared__ double shared[kBlockSize];
-  __syncthreads();
-  shared[threadIdx.x] = value;
-  __syncthreads();
-  for (int stride = kBlockSize / 2; stride > 0; stride /= 2) {
-    if (threadIdx.x < stride) {
-      shared[threadIdx.x] = combine(kind, shared[threadIdx.x], shared[threadIdx.x + stride]);
-    }
-    __syncthreads();
-  }
-  return shared[0];
-}
 
 // A chunk's partial: its elements in the order of common/reduce_order.h (each thread folds at most
 // kThreadRun of them in the op-math type T), written at the chunk's global index.
@@ -53,130 +39,6 @@ struct NormPartials {
     }
   }
 };
-
-// Block b: the norm of tensor t = ranges.first_tensor + b from its chunks' partials (combined in
-// the order of common/reduce_order.h), and the term it adds to the total as torch defines the
-// total (the norm of the per-tensor norms). A block per tensor, so a tensor of many chunks is
-// combined in parallel. Chunks [fp64_begin, fp64_end) are the fp64 tensors' (one dtype group):
-// the others' sums are held as fp32 holds them (sum_in_opmath_range).
-__global__ void __launch_bounds__(kBlockSize) tensor_norms(
-    const double* partials, ChunkRanges ranges, int64_t fp64_begin, int64_t fp64_end, Kind kind, double p,
-    double* per_tensor, double* terms) {
-  const int64_t t = ranges.first_tensor + blockIdx.x;
-  const int64_t begin = ranges.begin[blockIdx.x];
-  const double acc = block_combine(kind, fold_accumulators(kind, begin + threadIdx.x, ranges.end[blockIdx.x], blockDim.x,
-                                                           [&](int64_t c) { return partials[c]; }));
-  if (threadIdx.x == 0) {
-    const bool fp32 = begin < fp64_begin || begin >= fp64_end;
-    const double norm = norm_from_acc(kind, sum_in_opmath_range(acc, fp32), p);
-    per_tensor[t] = norm;
-    terms[t] = total_term(kind, norm, p);
-  }
-}
-
-// One block: the total norm from the n per-tensor terms, combined in the same fixed order, as fp64,
-// the sum held as fp32 holds it when the norms' dtype is not fp64 (sum_in_opmath_range, as the CPU).
-__global__ void __launch_bounds__(kBlockSize) total_norm(const double* terms, int64_t n, Kind kind, double p, bool fp32,
-                                                         double* total) {
-  const Kind sum_kind = total_kind(kind);
-  const double acc =
-      block_combine(sum_kind, fold_accumulators(sum_kind, threadIdx.x, n, blockDim.x, [&](int64_t t) { return terms[t]; }));
-  if (threadIdx.x == 0) {
-    *total = norm_from_acc(kind, sum_in_opmath_range(acc, fp32), p);
-  }
-}
-
-// x = penalty_grad(g, w, l1, 2 * l2) (l1l2_grad_'s arithmetic, rounded to the dtype), written into g when
-// kWrite, folded into the chunk's partial as NormPartials folds x: the same order, so the norm is
-// multi_tensor_norm's over the written gradients, bit for bit.
-template <typename scalar_t, bool kWrite>
-struct PenaltyNormPartials {
-  __device__ void operator()(TensorListMetadata<2>& meta, double l1, double l2, Kind kind, double p, double* partials) const {
-    using T = at::opmath_type<scalar_t>;
-    const int tensor = meta.block_to_tensor[blockIdx.x];
-    const int64_t begin = static_cast<int64_t>(meta.block_to_chunk[blockIdx.x]) * kChunkSize;
-    const int64_t end = min(begin + kChunkSize, meta.sizes[tensor]);
-    const auto* w = static_cast<const scalar_t*>(meta.addresses[0][tensor]);
-    auto* g = static_cast<scalar_t*>(meta.addresses[1][tensor]);
-    const T a = static_cast<T>(l1), b = static_cast<T>(2.0 * l2);
-    const double acc = block_combine(kind, fold_elements(kind, static_cast<T>(p), begin + threadIdx.x, end, blockDim.x, [&](int64_t i) {
-      const scalar_t x = static_cast<scalar_t>(penalty_grad(static_cast<T>(g[i]), static_cast<T>(w[i]), a, b));
-      if constexpr (kWrite) {
-        g[i] = x;
-      }
-      return static_cast<T>(x);
-    }));
-    if (threadIdx.x == 0) {
-      partials[meta.first_global_chunk + blockIdx.x] = acc;
-    }
-  }
-};
-
-// The total norm (fp64, on the device) and the per-tensor norms of dense `tensors`, from per-chunk
-// partials that partials_of(dtype, idx, first_chunk, partials) writes for each dtype group (the
-// tensors idx, chunks numbered from first_chunk): then per-tensor norms, a block each, then the
-// total, each combined in a fixed order. Everything a kernel reads is on the device or in its
-// arguments (the chunk ranges too), so a CUDA graph's replay reads no host memory.
-template <typename PartialsOf>
-std::tuple<at::Tensor, at::Tensor> norm_from_chunks(const std::vector<at::Tensor>& tensors, Kind kind, double norm_type,
-                                                     const PartialsOf& partials_of) {
-  const auto options = tensors[0].options();
-  const auto groups = group_by_dtype(tensors);
-  std::vector<int64_t> numels;
-  for (const at::Tensor& t : tensors) {
-    numels.push_back(t.numel());
-  }
-  std::vector<std::vector<int64_t>> group_idx;
-  for (const auto& [dtype, idx] : groups) {
-    group_idx.push_back(idx);
-  }
-  const auto ranges = chunk_ranges(numels, group_idx);  // chunks numbered group by group
-  at::Tensor partials = at::empty({std::max<int64_t>(num_chunks(tensors), 1)}, options.dtype(at::kDouble));
-  int64_t fp64_begin = 0, fp64_end = 0;
-  for (const auto& [dtype, idx] : groups) {
-    partials_of(dtype, idx, ranges[idx[0]].first, partials.data_ptr<double>());
-    if (dtype == at::kDouble) {
-      fp64_begin = ranges[idx.front()].first;
-      fp64_end = ranges[idx.back()].second;
-    }
-  }
-  const int64_t n = static_cast<int64_t>(tensors.size());
-  at::Tensor per = at::empty({n}, options.dtype(at::kDouble));
-  at::Tensor terms = at::empty({n}, options.dtype(at::kDouble));
-  at::Tensor total = at::empty({}, options.dtype(at::kDouble));
-  const c10::cuda::CUDAGuard guard(options.device());
-  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
-  plan_range_launches(ranges, [&](const ChunkRanges& args, int blocks) {
-    tensor_norms<<<blocks, kBlockSize, 0, stream>>>(
-        partials.data_ptr<double>(), args, fp64_begin, fp64_end, kind, norm_type, per.data_ptr<double>(),
-        terms.data_ptr<double>());
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
-  });
-  total_norm<<<1, kBlockSize, 0, stream>>>(terms.data_ptr<double>(), n, kind, norm_type, norm_dtype(tensors) != at::kDouble,
-                                           total.data_ptr<double>());
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
-  return {total, per};
-}
-
-std::tuple<at::Tensor, at::Tensor> multi_tensor_norm_cuda(
-    at::TensorList tensors, double norm_type, bool per_tensor, bool error_if_nonfinite) {
-  check_norm_args(tensors, norm_type, c10::kCUDA);
-  const Kind kind = norm_kind(norm_type);
-  std::vector<at::Tensor> dense;
-  for (const at::Tensor& t : tensors) {
-    dense.push_back(as_dense(t));
-  }
-  const auto [total, per] = norm_from_chunks(dense, kind, norm_type, [&](at::ScalarType dtype, const std::vector<int64_t>& idx, int64_t first, double* partials) {
-    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, "multi_tensor_norm_cuda", [&] {
-      multi_tensor_apply<1>({select(dense, idx)}, first, NormPartials<scalar_t>{}, kind, norm_type, partials);
-    });
-  });
-  const auto dtype = norm_dtype(tensors);
-  if (error_if_nonfinite) {  // the one case that reads the norm on the host, as torch does
-    check_finite_norm(total.to(dtype), norm_type);
-  }
-  return {total.to(dtype), per_tensor ? per.to(dtype) : at::empty({0}, tensors[0].options().dtype(dtype))};
-}
 
 // x *= *scale, skipped (no write) when *scale == 1: the coefficient stays in device memory.
 template <typename scalar_t>
@@ -239,6 +101,28 @@ struct Clamp {
   }
 };
 
+} // namespace
+
+std::tuple<at::Tensor, at::Tensor> multi_tensor_norm_cuda(
+    at::TensorList tensors, double norm_type, bool per_tensor, bool error_if_nonfinite) {
+  check_norm_args(tensors, norm_type, c10::kCUDA);
+  const Kind kind = norm_kind(norm_type);
+  std::vector<at::Tensor> dense;
+  for (const at::Tensor& t : tensors) {
+    dense.push_back(as_dense(t));
+  }
+  const auto [total, per] = norm_from_chunks(dense, kind, norm_type, [&](at::ScalarType dtype, const std::vector<int64_t>& idx, int64_t first, double* partials) {
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, "multi_tensor_norm_cuda", [&] {
+      multi_tensor_apply<1>({select(dense, idx)}, first, NormPartials<scalar_t>{}, kind, norm_type, partials);
+    });
+  });
+  const auto dtype = norm_dtype(tensors);
+  if (error_if_nonfinite) {  // the one case that reads the norm on the host, as torch does
+    check_finite_norm(total.to(dtype), norm_type);
+  }
+  return {total.to(dtype), per_tensor ? per.to(dtype) : at::empty({0}, tensors[0].options().dtype(dtype))};
+}
+
 // Scales every tensor by `scale`, a one-element tensor on the tensors' device (read as fp64 when it
 // is fp64, else as fp32). Dense tensors go through the launcher, other non-overlapping ones (rare)
 // one kernel each through their strides; neither writes when the coefficient is 1.
@@ -285,6 +169,15 @@ void scale_by(at::TensorList tensors, const at::Tensor& scale) {
   });
 }
 
+// The clamp of one dtype group of dense gradients (clip_grad_value_'s and pre_step_'s).
+void clamp_group(at::ScalarType dtype, const std::vector<at::Tensor>& g, double clip_value) {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, "clip_grad_value_cuda", [&] {
+    multi_tensor_apply<1>({g}, 0, Clamp<scalar_t>{}, clip_value);
+  });
+}
+
+namespace {
+
 void multi_tensor_scale_cuda(at::TensorList tensors, const at::Tensor& scale) {
   check_scale_args(tensors, scale, c10::kCUDA);
   if (!tensors.empty()) {
@@ -300,55 +193,15 @@ at::Tensor clip_grad_norm_cuda(at::TensorList grads, double max_norm, double nor
       [](at::TensorList g, const at::Tensor& coef) { scale_by(g, coef); });
 }
 
-// The clamp of one dtype group of dense gradients (clip_grad_value_'s and pre_step_'s).
-void clamp_group(at::ScalarType dtype, const std::vector<at::Tensor>& g, double clip_value) {
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, "clip_grad_value_cuda", [&] {
-    multi_tensor_apply<1>({g}, 0, Clamp<scalar_t>{}, clip_value);
-  });
-}
-
 void clip_grad_value_cuda(at::TensorList grads, double clip_value) {
   clip_grad_value_host(grads, clip_value, c10::kCUDA, [&](at::ScalarType dtype, const std::vector<at::Tensor>& g) {
     clamp_group(dtype, g, clip_value);
   });
 }
 
-// The coefficient stays on the device: no host synchronization unless error_if_nonfinite.
-at::Tensor pre_step_cuda(at::TensorList params, at::TensorList grads, double l1, double l2,
-                         std::optional<double> max_norm, double norm_type, std::optional<double> clip_value,
-                         bool error_if_nonfinite) {
-  return pre_step_host(
-      params, grads, l1, l2, max_norm, norm_type, clip_value, error_if_nonfinite, c10::kCUDA,
-      [&](bool write) {
-        const Kind kind = norm_kind(norm_type);
-        const DenseTargets targets(grads);
-        const std::vector<at::Tensor>& dense = targets.dense();
-        const std::vector<at::Tensor> laid_out = in_layout_of(params, dense);
-        const auto [total, per] = norm_from_chunks(dense, kind, norm_type, [&](at::ScalarType dtype, const std::vector<int64_t>& idx, int64_t first, double* partials) {
-          AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, "pre_step_cuda", [&] {
-            const std::vector<std::vector<at::Tensor>> lists = {select(laid_out, idx), select(dense, idx)};
-            if (write) {
-              multi_tensor_apply<2>(lists, first, PenaltyNormPartials<scalar_t, true>{}, l1, l2, kind, norm_type, partials);
-            } else {
-              multi_tensor_apply<2>(lists, first, PenaltyNormPartials<scalar_t, false>{}, l1, l2, kind, norm_type, partials);
-            }
-          });
-        });
-        if (write) {
-          targets.write_back();
-        }
-        return total.to(norm_dtype(grads));
-      },
-      [&] { l1l2_grad_cuda(params, grads, l1, l2); },
-      [&](bool error) { return std::get<0>(multi_tensor_norm_cuda(grads, norm_type, false, error)); },
-      [&](const at::Tensor& coef) { scale_by(grads, coef); },
-      [&](at::ScalarType dtype, const std::vector<at::Tensor>& g) { clamp_group(dtype, g, *clip_value); });
-}
-
 } // namespace
 
 TORCH_LIBRARY_IMPL(fused_optim, CUDA, m) {
-  m.impl("pre_step_", &pre_step_cuda);
   m.impl("multi_tensor_norm", &multi_tensor_norm_cuda);
   m.impl("multi_tensor_scale_", &multi_tensor_scale_cuda);
   m.impl("clip_grad_norm_", &clip_grad_norm_cuda);

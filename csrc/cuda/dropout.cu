@@ -13,6 +13,7 @@
 // replay, so it is refused.
 #include "common/dropout.h"
 #include "cuda/multi_tensor_apply.cuh"
+#include "cuda/ops.h"
 
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
@@ -32,12 +33,6 @@ constexpr int kThreads = 256;
 constexpr int kWarps = kThreads / 32;
 constexpr int64_t kTile = kDropoutTile;  // elements per warp (common/dropout.h)
 constexpr int kPerLane = kDropoutPerLane;
-
-// (seed, offset) as the kernel gets them: from device memory when `device` is set.
-struct SeedOffset {
-  const int64_t* device;
-  uint64_t seed, offset;
-};
 
 // The keep flags of elements 4l..4l+3 of this warp's tile (lane l), from the stream.
 __device__ void tile_keep(int64_t tile, SeedOffset so, uint64_t threshold, bool keep[kPerLane]) {
@@ -104,6 +99,13 @@ __global__ void __launch_bounds__(kThreads) dropout_mask_kernel(uint8_t* mask, i
   }
 }
 
+int64_t num_blocks(int64_t numel) {
+  const int64_t tiles = (numel + kTile - 1) / kTile;
+  return (tiles + kWarps - 1) / kWarps;
+}
+
+} // namespace
+
 // The kernel's view of seed_offset; `holder` keeps a device copy alive until the launch.
 SeedOffset seed_offset_arg(const at::Tensor& seed_offset, const at::Tensor& input, at::Tensor& holder) {
   TORCH_CHECK(
@@ -121,11 +123,6 @@ SeedOffset seed_offset_arg(const at::Tensor& seed_offset, const at::Tensor& inpu
   const at::Tensor so = seed_offset.contiguous();
   return {nullptr, static_cast<uint64_t>(so.const_data_ptr<int64_t>()[0]),
           static_cast<uint64_t>(so.const_data_ptr<int64_t>()[1])};
-}
-
-int64_t num_blocks(int64_t numel) {
-  const int64_t tiles = (numel + kTile - 1) / kTile;
-  return (tiles + kWarps - 1) / kWarps;
 }
 
 // Writes dropout(input) into out; both contiguous, possibly the same tensor.
@@ -156,6 +153,8 @@ void run_dropout(const at::Tensor& input, const at::Tensor& out, double p, const
   });
 }
 
+namespace {
+
 at::Tensor dropout_cuda(const at::Tensor& input, double p, const at::Tensor& seed_offset) {
   check_dropout_args(input, p);
   return dropout_out_of_place(
@@ -184,38 +183,12 @@ at::Tensor dropout_mask_cuda(const at::Tensor& input, double p, const at::Tensor
   return mask;
 }
 
-// The structured forms: the groups' multipliers from run_dropout (seed_offset read on the device:
-// no host sync), then one ATen pass.
-at::Tensor drop_groups_cuda(const at::Tensor& input, int64_t group_dims, double p, bool scale, const at::Tensor& seed_offset) {
-  return drop_groups_out_of_place(input, group_dims, p, scale, [&](const at::Tensor& in, const at::Tensor& out) {
-    run_dropout(in, out, p, seed_offset);
-  });
-}
-
-void drop_groups_inplace_cuda(const at::Tensor& input, int64_t group_dims, double p, bool scale, const at::Tensor& seed_offset) {
-  at::Tensor holder;
-  seed_offset_arg(seed_offset, input, holder);  // checked before anything is written
-  drop_groups_in_place(input, group_dims, p, scale, [&](const at::Tensor& in, const at::Tensor& out) {
-    run_dropout(in, out, p, seed_offset);
-  });
-}
-
-at::Tensor drop_groups_add_cuda(const at::Tensor& x, const at::Tensor& branch, int64_t group_dims, double p, bool scale,
-                                const at::Tensor& seed_offset) {
-  return drop_groups_add(x, branch, group_dims, p, scale, [&](const at::Tensor& in, const at::Tensor& out) {
-    run_dropout(in, out, p, seed_offset);
-  });
-}
-
 } // namespace
 
 TORCH_LIBRARY_IMPL(fused_optim, CUDA, m) {
   m.impl("dropout", &dropout_cuda);
   m.impl("dropout_", &dropout_inplace_cuda);
   m.impl("dropout_mask", &dropout_mask_cuda);
-  m.impl("drop_groups", &drop_groups_cuda);
-  m.impl("drop_groups_", &drop_groups_inplace_cuda);
-  m.impl("drop_groups_add", &drop_groups_add_cuda);
 }
 
 } // namespace fused_optim::cuda

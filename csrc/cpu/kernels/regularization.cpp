@@ -1,4 +1,5 @@
-// Inner loops of the L1+L2 penalty family, compiled once per CPU capability (see setup.py).
+// Inner loops of the regularization family (the L1+L2 penalty), compiled once per CPU capability
+// (see setup.py).
 #include "common/chunking.h"
 #include "common/vec.h"
 #include "cpu/kernels.h"

@@ -1,7 +1,7 @@
-// CUDA kernels of the L1+L2 penalty family. The value: each block sums |x| and x^2 over one
-// chunk into per-chunk partials (fp64), and one cleanup kernel adds them in chunk order:
-// deterministic, no float atomics, no host synchronization. The gradients: one elementwise pass,
-// with the backward's grad_out read from device memory.
+// CUDA kernels of the regularization family (the L1+L2 penalty). The value: each block sums |x|
+// and x^2 over one chunk into per-chunk partials (fp64), and one cleanup kernel adds them in chunk
+// order: deterministic, no float atomics, no host synchronization. The gradients: one elementwise
+// pass, with the backward's grad_out read from device memory.
 #include "common/elementwise.h"
 #include "common/host_paths.h"
 #include "common/reduce_order.h"

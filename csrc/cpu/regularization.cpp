@@ -1,6 +1,7 @@
-// CPU ops of the L1+L2 penalty family: the penalty value, its backward, and the in-place gradient
-// update l1l2_grad_, on the shared host paths (common/host_paths.h: checks before anything is
-// written, layouts, dtype groups); the inner loops are in kernels/l1l2_penalty.cpp.
+// CPU ops of the regularization family (the L1+L2 penalty): the penalty value, its backward, and
+// the in-place gradient update l1l2_grad_, on the shared host paths (common/host_paths.h: checks
+// before anything is written, layouts, dtype groups); the inner loops are in
+// kernels/regularization.cpp.
 #include "common/elementwise.h"
 #include "common/host_paths.h"
 #include "cpu/kernels.h"
