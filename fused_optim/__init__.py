@@ -37,7 +37,7 @@ from .averaging import (
 from .clip_grad import clip_grad_norm_, clip_grad_value_, clip_gradients, clip_grads_with_norm_, get_total_norm
 from .flat import FlatParameters, flatten_parameters
 from .regularization import L1L2Regularizer, l1l2_grad_, l1l2_penalty
-from .step import AttachHandle, attach, pre_step_
+from .pre_step import AttachHandle, attach, pre_step_
 from .training import EarlyStopping, GradientAccumulator, train_with_gradient_clipping
 
 __version__ = "0.1.0"

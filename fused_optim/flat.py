@@ -25,7 +25,7 @@ from ._library import _C
 from .clip_grad import clip_grad_norm_, clip_grad_value_, get_total_norm
 from .checks import non_overlapping_and_dense
 from .regularization import l1l2_grad_, l1l2_penalty
-from .step import pre_step_
+from .pre_step import pre_step_
 
 __all__ = ["FlatBuffersBroken", "FlatParameters", "flatten_parameters"]
 

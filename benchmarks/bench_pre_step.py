@@ -3,7 +3,7 @@ the separate fused calls and torch's foreach sequence, on the standard cases (a)
 flat buffers; python -m fused_optim.benchmark --suites pre_step,step gives the same rows side by
 side with memory-speed fractions, and the end-to-end transformer step.
 
-    pytest benchmarks/bench_step.py --benchmark-group-by=group --benchmark-columns=median,iqr,rounds
+    pytest benchmarks/bench_pre_step.py --benchmark-group-by=group --benchmark-columns=median,iqr,rounds
 """
 
 from __future__ import annotations
