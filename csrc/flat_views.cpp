@@ -7,7 +7,9 @@
 
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
+#include <torch/csrc/autograd/function_hook.h>
 #include <torch/csrc/autograd/python_variable.h>
+#include <torch/csrc/autograd/variable.h>
 
 #include <cstring>
 #include <vector>
@@ -293,6 +295,80 @@ PyObject* flat_rehome(PyObject*, PyObject* args) {
   }
 }
 
+// Gradients that land in the buffer during backward. After torch's default zero_grad()
+// (set_to_none=True) backward makes each gradient a new tensor; a post-accumulate-grad hook of the
+// parameter copies it into the parameter's slot right after autograd set it, while it is still in
+// cache, and makes .grad the slot's view, so the next glue call finds every gradient in the buffer.
+// It leaves alone a gradient it cannot take (a view of another buffer such as DDP's buckets,
+// another layout, shape or dtype) and a parameter whose data left its place in the buffer
+// (flattened again, converted): the glue call then re-homes or runs per tensor, as without hooks.
+// A tensor has one such hook: a Python hook registered before is called first; one registered by
+// Python afterwards replaces this one (the glue call then copies, as without hooks).
+struct LandInSlot : torch::autograd::PostAccumulateGradHook {
+  LandInSlot(const at::Tensor& param, at::Tensor slot, std::unique_ptr<PostAccumulateGradHook> previous)
+      : slot(std::move(slot)), data(param.storage().getWeakStorageImpl()), data_offset(param.storage_offset()),
+        previous(std::move(previous)) {}
+
+  void operator()(const torch::autograd::Variable& param) override {
+    if (previous) {
+      (*previous)(param);
+    }
+    const at::Tensor& grad = param.grad();
+    const auto data_now = data.lock();
+    if (!grad.defined() || grad.unsafeGetTensorImpl() == slot.unsafeGetTensorImpl() || !data_now ||
+        param.storage().unsafeGetStorageImpl() != data_now.get() || param.storage_offset() != data_offset ||
+        grad.layout() != at::kStrided || grad.is_view() || grad.sizes() != slot.sizes() ||
+        grad.strides() != slot.strides() || grad.scalar_type() != slot.scalar_type() || grad.device() != slot.device() ||
+        grad.is_neg() || grad.is_conj()) {
+      return;
+    }
+    if (grad.device().is_cpu()) {
+      std::memcpy(slot.data_ptr(), grad.const_data_ptr(), grad.nbytes());
+    } else {
+      slot.copy_(grad);
+    }
+    param.mutable_grad() = slot;
+  }
+
+  at::Tensor slot;
+  c10::weak_intrusive_ptr<c10::StorageImpl> data;  // weak: no hold on a buffer flattened away
+  int64_t data_offset;
+  std::unique_ptr<PostAccumulateGradHook> previous;
+};
+
+// land_gradients(params, grad_views): hooks each parameter that requires grad (see LandInSlot),
+// replacing the hook of an earlier flattening.
+PyObject* land_gradients(PyObject*, PyObject* args) {
+  PyObject *params = nullptr, *views = nullptr;
+  if (!PyArg_ParseTuple(args, "O!O!", &PyList_Type, &params, &PyList_Type, &views)) {
+    return nullptr;
+  }
+  if (PyList_GET_SIZE(params) != PyList_GET_SIZE(views)) {
+    PyErr_SetString(PyExc_ValueError, "land_gradients: params and grad views must pair up");
+    return nullptr;
+  }
+  try {
+    for (Py_ssize_t i = 0; i < PyList_GET_SIZE(params); ++i) {
+      const at::Tensor* param = plain_tensor(PyList_GET_ITEM(params, i));
+      const at::Tensor* slot = plain_tensor(PyList_GET_ITEM(views, i));
+      TORCH_CHECK(param != nullptr && slot != nullptr, "land_gradients: plain tensors expected");
+      if (!param->requires_grad() || !param->is_leaf()) {
+        continue;
+      }
+      auto previous = std::move(torch::autograd::impl::post_acc_grad_hooks(*param));
+      if (auto* ours = dynamic_cast<LandInSlot*>(previous.get())) {
+        previous = std::move(ours->previous);
+      }
+      torch::autograd::impl::set_post_acc_grad_hooks(
+          *param, std::make_unique<LandInSlot>(*param, *slot, std::move(previous)));
+    }
+  } catch (const std::exception& e) {
+    PyErr_SetString(PyExc_RuntimeError, e.what());
+    return nullptr;
+  }
+  Py_RETURN_NONE;
+}
+
 } // namespace
 
 PyMethodDef fused_optim_flat_methods[] = {
@@ -301,4 +377,5 @@ PyMethodDef fused_optim_flat_methods[] = {
     {"bump_versions", bump_versions, METH_O, "bump_versions(tensors: list[Tensor]) -> None"},
     {"flat_check", flat_check, METH_VARARGS, "flat_check(params, places, expected, storage) -> (kind, index)"},
     {"flat_rehome", flat_rehome, METH_VARARGS, "flat_rehome(params, grad_views, expected) -> bool | None"},
+    {"land_gradients", land_gradients, METH_VARARGS, "land_gradients(params, grad_views) -> None"},
     {nullptr, nullptr, 0, nullptr}};

@@ -1,7 +1,7 @@
 """Which path a public function's call takes, decided in one place, by inspection only.
 
 Each public function (``clip_grad_norm_``, ``l1l2_grad_``, ``ema_update_``, ...) asks
-:func:`choose` once and runs the path it names; an error raised inside a path propagates (no path
+:func:`flat_for` (functions given parameters), then :func:`choose`, and runs the path named; an error raised inside a path propagates (no path
 is retried on another). The paths, in the order they are looked for:
 
 ``sharded``     a ``process_group`` was given, or the lists hold DTensors (FSDP2, tensor
@@ -40,12 +40,10 @@ SHARDED, FLAT, ONE_VIEW, PER_TENSOR = "sharded", "flat", "one_view", "per_tensor
 
 
 class Route(NamedTuple):
-    """A path for one call: ``views`` (one 1-D tensor per list) on ``one_view``, ``flat`` (the
-    FlatParameters) on ``flat``."""
+    """A path for one call; ``views`` (one 1-D tensor per list) on ``one_view``."""
 
     kind: str
     views: tuple[Tensor, ...] | None = None
-    flat: object | None = None
 
 
 class Taken(NamedTuple):
@@ -180,31 +178,38 @@ def bump_versions(tensors: list[Tensor]) -> None:
 # ---------------------------------------------------------------- the choice
 
 
+def flat_for(function: str, params: list[Tensor], **needs) -> object | None:
+    """The FlatParameters a call of the public `function` on `params` runs on (``flat`` path, then
+    recorded for :func:`last_route`), or None: when `params` are exactly its parameters and its
+    buffers can take the call now (`needs`: what the op needs of them, see
+    ``FlatParameters.ready``). Asked first: it needs no gradient list."""
+    if _C is None or torch.compiler.is_compiling():
+        return None
+    flat = flat_holding(params)
+    if flat is None or not flat.ready(**needs):
+        return None
+    record(function, FLAT)
+    return flat
+
+
 def choose(
     function: str,
     lists: tuple[list[Tensor], ...],
     written: tuple[bool, ...],
     *,
-    params: list[Tensor] | None = None,
     process_group=None,
-    flat_needs: dict | None = None,
     one_view_ok: bool = True,
 ) -> Route:
-    """The path of one call of the public `function` on `lists` (`written`: which of them the op
-    writes), recorded for :func:`last_route`.
-
-    `params`: the parameter list the call was given, looked up as a FlatParameters' (with
-    `flat_needs`, what the op needs of its buffers: see ``FlatParameters.ready``); None where the
-    function takes no parameters. `one_view_ok`: False where a flat pass is not the op on the list
-    (a norm of order 0 counts tensors; a penalty with an autograd graph)."""
+    """The path of a call of the public `function` on `lists` (`written`: which of them the op
+    writes) that :func:`flat_for` did not take, recorded for :func:`last_route`.
+    `one_view_ok`: False where a flat pass is not the op on the list (a norm of order 0 counts
+    tensors; a penalty with an autograd graph; a list with a missing gradient)."""
     fast = _C is not None and not torch.compiler.is_compiling()
     if process_group is not None:
         route = Route(SHARDED)
-    elif fast and params is not None and (flat := flat_holding(params)) is not None and flat.ready(**(flat_needs or {})):
-        route = Route(FLAT, flat=flat)
     elif fast and one_view_ok and (views := one_view(lists, written)) is not None:
         route = Route(ONE_VIEW, views=views)
-    elif any(any_dtensor(ts) for ts in lists) or (params is not None and any_dtensor(params)):
+    elif any(any_dtensor(ts) for ts in lists):
         route = Route(SHARDED)
     else:
         route = Route(PER_TENSOR)

@@ -13,7 +13,7 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from . import _distributed, _route, checks
-from ._route import FLAT, ONE_VIEW, SHARDED
+from ._route import ONE_VIEW, SHARDED
 from ._utils import as_float, as_tensor_list
 
 _TensorOrTensors = Tensor | Iterable[Tensor]
@@ -99,15 +99,16 @@ def clip_grads_with_norm_(
     """
     max_norm = as_float(max_norm, "max_norm", like_torch=True)
     parameters = as_tensor_list(parameters, "parameters")
+    scale = torch.ops.fused_optim.multi_tensor_scale_.default
+    if (flat := _route.flat_for("clip_grads_with_norm_", parameters)) is not None:
+        scale(flat.grad_buffers(), _clip_coefficient(max_norm, total_norm))
+        flat.gradients_written()
+        return
     grads = _grads(parameters)
     if not grads:
         return
-    route = _route.choose("clip_grads_with_norm_", (grads,), (True,), params=parameters)
-    scale, coefficient = torch.ops.fused_optim.multi_tensor_scale_.default, _clip_coefficient(max_norm, total_norm)
-    if route.kind == FLAT:
-        scale(route.flat.grad_buffers(), coefficient)
-        route.flat.gradients_written()
-    elif route.kind == ONE_VIEW:
+    route, coefficient = _route.choose("clip_grads_with_norm_", (grads,), (True,)), _clip_coefficient(max_norm, total_norm)
+    if route.kind == ONE_VIEW:
         scale(list(route.views), coefficient)
         _route.bump_versions(grads)
     elif route.kind == SHARDED:
@@ -147,17 +148,15 @@ def clip_grad_norm_(
     if is_generator and not parameters:
         warnings.warn("`parameters` is an empty generator, no gradient clipping will occur.", stacklevel=3)
     max_norm, norm_type = as_float(max_norm, "max_norm", like_torch=True), as_float(norm_type, "norm_type", like_torch=True)
+    clip = torch.ops.fused_optim.clip_grad_norm_.default
+    flat = _route.flat_for("clip_grad_norm_", parameters, norm_type=norm_type) if process_group is None else None
+    if flat is not None:
+        total = clip(flat.grad_buffers(), max_norm, norm_type, bool(error_if_nonfinite))
+        flat.gradients_written()
+        return total
     grads = _grads(parameters)
     # Order 0 counts the tensors with a non-zero element: not a norm of their concatenation.
-    route = _route.choose(
-        "clip_grad_norm_", (grads,), (True,), params=parameters, process_group=process_group,
-        flat_needs={"norm_type": norm_type}, one_view_ok=norm_type != 0,
-    )
-    clip = torch.ops.fused_optim.clip_grad_norm_.default
-    if route.kind == FLAT:
-        total = clip(route.flat.grad_buffers(), max_norm, norm_type, bool(error_if_nonfinite))
-        route.flat.gradients_written()
-        return total
+    route = _route.choose("clip_grad_norm_", (grads,), (True,), process_group=process_group, one_view_ok=norm_type != 0)
     if route.kind == ONE_VIEW:
         total = clip(list(route.views), max_norm, norm_type, bool(error_if_nonfinite))
         _route.bump_versions(grads)
@@ -186,13 +185,14 @@ def clip_grad_value_(parameters: _TensorOrTensors, clip_value: float, foreach: b
     """
     clip_value = as_float(clip_value, "clip_value", like_torch=True)
     parameters = as_tensor_list(parameters, "parameters")
-    grads = _grads(parameters)
-    route = _route.choose("clip_grad_value_", (grads,), (True,), params=parameters)
     clamp = torch.ops.fused_optim.clip_grad_value_.default
-    if route.kind == FLAT:
-        clamp(route.flat.grad_buffers(), clip_value)
-        route.flat.gradients_written()
-    elif route.kind == ONE_VIEW:
+    if (flat := _route.flat_for("clip_grad_value_", parameters)) is not None:
+        clamp(flat.grad_buffers(), clip_value)
+        flat.gradients_written()
+        return
+    grads = _grads(parameters)
+    route = _route.choose("clip_grad_value_", (grads,), (True,))
+    if route.kind == ONE_VIEW:
         clamp(list(route.views), clip_value)
         _route.bump_versions(grads)
     else:  # per tensor; DTensors clamp their local shards through DTensor's own dispatch

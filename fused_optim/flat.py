@@ -123,8 +123,10 @@ class FlatParameters:
     functions given exactly these parameters in the order flattened, run one op call on the
     buffers when the views are intact (see docs/flat-buffers.md):
 
-    - a ``.grad`` that is a new tensor (``zero_grad(set_to_none=True)``, then backward) is copied into
-      its slot and replaced by its view (one copy); a ``.grad`` that is None keeps its slot zero and
+    - a ``.grad`` that backward makes as a new tensor (after ``zero_grad(set_to_none=True)``) is
+      copied into its slot by a post-accumulate-grad hook of the parameter, as it is made, and
+      replaced by its view (one copy, while the gradient is in cache); one assigned by hand is
+      copied there by the next call; a ``.grad`` that is None keeps its slot zero and
       stays None (as the per-tensor functions skip it); a dtype none of whose parameters has a
       gradient takes no part in a call on gradients;
     - a ``.grad`` that is a view of another buffer (DDP's ``gradient_as_bucket_view``) is left alone:
@@ -170,6 +172,11 @@ class FlatParameters:
         self._groups = [_Group(ps) for ps in by_dtype.values()]
         for g in self._groups:
             _grad_buffers[g.grad.untyped_storage().data_ptr()] = g.grad
+        # Backward puts the gradients it makes straight into the buffer (csrc/flat_views.cpp's
+        # land_gradients): with torch's default zero_grad(set_to_none=True) too.
+        if _C is not None:
+            for g in self._groups:
+                _C.land_gradients(g.params, g.grad_views)
         self._params = [p for g in self._groups for p in g.params]
         self._warned_foreign = self._warned_broken = False
 

@@ -12,7 +12,7 @@ import torch
 from torch import Tensor, nn
 
 from . import _distributed, _route, checks
-from ._route import FLAT, ONE_VIEW
+from ._route import ONE_VIEW
 from ._utils import as_float, as_tensor_list, fill_missing_grads
 from .clip_grad import clip_grad_norm_, clip_grad_value_, get_total_norm
 from .checks import check_coefficient, check_norm_type, check_one_clip
@@ -141,6 +141,12 @@ def pre_step_(
     l1, l2, max_norm, norm_type, clip_value = _options(l1, l2, max_norm, norm_type, clip_value)
     params = as_tensor_list(parameters, "parameters")
     penalized = l1 != 0.0 or l2 != 0.0
+    op = torch.ops.fused_optim.pre_step_.default
+    args = (l1, l2, max_norm, norm_type, clip_value, bool(error_if_nonfinite))
+    if (flat := _route.flat_for("pre_step_", params, norm_type=norm_type, penalty=penalized)) is not None:
+        total = op(flat.data_buffers(penalty=penalized), flat.grad_buffers(penalty=penalized), *args)
+        flat.gradients_written(penalty=penalized)
+        return total
 
     # What each step sees: the penalty goes to parameters that require grad (a missing gradient is
     # created), the norm and the clip to every gradient; the op pairs them, so a frozen parameter
@@ -160,17 +166,8 @@ def pre_step_(
         return total
     # Order 0 counts the tensors with a non-zero element: not a norm of their concatenation.
     route = _route.choose(
-        "pre_step_", (held, grads), (False, True), params=params,
-        flat_needs={"norm_type": norm_type, "penalty": penalized},
-        one_view_ok=norm_type != 0 and all(g is not None for g in grads),
+        "pre_step_", (held, grads), (False, True), one_view_ok=norm_type != 0 and all(g is not None for g in grads)
     )
-    op = torch.ops.fused_optim.pre_step_.default
-    args = (l1, l2, max_norm, norm_type, clip_value, bool(error_if_nonfinite))
-    if route.kind == FLAT:
-        flat = route.flat
-        total = op(flat.data_buffers(penalty=penalized), flat.grad_buffers(penalty=penalized), *args)
-        flat.gradients_written(penalty=penalized)
-        return total
     if route.kind == ONE_VIEW:
         total = op([route.views[0]], [route.views[1]], *args)
         _route.bump_versions(grads)

@@ -10,7 +10,7 @@ import torch
 from torch import Tensor, nn
 
 from . import _distributed, _route
-from ._route import FLAT, ONE_VIEW, SHARDED
+from ._route import ONE_VIEW, SHARDED
 from ._utils import as_float, as_tensor_list, fill_missing_grads
 
 
@@ -43,9 +43,9 @@ def l1l2_penalty(tensors: Tensor | Iterable[Tensor], l1: float = 0.0, l2: float 
     penalty = torch.ops.fused_optim.l1l2_penalty.default
     # The buffers and one view of the tensors have no autograd history: taken when no gradient is wanted.
     graph = torch.is_grad_enabled()
-    route = _route.choose("l1l2_penalty", (tensors,), (False,), params=None if graph else tensors, one_view_ok=not graph)
-    if route.kind == FLAT:
-        return penalty(route.flat.data, l1, l2)
+    if not graph and (flat := _route.flat_for("l1l2_penalty", tensors)) is not None:
+        return penalty(flat.data, l1, l2)
+    route = _route.choose("l1l2_penalty", (tensors,), (False,), one_view_ok=not graph)
     if route.kind == ONE_VIEW:
         return penalty(list(route.views), l1, l2)
     if route.kind == SHARDED:
@@ -74,16 +74,13 @@ def l1l2_grad_(params: Tensor | Iterable[Tensor], l1: float = 0.0, l2: float = 0
     """
     given = as_tensor_list(params, "params")
     l1, l2, add = as_float(l1, "l1"), as_float(l2, "l2"), torch.ops.fused_optim.l1l2_grad_.default
+    if (flat := _route.flat_for("l1l2_grad_", given, penalty=True)) is not None:
+        add(flat.data_buffers(penalty=True), flat.grad_buffers(penalty=True), l1, l2)
+        flat.gradients_written(penalty=True)
+        return
     params = [p for p in given if p.requires_grad]
     grads = [p.grad for p in params]
-    route = _route.choose(
-        "l1l2_grad_", (params, grads), (False, True), params=given, flat_needs={"penalty": True},
-        one_view_ok=all(g is not None for g in grads),
-    )
-    if route.kind == FLAT:
-        add(route.flat.data_buffers(penalty=True), route.flat.grad_buffers(penalty=True), l1, l2)
-        route.flat.gradients_written(penalty=True)
-        return
+    route = _route.choose("l1l2_grad_", (params, grads), (False, True), one_view_ok=all(g is not None for g in grads))
     if route.kind == ONE_VIEW:
         add([route.views[0]], [route.views[1]], l1, l2)
         _route.bump_versions(grads)

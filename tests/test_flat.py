@@ -198,15 +198,23 @@ def test_missing_gradients_are_skipped_and_never_leak(backend):
         torch.testing.assert_close(flat.get_total_norm(norm_type), plain_norm, equal_nan=True)
 
 
-def test_set_to_none_rehomes_new_gradients(backend):
+def test_set_to_none_gradients_land_in_the_buffer(backend):
+    # torch's default zero_grad(set_to_none=True): backward makes new gradients; with the extension
+    # a hook copies each into its slot as it is made, without it the next call re-homes them.
     plain, flat_model, flat = _pair()
-    flat_model.zero_grad(set_to_none=True)
-    _backward(flat_model, _data()[1])
-    grads = [p.grad for p in flat_model.parameters()]
-    assert all(g._base is None for g in grads)  # autograd's own new tensors
+    plain.zero_grad(set_to_none=True), flat_model.zero_grad(set_to_none=True)
+    _backward(plain, _data()[1]), _backward(flat_model, _data()[1])
+    landed = [p.grad._base is flat.grad[0] for p in flat_model.parameters()]
+    assert all(landed) if _library._C is not None else not any(landed)
+    _assert_grads_equal(plain, flat_model)
+    grads = [p.grad.clone() for p in flat_model.parameters()]
     assert flat.check()
     assert all(p.grad._base is flat.grad[0] or p.grad._base is not None for p in flat_model.parameters())
     assert all(torch.equal(p.grad, g) for p, g in zip(flat_model.parameters(), grads))
+    # Gradients assigned by hand (no hook runs): the next call copies them into the buffer.
+    for p, g in zip(flat_model.parameters(), grads):
+        p.grad = g.clone()
+    assert flat.check() and all(p.grad._base is flat.grad[0] for p in flat_model.parameters())
     # zero_grad(set_to_none=False) keeps them in the buffer: the next backward accumulates there.
     views = [p.grad for p in flat_model.parameters()]
     flat_model.zero_grad(set_to_none=False)
@@ -627,3 +635,25 @@ def test_compiled_training_step_on_flattened_model_matches(backend):
         for p, q in zip(plain.parameters(), flat_model.parameters()):
             torch.testing.assert_close(p, q)
     assert flat.check()
+
+
+def test_landing_keeps_python_post_accumulate_grad_hooks_and_accumulates(backend):
+    # A post-accumulate-grad hook registered before flattening still runs (ours runs after it);
+    # one registered after replaces ours (the next call copies instead). Two backwards without
+    # zero_grad accumulate, in the buffer, as torch does.
+    plain, flat_model = _model(), _model()
+    seen = []
+    flat_model[0].weight.register_post_accumulate_grad_hook(lambda p: seen.append(p.grad.clone()))
+    flat = flatten_parameters(flat_model)
+    for model in (plain, flat_model):
+        model.zero_grad(set_to_none=True)
+        _backward(model, _data()[0])
+        _backward(model, _data()[1])
+    _assert_grads_equal(plain, flat_model, exact=False)
+    assert len(seen) == 2 and torch.equal(seen[-1], plain[0].weight.grad)
+    flat_model[3].bias.register_post_accumulate_grad_hook(lambda p: seen.append(None))
+    flat_model.zero_grad(set_to_none=True), plain.zero_grad(set_to_none=True)
+    _backward(flat_model, _data()[2]), _backward(plain, _data()[2])
+    assert any(s is None for s in seen[2:]) and flat.check()
+    assert all(p.grad._base is flat.grad[0] for p in flat_model.parameters())
+    _assert_grads_equal(plain, flat_model)

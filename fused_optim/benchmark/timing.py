@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import torch
 
 
-def _sync(device: str) -> None:
+def sync(device: str) -> None:
     if device.startswith("cuda"):
         torch.cuda.synchronize()
 
@@ -31,19 +31,19 @@ def time_side_by_side(
     calls = {}
     for name, fn in fns.items():  # a warm-up call (one-time costs), then one that sizes the blocks
         fn()
-        _sync(device)
+        sync(device)
         start = time.perf_counter()
         fn()
-        _sync(device)
+        sync(device)
         calls[name] = max(1, int(block_ms / max((time.perf_counter() - start) * 1e3, 1e-3)))
     samples: dict[str, list[float]] = {name: [] for name in fns}
     for _ in range(rounds):
         for name, fn in fns.items():
-            _sync(device)
+            sync(device)
             start = time.perf_counter()
             for _ in range(calls[name]):
                 fn()
-            _sync(device)
+            sync(device)
             samples[name].append((time.perf_counter() - start) * 1e3 / calls[name])
     return {name: statistics.median(s) for name, s in samples.items()}
 

@@ -5,13 +5,17 @@ one-element parameters."""
 
 from __future__ import annotations
 
+import statistics
+import time
+
 import torch
 
 import fused_optim
 from fused_optim.benchmark.cases import L1, L2, module_with_grads, nbytes
 from fused_optim.benchmark.rows.clip_grad import clip_by_norm_each_call
 from fused_optim.benchmark.rows.regularization import foreach_grad_, foreach_penalty
-from fused_optim.benchmark.timing import Bench, Row
+from fused_optim.benchmark.rows.pre_step import torch_glue
+from fused_optim.benchmark.timing import Bench, Row, sync
 
 
 def flat_rows(bench: Bench, case: str) -> list[Row]:
@@ -86,6 +90,7 @@ def flat_rows(bench: Bench, case: str) -> list[Row]:
         },
         bytes_moved=3 * size, yardstick="lerp_", yardstick_bytes=size,
     )
+    rows += default_zero_grad_rows(bench, case, size, norm)
     if case == "b":
         tiny_flat_model, tiny = (torch.nn.ParameterList([torch.nn.Parameter(torch.randn(1, device=bench.device)) for _ in range(2000)]) for _ in range(2))
         for p in [*tiny_flat_model.parameters(), *tiny.parameters()]:
@@ -101,4 +106,65 @@ def flat_rows(bench: Bench, case: str) -> list[Row]:
             fused=lambda: tiny_flat.l1l2_grad_(L1, L2),
             references={"fused per-tensor": lambda: fused_optim.l1l2_grad_(tiny.parameters(), L1, L2)},
         )
+    return rows
+
+
+def default_zero_grad_rows(bench: Bench, case: str, size: int, norm: float) -> list[Row]:
+    """The loop most users write: torch's default ``optimizer.zero_grad()`` (set_to_none=True), a
+    backward, which makes every gradient a new tensor, then the glue. A flattened model's backward
+    copies each new gradient into the buffer as it is made (a hook per parameter: the row
+    "backward" counts that copy); the glue call then runs one op on the buffer. Timed here: the
+    glue call alone and the backward alone, steps of the two models interleaved, medians."""
+    rounds = bench.rounds * (5 if case == "b" else 1)
+    ours, theirs = (module_with_grads(case, bench.device, 0) for _ in range(2))
+    fused_optim.flatten_parameters(ours)
+    scale = torch.tensor(1e-3, device=bench.device)
+
+    def backward(model) -> float:
+        model.zero_grad()  # set_to_none=True, torch's default
+        loss = torch.stack([(p * scale).square().sum() for p in model.parameters()]).sum()
+        sync(bench.device)
+        start = time.perf_counter()
+        loss.backward()
+        sync(bench.device)
+        return (time.perf_counter() - start) * 1e3
+
+    def timed(fn) -> float:
+        sync(bench.device)
+        start = time.perf_counter()
+        fn()
+        sync(bench.device)
+        return (time.perf_counter() - start) * 1e3
+
+    backward(ours), backward(theirs)
+    grad_norm = float(fused_optim.get_total_norm([p.grad for p in theirs.parameters()]))
+    glue = {
+        "clip_grad_norm_(params) clipping": (
+            lambda m: fused_optim.clip_grad_norm_(list(m.parameters()), grad_norm / 2),
+            lambda m: torch.nn.utils.clip_grad_norm_(list(m.parameters()), grad_norm / 2, foreach=True),
+        ),
+        "clip_grad_norm_(params) no clip": (
+            lambda m: fused_optim.clip_grad_norm_(list(m.parameters()), 1e6 * grad_norm),
+            lambda m: torch.nn.utils.clip_grad_norm_(list(m.parameters()), 1e6 * grad_norm, foreach=True),
+        ),
+        "clip_grad_norm_(model.parameters()) no clip": (
+            lambda m: fused_optim.clip_grad_norm_(m.parameters(), 1e6 * grad_norm),
+            lambda m: torch.nn.utils.clip_grad_norm_(m.parameters(), 1e6 * grad_norm, foreach=True),
+        ),
+        "pre_step_ (attach's glue) clipping": (
+            lambda m: fused_optim.pre_step_(list(m.parameters()), L1, L2, max_norm=grad_norm / 2),
+            lambda m: torch_glue(list(m.parameters()), grad_norm / 2),
+        ),
+    }
+    samples: dict[str, tuple[list[float], list[float]]] = {name: ([], []) for name in ["backward", *glue]}
+    for _ in range(rounds):
+        for name, (fused, reference) in glue.items():
+            for side, (model, fn) in enumerate(((ours, fused), (theirs, reference))):
+                spent = backward(model)
+                samples["backward"][side].append(spent)
+                samples[name][side].append(timed(lambda: fn(model)))
+    rows = []
+    for name, (fused_ms, ref_ms) in samples.items():
+        reference = "plain model's backward" if name == "backward" else "torch foreach=True"
+        rows.append(Row(f"default zero_grad loop: {name}", case, reference, statistics.median(ref_ms), statistics.median(fused_ms)))
     return rows
