@@ -1,6 +1,6 @@
 """The argument checks of every fused_optim op in Python, and the dtype rules they and the kernels
 share: what the reference kernels, the fake kernels (torch.compile) and the Python wrappers refuse,
-with the exception types and messages of the native checks (csrc/common; tests/test_check_parity.py
+with the exception types and messages of the native checks (csrc/common; tests/ops/test_check_parity.py
 holds the two to the same inputs). Where torch has a message for the same refusal, it is torch's.
 
 Sections follow the op families: dtypes and lists (shared), regularization, clip_grad, pre_step,

@@ -86,13 +86,13 @@ def require(module: str):
     return spec
 
 
-HERE = os.path.dirname(os.path.abspath(__file__))
+HERE = os.path.dirname(os.path.abspath(__file__))  # tests/
 
 
 def run_distributed(*names: str, world: int = 2) -> None:
-    """Runs checks of tests/distributed_checks.py on `world` gloo processes (bounded in time)."""
+    """Runs checks of tests/integration/distributed_checks.py on `world` gloo processes (bounded in time)."""
     proc = subprocess.run(
-        [sys.executable, os.path.join(HERE, "distributed_checks.py"), str(world), *names],
+        [sys.executable, os.path.join(HERE, "integration", "distributed_checks.py"), str(world), *names],
         capture_output=True, text=True, timeout=300,
     )
     assert proc.returncode == 0 and proc.stdout.strip().endswith("ok"), proc.stderr[-3000:]

@@ -138,22 +138,23 @@ def default_zero_grad_rows(bench: Bench, case: str, size: int, norm: float) -> l
 
     backward(ours), backward(theirs)
     grad_norm = float(fused_optim.get_total_norm([p.grad for p in theirs.parameters()]))
+    params = {id(m): list(m.parameters()) for m in (ours, theirs)}  # `params = list(model.parameters())`
     glue = {
         "clip_grad_norm_(params) clipping": (
-            lambda m: fused_optim.clip_grad_norm_(list(m.parameters()), grad_norm / 2),
-            lambda m: torch.nn.utils.clip_grad_norm_(list(m.parameters()), grad_norm / 2, foreach=True),
+            lambda m: fused_optim.clip_grad_norm_(params[id(m)], grad_norm / 2),
+            lambda m: torch.nn.utils.clip_grad_norm_(params[id(m)], grad_norm / 2, foreach=True),
         ),
         "clip_grad_norm_(params) no clip": (
-            lambda m: fused_optim.clip_grad_norm_(list(m.parameters()), 1e6 * grad_norm),
-            lambda m: torch.nn.utils.clip_grad_norm_(list(m.parameters()), 1e6 * grad_norm, foreach=True),
+            lambda m: fused_optim.clip_grad_norm_(params[id(m)], 1e6 * grad_norm),
+            lambda m: torch.nn.utils.clip_grad_norm_(params[id(m)], 1e6 * grad_norm, foreach=True),
         ),
         "clip_grad_norm_(model.parameters()) no clip": (
             lambda m: fused_optim.clip_grad_norm_(m.parameters(), 1e6 * grad_norm),
             lambda m: torch.nn.utils.clip_grad_norm_(m.parameters(), 1e6 * grad_norm, foreach=True),
         ),
-        "pre_step_ (attach's glue) clipping": (
-            lambda m: fused_optim.pre_step_(list(m.parameters()), L1, L2, max_norm=grad_norm / 2),
-            lambda m: torch_glue(list(m.parameters()), grad_norm / 2),
+        "pre_step_(params) clipping (attach's glue)": (
+            lambda m: fused_optim.pre_step_(params[id(m)], L1, L2, max_norm=grad_norm / 2),
+            lambda m: torch_glue(params[id(m)], grad_norm / 2),
         ),
     }
     samples: dict[str, tuple[list[float], list[float]]] = {name: ([], []) for name in ["backward", *glue]}

@@ -112,7 +112,8 @@ def inputs():
 @needs_avx2
 def test_avx2_and_portable_builds_give_the_same_bits(inputs, tmp_path):
     torch.save(inputs, tmp_path / "inputs.pt")
-    env = {**os.environ, "ATEN_CPU_CAPABILITY": "default"}
+    tests = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # where helpers.py is
+    env = {**os.environ, "ATEN_CPU_CAPABILITY": "default", "PYTHONPATH": os.pathsep.join([tests, os.environ.get("PYTHONPATH", "")])}
     subprocess.run(
         [sys.executable, __file__, str(tmp_path / "inputs.pt"), str(tmp_path / "portable.pt")], env=env, check=True
     )

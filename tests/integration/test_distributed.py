@@ -1,5 +1,5 @@
 """Sharded training on 2 and 4 gloo processes (CPU, localhost), each compared with the unsharded
-computation on the same seed (the checks are in tests/distributed_checks.py): FSDP2 (penalty value
+computation on the same seed (the checks are in tests/integration/distributed_checks.py): FSDP2 (penalty value
 and gradient, global norms of every order, clipping, attach(optimizer), shard-local EMA and
 averages, gradient accumulation, early stopping with best-weight restore), tensor-parallel DTensors
 on 1-D and 2x2 meshes, ZeRO-style flat shards with process_group=, and DDP over flattened

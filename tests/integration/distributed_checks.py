@@ -1,5 +1,5 @@
-"""Multi-process checks run by tests/test_training.py and tests/test_distributed.py:
-`python tests/distributed_checks.py WORLD NAME [NAME ...]` spawns WORLD gloo processes on
+"""Multi-process checks run by tests/api/test_training.py and tests/integration/test_distributed.py:
+`python tests/integration/distributed_checks.py WORLD NAME [NAME ...]` spawns WORLD gloo processes on
 localhost, runs the named checks on every rank and prints "ok" when every rank passed.
 
 Sharded results are compared with the same computation done unsharded on each rank (the same

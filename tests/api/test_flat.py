@@ -483,7 +483,7 @@ def test_public_functions_equal_torch_on_any_list(backend, case, norm_type):
     if not tensors or any(t.requires_grad for t in tensors) or len({t.dtype for t in tensors}) > 1:
         return
     if any(t.numel() == 0 for t in tensors) and (norm_type < 0 or math.isinf(norm_type)):
-        return  # no identity: both raise (tests/test_clip_grad.py)
+        return  # no identity: both raise (tests/api/test_clip_grad.py)
     torch.testing.assert_close(fused_optim.get_total_norm(tensors, norm_type), torch.nn.utils.get_total_norm(theirs, norm_type))
     params = [torch.empty_like(t).requires_grad_() for t in tensors]
     their_params = [torch.empty_like(t).requires_grad_() for t in tensors]
