@@ -252,8 +252,8 @@ def attach(
     ``scaler.step``: call ``scaler.unscale_(optimizer)`` first, else the hook raises RuntimeError;
     the glue then reads the scaler's skip decision, one host synchronization.) With
     :class:`GradientAccumulator` the glue runs once per optimizer step, on the accumulated
-    gradients. A model flattened by :func:`flatten_parameters` (pass ``model``) runs it as one
-    call on its buffers.
+    gradients. When the optimizer's parameters are exactly a flattened model's (see
+    :func:`flatten_parameters`; before or after ``attach``), the glue is one call on its buffers.
 
     Returns an :class:`AttachHandle` (``.total_norm``, ``.steps``, ``.remove()``). Attaching twice
     to one optimizer raises RuntimeError (the penalty would be added twice): remove the first.

@@ -202,9 +202,10 @@ def test_set_to_none_gradients_land_in_the_buffer(backend):
     # torch's default zero_grad(set_to_none=True): backward makes new gradients; with the extension
     # a hook copies each into its slot as it is made, without it the next call re-homes them.
     plain, flat_model, flat = _pair()
+    buffer = flat.grad[0]
     plain.zero_grad(set_to_none=True), flat_model.zero_grad(set_to_none=True)
     _backward(plain, _data()[1]), _backward(flat_model, _data()[1])
-    landed = [p.grad._base is flat.grad[0] for p in flat_model.parameters()]
+    landed = [p.grad._base is buffer for p in flat_model.parameters()]
     assert all(landed) if _library._C is not None else not any(landed)
     _assert_grads_equal(plain, flat_model)
     grads = [p.grad.clone() for p in flat_model.parameters()]
