@@ -27,41 +27,55 @@ from . import checks, reference
 
 _lib = torch.library.Library("fused_optim", "DEF")
 
-# One row per op: name -> schema. The reference kernel is reference.<name>.
-SCHEMAS = {
-    "l1l2_penalty": "l1l2_penalty(Tensor[] tensors, float l1, float l2) -> Tensor",
-    "l1l2_penalty_backward": (
-        "l1l2_penalty_backward(Tensor grad_out, Tensor[] tensors, float l1, float l2) -> Tensor[]"
-    ),
-    "l1l2_grad_": "l1l2_grad_(Tensor[] params, Tensor(a!)[] grads, float l1, float l2) -> ()",
-    "multi_tensor_norm": (
-        "multi_tensor_norm(Tensor[] tensors, float norm_type, bool per_tensor, bool error_if_nonfinite=False)"
-        " -> (Tensor, Tensor)"
-    ),
-    "multi_tensor_scale_": "multi_tensor_scale_(Tensor(a!)[] tensors, Tensor scale) -> ()",
-    "clip_grad_norm_": (
-        "clip_grad_norm_(Tensor(a!)[] grads, float max_norm, float norm_type, bool error_if_nonfinite)"
-        " -> Tensor"
-    ),
-    "clip_grad_value_": "clip_grad_value_(Tensor(a!)[] grads, float clip_value) -> ()",
-    "pre_step_": (
-        "pre_step_(Tensor[] params, Tensor(a!)[] grads, float l1, float l2, float? max_norm, float norm_type,"
-        " float? clip_value, bool error_if_nonfinite) -> Tensor"
-    ),
-    "multi_tensor_weighted_sum": "multi_tensor_weighted_sum(Tensor[] inputs, float[] weights) -> Tensor[]",
-    "multi_tensor_weighted_sum_": (
-        "multi_tensor_weighted_sum_(Tensor[] inputs, float[] weights, Tensor(a!)[] out) -> ()"
-    ),
-    "multi_tensor_lerp_": "multi_tensor_lerp_(Tensor(a!)[] self, Tensor[] end, Tensor weight) -> ()",
-    "dropout": "dropout(Tensor input, float p, Tensor seed_offset) -> Tensor",
-    "dropout_": "dropout_(Tensor(a!) input, float p, Tensor seed_offset) -> ()",
-    "dropout_mask": "dropout_mask(Tensor input, float p, Tensor seed_offset) -> Tensor",
-    "drop_groups": "drop_groups(Tensor input, int group_dims, float p, bool scale, Tensor seed_offset) -> Tensor",
-    "drop_groups_": "drop_groups_(Tensor(a!) input, int group_dims, float p, bool scale, Tensor seed_offset) -> ()",
-    "drop_groups_add": (
-        "drop_groups_add(Tensor x, Tensor branch, int group_dims, float p, bool scale, Tensor seed_offset) -> Tensor"
-    ),
+# Every op, by family (the family names its files in every layer: CONTRIBUTING.md): name -> schema.
+# The reference kernel is reference.<name>.
+FAMILIES = {
+    "regularization": {
+        "l1l2_penalty": "l1l2_penalty(Tensor[] tensors, float l1, float l2) -> Tensor",
+        "l1l2_penalty_backward": (
+            "l1l2_penalty_backward(Tensor grad_out, Tensor[] tensors, float l1, float l2) -> Tensor[]"
+        ),
+        "l1l2_grad_": "l1l2_grad_(Tensor[] params, Tensor(a!)[] grads, float l1, float l2) -> ()",
+    },
+    "clip_grad": {
+        "multi_tensor_norm": (
+            "multi_tensor_norm(Tensor[] tensors, float norm_type, bool per_tensor, bool error_if_nonfinite=False)"
+            " -> (Tensor, Tensor)"
+        ),
+        "multi_tensor_scale_": "multi_tensor_scale_(Tensor(a!)[] tensors, Tensor scale) -> ()",
+        "clip_grad_norm_": (
+            "clip_grad_norm_(Tensor(a!)[] grads, float max_norm, float norm_type, bool error_if_nonfinite)"
+            " -> Tensor"
+        ),
+        "clip_grad_value_": "clip_grad_value_(Tensor(a!)[] grads, float clip_value) -> ()",
+    },
+    "pre_step": {
+        "pre_step_": (
+            "pre_step_(Tensor[] params, Tensor(a!)[] grads, float l1, float l2, float? max_norm, float norm_type,"
+            " float? clip_value, bool error_if_nonfinite) -> Tensor"
+        ),
+    },
+    "averaging": {
+        "multi_tensor_weighted_sum": "multi_tensor_weighted_sum(Tensor[] inputs, float[] weights) -> Tensor[]",
+        "multi_tensor_weighted_sum_": (
+            "multi_tensor_weighted_sum_(Tensor[] inputs, float[] weights, Tensor(a!)[] out) -> ()"
+        ),
+        "multi_tensor_lerp_": "multi_tensor_lerp_(Tensor(a!)[] self, Tensor[] end, Tensor weight) -> ()",
+    },
+    "dropout": {
+        "dropout": "dropout(Tensor input, float p, Tensor seed_offset) -> Tensor",
+        "dropout_": "dropout_(Tensor(a!) input, float p, Tensor seed_offset) -> ()",
+        "dropout_mask": "dropout_mask(Tensor input, float p, Tensor seed_offset) -> Tensor",
+    },
+    "structured_dropout": {
+        "drop_groups": "drop_groups(Tensor input, int group_dims, float p, bool scale, Tensor seed_offset) -> Tensor",
+        "drop_groups_": "drop_groups_(Tensor(a!) input, int group_dims, float p, bool scale, Tensor seed_offset) -> ()",
+        "drop_groups_add": (
+            "drop_groups_add(Tensor x, Tensor branch, int group_dims, float p, bool scale, Tensor seed_offset) -> Tensor"
+        ),
+    },
 }
+SCHEMAS = {name: schema for ops in FAMILIES.values() for name, schema in ops.items()}
 
 for _schema in SCHEMAS.values():
     _lib.define(_schema)

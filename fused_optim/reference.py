@@ -26,6 +26,9 @@ def sum_in_opmath_range(total: Tensor, dtype: torch.dtype) -> Tensor:
     return torch.where(total > torch.finfo(torch.float32).max, math.inf, total)
 
 
+# ---------------------------------------------------------------- regularization
+
+
 def l1l2_penalty(tensors: list[Tensor], l1: float, l2: float) -> Tensor:
     """l1 * sum|p| + l2 * sum p^2 over every element of every tensor (0-dim), the sums taken in
     fp64, those of the fp32-op-math tensors (fp16/bf16/fp32) apart and held as fp32 holds them
@@ -74,6 +77,9 @@ def l1l2_grad_(params: list[Tensor], grads: list[Tensor], l1: float, l2: float) 
     for p, g in zip(params, grads):
         x = p.to(opmath_dtype(p.dtype))
         g.copy_(_penalty_grad(g.to(x.dtype), x, l1, 2.0 * l2))
+
+
+# ---------------------------------------------------------------- clip_grad
 
 
 def _norm(t: Tensor, norm_type: float, opmath: torch.dtype) -> Tensor:
@@ -139,6 +145,9 @@ def clip_grad_value_(grads: list[Tensor], clip_value: float) -> None:
     checks.check_clip_value_args(grads, clip_value)
     for g in grads:
         g.clamp_(min=-clip_value, max=clip_value)
+
+
+# ---------------------------------------------------------------- pre_step
 
 
 def pre_step_(params, grads, l1, l2, max_norm, norm_type, clip_value, error_if_nonfinite) -> Tensor:
@@ -261,7 +270,7 @@ def dropout_mask(input: Tensor, p: float, seed_offset: Tensor) -> Tensor:
     return (padded.view(-1, 8) * weights).sum(1, dtype=torch.uint8)
 
 
-# ---------------------------------------------------------------- structured dropout
+# ---------------------------------------------------------------- structured_dropout
 
 
 def group_multipliers_like(input: Tensor, group_dims: int) -> Tensor:

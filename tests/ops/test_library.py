@@ -80,14 +80,7 @@ def test_the_ops_with_a_derivative_are_those_registered_with_one():
 # The op families (issue 28, "one op family, one row"): a family's ops are registered in
 # csrc/cpu/<family>.cpp and csrc/cuda/<family>.cu, its per-capability CPU kernels (if any) are
 # csrc/cpu/kernels/<family>.cpp, and those files hold no other family's ops.
-OP_FAMILIES = {
-    "regularization": ["l1l2_penalty", "l1l2_penalty_backward", "l1l2_grad_"],
-    "clip_grad": ["multi_tensor_norm", "multi_tensor_scale_", "clip_grad_norm_", "clip_grad_value_"],
-    "pre_step": ["pre_step_"],
-    "averaging": ["multi_tensor_weighted_sum", "multi_tensor_weighted_sum_", "multi_tensor_lerp_"],
-    "dropout": ["dropout", "dropout_", "dropout_mask"],
-    "structured_dropout": ["drop_groups", "drop_groups_", "drop_groups_add"],
-}
+OP_FAMILIES = {family: list(ops) for family, ops in _library.FAMILIES.items()}
 
 
 def _stems(pattern: str) -> set[str]:
