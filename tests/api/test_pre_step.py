@@ -5,6 +5,7 @@ and inside PyTorch Lightning's Trainer."""
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import math
 
@@ -704,7 +705,8 @@ def test_attach_runs_per_tensor_when_the_flat_buffers_break(backend):
     hand_written_step(theirs, opt_theirs, *batch[0], **GLUE)
     ours.double(), theirs.double()  # the parameters leave their buffers
     x, y = batch[1][0].double(), batch[1][1].double()
-    with pytest.warns(UserWarning, match="per-tensor path runs"):
+    lost = pytest.warns(UserWarning, match="per-tensor path runs") if not EXT_DISABLED else contextlib.nullcontext()
+    with lost:  # the warning that the one-call path is lost: only where the extension gives it
         attached_step(ours, opt_ours, x, y)
     hand_written_step(theirs, opt_theirs, x, y, **GLUE)
     assert_same_weights(ours, theirs)
