@@ -255,7 +255,8 @@ PyObject* flat_rehome(PyObject*, PyObject* args) {
       if (grad.unsafeGetTensorImpl() == slot->unsafeGetTensorImpl()) {
         continue;
       }
-      if (grad.layout() != at::kStrided || grad.is_view() || grad.sizes() != slot->sizes() ||
+      if (grad.layout() != at::kStrided || grad.is_view() || grad.requires_grad() ||
+          grad.unsafeGetTensorImpl()->is_python_dispatch() || grad.sizes() != slot->sizes() ||
           grad.scalar_type() != slot->scalar_type() || grad.device() != slot->device()) {
         Py_RETURN_NONE;
       }
@@ -299,8 +300,8 @@ PyObject* flat_rehome(PyObject*, PyObject* args) {
 // (set_to_none=True) backward makes each gradient a new tensor; a post-accumulate-grad hook of the
 // parameter copies it into the parameter's slot right after autograd set it, while it is still in
 // cache, and makes .grad the slot's view, so the next glue call finds every gradient in the buffer.
-// It leaves alone a gradient it cannot take (a view of another buffer such as DDP's buckets,
-// another layout, shape or dtype) and a parameter whose data left its place in the buffer
+// It leaves alone a gradient it cannot take (a view of another buffer such as DDP's buckets, one
+// carrying a graph (create_graph=True), a tensor subclass, another layout, shape or dtype) and a parameter whose data left its place in the buffer
 // (flattened again, converted): the glue call then re-homes or runs per tensor, as without hooks.
 // A tensor has one such hook: a Python hook registered before is called first; one registered by
 // Python afterwards replaces this one (the glue call then copies, as without hooks).
@@ -317,7 +318,8 @@ struct LandInSlot : torch::autograd::PostAccumulateGradHook {
     const auto data_now = data.lock();
     if (!grad.defined() || grad.unsafeGetTensorImpl() == slot.unsafeGetTensorImpl() || !data_now ||
         param.storage().unsafeGetStorageImpl() != data_now.get() || param.storage_offset() != data_offset ||
-        grad.layout() != at::kStrided || grad.is_view() || grad.sizes() != slot.sizes() ||
+        grad.layout() != at::kStrided || grad.is_view() || grad.requires_grad() ||
+        grad.unsafeGetTensorImpl()->is_python_dispatch() || grad.sizes() != slot.sizes() ||
         grad.strides() != slot.strides() || grad.scalar_type() != slot.scalar_type() || grad.device() != slot.device() ||
         grad.is_neg() || grad.is_conj()) {
       return;
@@ -329,6 +331,10 @@ struct LandInSlot : torch::autograd::PostAccumulateGradHook {
     }
     param.mutable_grad() = slot;
   }
+
+  // Under compiled autograd the hook is not traced (registering nothing here): the gradients then
+  // stay where autograd put them and the next glue call copies them into the buffer.
+  void compiled_args(torch::dynamo::autograd::CompiledNodeArgs& /*args*/) const override {}
 
   at::Tensor slot;
   c10::weak_intrusive_ptr<c10::StorageImpl> data;  // weak: no hold on a buffer flattened away

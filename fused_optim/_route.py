@@ -76,7 +76,7 @@ _flat_of_first: dict[int, tuple[weakref.ref, weakref.ref]] = {}
 
 def register_flat(flat) -> None:
     """Makes `flat` (a FlatParameters) findable from the list of its parameters."""
-    for key in [k for k, (p, f) in _flat_of_first.items() if p() is None or f() is None]:
+    for key in [k for k, (p, f) in list(_flat_of_first.items()) if p() is None or f() is None]:
         del _flat_of_first[key]
     first = flat.listed[0]
     _flat_of_first[id(first)] = (weakref.ref(first), weakref.ref(flat))

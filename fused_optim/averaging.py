@@ -360,7 +360,7 @@ class ModelEMA(nn.Module):
             # half dtype, `flat_shadow_<group>`); the update of a flattened model is one lerp call.
             self._flatten_module()
             self._matched: weakref.ref | None = None
-            for gi, g in enumerate(self._flat._groups):
+            for gi, g in enumerate(self._flat.groups):
                 if fp32_shadow and g.dtype in half:
                     self.register_buffer(f"flat_shadow_{gi}", g.data.float())
         else:
@@ -418,7 +418,7 @@ class ModelEMA(nn.Module):
     def _flatten_module(self) -> None:
         """Flat mode: the EMA's module flattened, and each parameter's (group, view) for its shadow."""
         self._flat = flatten_parameters(self.module)
-        self._slots = {id(p): (gi, v) for gi, g in enumerate(self._flat._groups) for p, v in zip(g.params, g.views)}
+        self._slots = {id(p): (gi, v) for gi, g in enumerate(self._flat.groups) for p, v in zip(g.params, g.views)}
 
     def _shadow(self, i: int, ema_p: Tensor) -> Tensor:
         """The fp32 shadow of the EMA's parameter number i (in flat mode, a view of its buffer)."""
@@ -436,7 +436,7 @@ class ModelEMA(nn.Module):
             return None
         if self._matched is not None and self._matched() is src:
             return src
-        ours, theirs = self._flat._groups, src._groups
+        ours, theirs = self._flat.groups, src.groups
         if len(ours) != len(theirs) or any(
             a.dtype != b.dtype or [p.shape for p in a.params] != [p.shape for p in b.params] for a, b in zip(ours, theirs)
         ):
@@ -458,7 +458,7 @@ class ModelEMA(nn.Module):
             ema_buffers, model_buffers = list(self.module.buffers()), list(model.buffers())
             if len(ema_buffers) != len(model_buffers) or any(a.shape != b.shape for a, b in zip(ema_buffers, model_buffers)):
                 self._check_matches(model)  # raises, naming the mismatch
-            for gi, (ours, theirs) in enumerate(zip(self._flat._groups, src._groups)):
+            for gi, (ours, theirs) in enumerate(zip(self._flat.groups, src.groups)):
                 views += ours.params
                 shadow = getattr(self, f"flat_shadow_{gi}", None)
                 if shadow is not None:

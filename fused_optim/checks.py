@@ -240,7 +240,7 @@ def check_pre_step_meta(params, grads, l1, l2, max_norm, norm_type, clip_value) 
 
 def check_pre_step_args(params, grads, l1, l2, max_norm, norm_type, clip_value) -> None:
     """pre_step_'s checks: the above, and the gradients' memory (writable, apart from params).
-    fused_optim/step.py runs them alone before the paths that write in several calls."""
+    fused_optim/pre_step.py runs them alone before the paths that write in several calls."""
     check_pre_step_meta(params, grads, l1, l2, max_norm, norm_type, clip_value)
     check_writable(grads, "grads")
     check_same_or_disjoint(grads, "grads", params, "params")

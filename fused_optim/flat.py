@@ -169,38 +169,38 @@ class FlatParameters:
         _refuse_shared_memory(params)
         self.device = device
         self.listed = list(params)  # the order given: the public functions' lists are matched with it
-        self._groups = [_Group(ps) for ps in by_dtype.values()]
-        for g in self._groups:
+        self.groups = [_Group(ps) for ps in by_dtype.values()]  # one per dtype: buffers, views, params
+        for g in self.groups:
             _grad_buffers[g.grad.untyped_storage().data_ptr()] = g.grad
         # Backward puts the gradients it makes straight into the buffer (csrc/flat_views.cpp's
         # land_gradients): with torch's default zero_grad(set_to_none=True) too.
         if _C is not None:
-            for g in self._groups:
+            for g in self.groups:
                 _C.land_gradients(g.params, g.grad_views)
-        self._params = [p for g in self._groups for p in g.params]
+        self._params = [p for g in self.groups for p in g.params]
         self._warned_foreign = self._warned_broken = False
 
     # ------------------------------------------------------------ views and their check
 
     def parameters(self) -> list[Tensor]:
-        """The flattened parameters, grouped by dtype, in their order within each group."""
-        return list(self._params)
+        """The flattened parameters, in the order they were given."""
+        return list(self.listed)
 
     @property
     def data(self) -> list[Tensor]:
         """The parameter buffers, one 1-D tensor per dtype."""
-        return [g.data for g in self._groups]
+        return [g.data for g in self.groups]
 
     @property
     def grad(self) -> list[Tensor]:
         """The gradient buffers, one 1-D tensor per dtype, after :meth:`check` (a parameter without
         a gradient has a zero slot)."""
         self.check()
-        return [g.grad for g in self._groups]
+        return [g.grad for g in self.groups]
 
     def _moved(self) -> int | None:
         """The index of the first group with a parameter whose data left its view, or None."""
-        for gi, g in enumerate(self._groups):
+        for gi, g in enumerate(self.groups):
             if _C is not None:
                 kind, _ = _C.flat_check(g.params, g.places, g.expected_table, g.storage)
             else:
@@ -219,7 +219,7 @@ class FlatParameters:
         are views of another buffer (the calls then run per tensor). Raises FlatBuffersBroken (a
         RuntimeError) when a parameter's data left the buffer."""
         fine = True
-        for g in self._groups:
+        for g in self.groups:
             kind, index = _C.flat_check(g.params, g.places, g.expected_table, g.storage) if _C is not None else (
                 _python_flat_check(g), -1
             )
@@ -234,7 +234,7 @@ class FlatParameters:
                 fine = self._rehome(g) and fine
         return fine
 
-    def ready(self, norm_type: float | None = None, penalty: bool = False) -> bool:
+    def ready(self, norm_type: float | None = None, penalty: bool = False, gradients: bool = True) -> bool:
         """Whether a call can run on the buffers now (``fused_optim/_route.py`` asks, after the
         views' check and the re-homing of new gradients): `norm_type` for a call that takes the
         gradients' norm (the norm of the buffers is not the gradients' for order 0, which counts
@@ -251,8 +251,14 @@ class FlatParameters:
                 self._warned_broken = True
             return False
         groups = self._taking_part(penalty)
-        if not groups or (penalty and any(g.frozen_with_grad for g in self._groups)):
+        if not groups or (penalty and any(g.frozen_with_grad for g in self.groups)):
             return False
+        # The slots of gradients that are None must be zero: backward may have landed a gradient
+        # there since (a step whose gradients no call read, then zero_grad(set_to_none=True)).
+        missing = [v for g in groups for v in g.missing]
+        if missing:
+            with torch.no_grad():
+                torch._foreach_zero_(missing)
         if norm_type is None:
             return True
         if norm_type == 0.0 or (penalty and any(g.frozen_without_grad for g in groups)):
@@ -264,7 +270,7 @@ class FlatParameters:
     def _taking_part(self, penalty: bool) -> list[_Group]:
         """The groups a call writes or reads gradients of: those with a gradient, or, for a
         penalty, those with a parameter that requires grad (it gets one)."""
-        return [g for g in self._groups if (g.trainable if penalty else g.has_grad)]
+        return [g for g in self.groups if (g.trainable if penalty else g.has_grad)]
 
     def grad_buffers(self, penalty: bool = False) -> list[Tensor]:
         """The gradient buffers of the groups a call on gradients takes (after :meth:`ready`)."""
@@ -279,12 +285,12 @@ class FlatParameters:
         get their view (with `penalty`: it holds the penalty's gradient), and the slots of the
         others are zeroed again (a nan or inf norm, a nan or negative clip value fill them too)."""
         if penalty:
-            for g in self._groups:
+            for g in self.groups:
                 if g.to_attach:
                     for i in g.to_attach:
                         g.params[i].grad = g.expected[i] = g.grad_views[i]
                     g.expectations_changed()
-        zeros = [v for g in self._groups for v in g.missing]
+        zeros = [v for g in self.groups for v in g.missing]
         if zeros:
             with torch.no_grad():
                 torch._foreach_zero_(zeros)
@@ -318,7 +324,7 @@ class FlatParameters:
         """csrc/flat_views.cpp's flat_rehome in Python."""
         grads = [p.grad for p in g.params]
         if any(
-            grad is not None and grad is not v and (grad._base is not None or grad.layout != torch.strided)
+            grad is not None and grad is not v and (grad._base is not None or grad.layout != torch.strided or grad.requires_grad)
             for grad, v in zip(grads, g.grad_views)
         ):
             return None
@@ -340,7 +346,7 @@ class FlatParameters:
         ``optimizer.zero_grad(set_to_none=False)`` does, in one fill); parameters without a
         gradient keep None."""
         if self.ready():
-            for g in self._groups:
+            for g in self.groups:
                 g.grad.zero_()
         else:
             torch._foreach_zero_([p.grad for p in self.listed if p.grad is not None])
@@ -383,7 +389,7 @@ class FlatParameters:
         return pre_step_(self.listed, l1, l2, max_norm, norm_type, clip_value, error_if_nonfinite)
 
     def __repr__(self) -> str:
-        groups = ", ".join(f"{g.dtype}: {len(g.params)} tensors / {g.data.numel()} elements" for g in self._groups)
+        groups = ", ".join(f"{g.dtype}: {len(g.params)} tensors / {g.data.numel()} elements" for g in self.groups)
         return f"FlatParameters({groups}, device={self.device})"
 
 
@@ -437,40 +443,41 @@ def _extent(p: Tensor) -> int:
     return 1 + sum((size - 1) * abs(stride) for size, stride in zip(p.shape, p.stride()))
 
 
-_state_dict_depth = threading.local()  # the nesting of state_dict() calls, per thread
+_keep_vars = threading.local()  # the outermost state_dict() call's keep_vars, per thread
 
 
 class _PartsCopiedInStateDicts:
     """The state-dict hooks of a flattened module's submodules (a pre-hook and a post-hook, as one
     picklable object each): the state dict of a part of the model (``model[0].state_dict()``)
     gets copies of the flattened weights it holds, since views would make ``torch.save`` write
-    the whole buffer. The outermost ``state_dict()`` call decides; a state dict that covers a
-    whole buffer keeps its views, and ``keep_vars=True`` the parameters themselves."""
+    the whole buffer. The outermost ``state_dict()`` call decides (its prefix is "", a nested
+    one's names the submodule); a state dict that covers a whole buffer keeps its views, and
+    ``keep_vars=True`` the parameters themselves."""
 
     def __init__(self, buffer_sizes: dict[int, int], pre: bool) -> None:
         self.buffer_sizes, self.pre = buffer_sizes, pre  # storage address -> number of elements
 
     def __call__(self, module: nn.Module, *args) -> None:
-        depth = getattr(_state_dict_depth, "n", 0)
-        if self.pre:
-            if depth == 0:
-                _state_dict_depth.keep_vars = args[1]
-            _state_dict_depth.n = depth + 1
-            return
-        _state_dict_depth.n = depth - 1
-        if depth == 1 and not _state_dict_depth.keep_vars:
+        if self.pre:  # args: prefix, keep_vars
+            if args[0] == "":
+                _keep_vars.value = args[1]
+        elif args[1] == "" and not getattr(_keep_vars, "value", False):  # args: state_dict, prefix, metadata
             self._copy_parts(args[0])
+
+    def __reduce__(self):
+        # A copy of the module (deepcopy, pickling) holds other buffers: its hooks do nothing.
+        return type(self), ({}, self.pre)
 
     def _copy_parts(self, state_dict: dict) -> None:
         covered: dict[int, set[tuple[int, int]]] = {}
         for t in state_dict.values():
-            address = t.untyped_storage().data_ptr() if isinstance(t, Tensor) else None
+            address = t.untyped_storage().data_ptr() if type(t) in (Tensor, nn.Parameter) else None
             if address in self.buffer_sizes:
                 covered.setdefault(address, set()).add((t.storage_offset(), t.numel()))
         partial = {a for a, spans in covered.items() if sum(n for _, n in spans) < self.buffer_sizes[a]}
         copies: dict[tuple, Tensor] = {}  # tied entries stay one tensor
         for key, t in state_dict.items():
-            if isinstance(t, Tensor) and t.untyped_storage().data_ptr() in partial:
+            if type(t) in (Tensor, nn.Parameter) and t.untyped_storage().data_ptr() in partial:
                 alias = (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), t.stride())
                 if alias not in copies:
                     copies[alias] = t.clone()
@@ -487,7 +494,7 @@ def _keep_with(module: nn.Module, flat: FlatParameters) -> None:
     _, old_hooks = _of_module.pop(module, (None, []))
     for handle in old_hooks:
         handle.remove()
-    sizes = {g.data.untyped_storage().data_ptr(): g.data.numel() for g in flat._groups}
+    sizes = {g.data.untyped_storage().data_ptr(): g.data.numel() for g in flat.groups}
     pre, post = _PartsCopiedInStateDicts(sizes, pre=True), _PartsCopiedInStateDicts(sizes, pre=False)
     hooks = [h for m in module.modules() for h in (m.register_state_dict_pre_hook(pre), m.register_state_dict_post_hook(post))]
     _of_module[module] = (flat, hooks)

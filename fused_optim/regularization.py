@@ -43,7 +43,7 @@ def l1l2_penalty(tensors: Tensor | Iterable[Tensor], l1: float = 0.0, l2: float 
     penalty = torch.ops.fused_optim.l1l2_penalty.default
     # The buffers and one view of the tensors have no autograd history: taken when no gradient is wanted.
     graph = torch.is_grad_enabled()
-    if not graph and (flat := _route.flat_for("l1l2_penalty", tensors)) is not None:
+    if not graph and (flat := _route.flat_for("l1l2_penalty", tensors, gradients=False)) is not None:
         return penalty(flat.data, l1, l2)
     route = _route.choose("l1l2_penalty", (tensors,), (False,), one_view_ok=not graph)
     if route.kind == ONE_VIEW:

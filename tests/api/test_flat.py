@@ -658,3 +658,60 @@ def test_landing_keeps_python_post_accumulate_grad_hooks_and_accumulates(backend
     assert any(s is None for s in seen[2:]) and flat.check()
     assert all(p.grad._base is flat.grad[0] for p in flat_model.parameters())
     _assert_grads_equal(plain, flat_model)
+
+
+def test_a_slot_whose_gradient_is_none_is_zero_when_read(backend):
+    # Backward lands a gradient in its slot; no call reads it; zero_grad(set_to_none=True); the
+    # next step gives that parameter no gradient: its slot must not count (torch excludes it).
+    plain, flat_model = _model(), _model()
+    flatten_parameters(flat_model)
+    for model in (plain, flat_model):
+        _backward(model, _data()[0])
+        model.zero_grad(set_to_none=True)
+        _backward(model, _data()[1])
+        model[0].weight.grad = None
+    torch.testing.assert_close(
+        fused_optim.clip_grad_norm_(flat_model.parameters(), 1e-3), torch.nn.utils.clip_grad_norm_(plain.parameters(), 1e-3)
+    )
+    _assert_grads_equal(plain, flat_model, exact=False)
+
+
+def test_gradients_with_a_graph_are_left_alone(backend):
+    # backward(create_graph=True): the gradients carry a graph; neither the landing hook nor a
+    # call moves them into the buffer (the graph would be lost); the calls run per tensor.
+    plain, flat_model = _model(), _model()
+    flatten_parameters(flat_model)
+    x = _data()[0]
+    for model in (plain, flat_model):
+        model(x).square().mean().backward(create_graph=True)
+    assert all(p.grad.requires_grad and p.grad._base is None for p in flat_model.parameters())
+    second = [torch.autograd.grad(sum(p.grad.square().sum() for p in m.parameters()), list(m.parameters()))
+              for m in (plain, flat_model)]
+    for a, b in zip(*second):
+        torch.testing.assert_close(a, b)
+    with torch.no_grad():
+        torch.testing.assert_close(
+            fused_optim.clip_grad_norm_(flat_model.parameters(), 1e-3),
+            fused_optim.clip_grad_norm_(plain.parameters(), 1e-3),
+        )
+    assert all(p.grad.requires_grad for p in flat_model.parameters())
+
+
+def test_part_state_dicts_after_a_state_dict_that_raised(backend):
+    m = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 3))
+    flatten_parameters(m)
+    handle = m[2].register_state_dict_pre_hook(lambda *args: (_ for _ in ()).throw(RuntimeError("hook")))
+    with pytest.raises(RuntimeError, match="hook"):
+        m.state_dict()
+    handle.remove()
+    part = m[0].state_dict()
+    assert {t.untyped_storage().nbytes() for t in part.values()} == {32 * 4, 8 * 4}
+
+
+def test_copies_of_a_flattened_model_save_their_own_weights(backend):
+    m = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 3))
+    flatten_parameters(m)
+    twin = copy.deepcopy(m)
+    assert all(torch.equal(a, b) for a, b in zip(twin[0].state_dict().values(), m[0].state_dict().values()))
+    ema = fused_optim.ModelEMA(m, flat=True)
+    assert {t.untyped_storage().nbytes() for t in ema.module[0].state_dict().values()} == {32 * 4, 8 * 4}

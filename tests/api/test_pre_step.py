@@ -456,7 +456,7 @@ def test_flat_pre_step_leaves_frozen_slots_without_gradient(backend, device):
     expected = fused_optim.pre_step_(plain.parameters(), 0.3, 0.3, max_norm=0.5)
     torch.testing.assert_close(total, expected)
     assert flat_model[4].weight.grad is None
-    (slot,) = [v for g in flat._groups for v in g.missing]
+    (slot,) = [v for g in flat.groups for v in g.missing]
     assert not slot.any()  # the frozen parameter's slot stays zero: no penalty written there
     for a, b in zip(flat_model.parameters(), plain.parameters()):
         assert (a.grad is None) == (b.grad is None)

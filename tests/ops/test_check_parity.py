@@ -208,7 +208,7 @@ def test_native_and_python_checks_refuse_alike(op, case, args, error):
     python = _refusal(lambda: getattr(reference, op)(*args()))
     assert python[0] is error, python
     if op == "pre_step_" and case != "nonfinite total":
-        # What fused_optim/step.py runs before writing in several calls: the same refusal.
+        # What fused_optim/pre_step.py runs before writing in several calls: the same refusal.
         assert _refusal(lambda: checks.check_pre_step_args(*args()[:7])) == python
     if not _has_native_cpu_kernel(op):
         return  # the reference-only run: the Python half alone
