@@ -325,7 +325,12 @@ struct LandInSlot : torch::autograd::PostAccumulateGradHook {
       return;
     }
     if (grad.device().is_cpu()) {
-      std::memcpy(slot.data_ptr(), grad.const_data_ptr(), grad.nbytes());
+      // Large gradients are copied by all threads (a 64 MB one takes ~3 ms on one core).
+      char* dst = static_cast<char*>(slot.data_ptr());
+      const char* src = static_cast<const char*>(grad.const_data_ptr());
+      at::parallel_for(0, static_cast<int64_t>(grad.nbytes()), int64_t{1} << 20, [&](int64_t begin, int64_t end) {
+        std::memcpy(dst + begin, src + begin, end - begin);
+      });
     } else {
       slot.copy_(grad);
     }
