@@ -34,6 +34,7 @@ from .averaging import (
     swa_update_,
     uniform_soup,
 )
+from .convert import convert
 from .clip_grad import clip_grad_norm_, clip_grad_value_, clip_gradients, clip_grads_with_norm_, get_total_norm
 from .flat import FlatParameters, flatten_parameters
 from .regularization import L1L2Regularizer, l1l2_grad_, l1l2_penalty
@@ -65,6 +66,7 @@ __all__ = [
     "clip_grad_norm_",
     "clip_grad_value_",
     "clip_gradients",
+    "convert",
     "clip_grads_with_norm_",
     "drop_path",
     "drop_path_add",

@@ -171,9 +171,19 @@ def unpack_dropout_mask(mask: Tensor, shape: torch.Size | tuple[int, ...]) -> Te
     return bits.reshape(-1)[:numel].bool().view(shape)
 
 
-class Dropout(nn.Dropout):
-    """Drop-in for ``torch.nn.Dropout`` (same constructor, ``extra_repr`` and state_dict; works in
-    ``nn.Sequential``), running :func:`dropout`: identity in eval mode and when p == 0."""
+class NamedInRepr:
+    """Base of fused_optim's modules: ``print(model)`` shows which modules are ours
+    (``fused_optim.Dropout(p=0.1, inplace=False)``), through nn.Module's ``_get_name``, as
+    torch's quantized modules name themselves."""
+
+    def _get_name(self) -> str:
+        return f"fused_optim.{type(self).__name__}"
+
+
+class Dropout(NamedInRepr, nn.Dropout):
+    """Drop-in for ``torch.nn.Dropout`` (same constructor, attributes and state_dict; works in
+    ``nn.Sequential``; its repr says it is ours), running :func:`dropout`: identity in eval mode
+    and when p == 0."""
 
     def forward(self, input: Tensor) -> Tensor:
         return dropout(input, self.p, self.training, self.inplace)

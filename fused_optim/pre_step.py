@@ -183,6 +183,21 @@ def pre_step_(
     return total
 
 
+def _real_optimizer(optimizer) -> torch.optim.Optimizer:
+    """The torch optimizer behind a trainer's wrapper (accelerate's AcceleratedOptimizer,
+    Lightning's LightningOptimizer: anything holding it as ``.optimizer``; their ``step`` calls
+    its ``step``, where the hooks run), or `optimizer` itself."""
+    real = optimizer
+    while isinstance(getattr(real, "optimizer", None), torch.optim.Optimizer) and real.optimizer is not real:
+        real = real.optimizer
+    if not isinstance(real, torch.optim.Optimizer):
+        raise TypeError(
+            "optimizer must be a torch.optim.Optimizer, or a wrapper holding one as .optimizer "
+            f"(accelerate's AcceleratedOptimizer, Lightning's LightningOptimizer), got {type(optimizer).__name__}"
+        )
+    return real
+
+
 class AttachHandle:
     """What :func:`attach` returns: ``total_norm`` is the last step's total gradient norm (from
     before clipping; a 0-dim tensor on the gradients' device, read without a host
@@ -255,11 +270,14 @@ def attach(
     gradients. When the optimizer's parameters are exactly a flattened model's (see
     :func:`flatten_parameters`; before or after ``attach``), the glue is one call on its buffers.
 
+    ``optimizer`` may be a trainer's wrapper holding the torch optimizer as ``.optimizer``
+    (accelerate's ``AcceleratedOptimizer``, Lightning's ``LightningOptimizer``): the hooks go on
+    the optimizer inside, whose ``step`` the wrapper calls.
+
     Returns an :class:`AttachHandle` (``.total_norm``, ``.steps``, ``.remove()``). Attaching twice
     to one optimizer raises RuntimeError (the penalty would be added twice): remove the first.
     """
-    if not isinstance(optimizer, torch.optim.Optimizer):
-        raise TypeError(f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}")
+    optimizer = _real_optimizer(optimizer)
     if optimizer in _attached:
         raise RuntimeError("attach: this optimizer already has the glue attached; call .remove() on its handle first")
     l1, l2, max_norm, norm_type, clip_value = _options(l1, l2, max_norm, norm_type, clip_value)

@@ -11,7 +11,7 @@ import torch
 from torch import Tensor, nn
 
 from . import checks
-from .dropout import InPlaceDropout, check_inplace, check_input, check_p, draw_seed_offset
+from .dropout import InPlaceDropout, NamedInRepr, check_inplace, check_input, check_p, draw_seed_offset
 
 # One keep/drop decision per group of elements, from the same stream: group g of the first
 # `group_dims` dims (row-major) takes element g of the stream drawn for the call (the op
@@ -77,7 +77,7 @@ def drop_path_add(x: Tensor, branch: Tensor, drop_prob: float = 0.0, training: b
     return torch.ops.fused_optim.drop_groups_add.default(x, branch, 1, drop_prob, scale_by_keep, seed_offset)
 
 
-class DropPath(nn.Module):
+class DropPath(NamedInRepr, nn.Module):
     """timm's ``DropPath(drop_prob=0.0, scale_by_keep=True)``: :func:`drop_path` in training mode,
     the identity in eval mode; the same ``extra_repr``."""
 
@@ -112,7 +112,7 @@ def stochastic_depth(input: Tensor, p: float, mode: str, training: bool = True) 
     return _drop_groups(input, 1 if mode == "row" else 0, p, training, False)
 
 
-class StochasticDepth(nn.Module):
+class StochasticDepth(NamedInRepr, nn.Module):
     """torchvision's ``StochasticDepth(p, mode)``: :func:`stochastic_depth` with the module's
     training flag; torchvision's repr."""
 
@@ -125,7 +125,7 @@ class StochasticDepth(nn.Module):
         return stochastic_depth(input, self.p, self.mode, self.training)
 
     def __repr__(self) -> str:
-        return f"{self.__class__.__name__}(p={self.p}, mode={self.mode})"
+        return f"{self._get_name()}(p={self.p}, mode={self.mode})"
 
 
 def _channel_dropout(name: str, input: Tensor, p: float, training: bool, inplace: bool, batched_dim: int) -> Tensor:
@@ -191,21 +191,21 @@ def dropout3d(input: Tensor, p: float = 0.5, training: bool = True, inplace: boo
     return _channel_dropout("dropout3d", input, p, training, inplace, 5)
 
 
-class Dropout1d(nn.Dropout1d):
+class Dropout1d(NamedInRepr, nn.Dropout1d):
     """Drop-in for ``torch.nn.Dropout1d`` (same constructor, repr), running :func:`dropout1d`."""
 
     def forward(self, input: Tensor) -> Tensor:
         return dropout1d(input, self.p, self.training, self.inplace)
 
 
-class Dropout2d(nn.Dropout2d):
+class Dropout2d(NamedInRepr, nn.Dropout2d):
     """Drop-in for ``torch.nn.Dropout2d``, running :func:`dropout2d`."""
 
     def forward(self, input: Tensor) -> Tensor:
         return dropout2d(input, self.p, self.training, self.inplace)
 
 
-class Dropout3d(nn.Dropout3d):
+class Dropout3d(NamedInRepr, nn.Dropout3d):
     """Drop-in for ``torch.nn.Dropout3d``, running :func:`dropout3d`."""
 
     def forward(self, input: Tensor) -> Tensor:

@@ -115,7 +115,7 @@ def test_drop_path_identity_cases_and_module(backend, device):
     assert fused_optim.drop_path(x, 0.5) is x  # timm's default: training=False
     assert fused_optim.drop_path(x, 0.0, training=True) is x
     module = fused_optim.DropPath(0.1234)
-    assert repr(module) == "DropPath(drop_prob=0.123)" and module.scale_by_keep
+    assert repr(module) == "fused_optim.DropPath(drop_prob=0.123)" and module.scale_by_keep
     module.eval()
     assert module(x) is x
     module.train()
@@ -143,7 +143,7 @@ def test_stochastic_depth_equals_torchvisions_formula(backend, device, mode):
     assert torch.all((ratio == 0) | torch.isclose(ratio, torch.tensor(1 / 0.7, device=device)))
     assert fused_optim.stochastic_depth(x, 0.3, mode, training=False) is x
     assert fused_optim.stochastic_depth(x, 0.0, mode) is x
-    assert repr(fused_optim.StochasticDepth(0.2, mode)) == f"StochasticDepth(p=0.2, mode={mode})"
+    assert repr(fused_optim.StochasticDepth(0.2, mode)) == f"fused_optim.StochasticDepth(p=0.2, mode={mode})"
     # torchvision's errors
     with pytest.raises(ValueError, match="drop probability has to be between 0 and 1, but got 1.5"):
         fused_optim.stochastic_depth(x, 1.5, mode)
