@@ -35,6 +35,7 @@ from .averaging import (
     uniform_soup,
 )
 from .convert import convert
+from .patch import Patch, patch
 from .clip_grad import clip_grad_norm_, clip_grad_value_, clip_gradients, clip_grads_with_norm_, get_total_norm
 from .flat import FlatParameters, flatten_parameters
 from .regularization import L1L2Regularizer, l1l2_grad_, l1l2_penalty
@@ -56,6 +57,7 @@ __all__ = [
     "DropPath",
     "StochasticDepth",
     "L1L2Regularizer",
+    "Patch",
     "ModelEMA",
     "ModelEnsemble",
     "average_model_weights",
@@ -83,6 +85,7 @@ __all__ = [
     "l1l2_grad_",
     "l1l2_penalty",
     "last_route",
+    "patch",
     "pre_step_",
     "stochastic_depth",
     "swa_update_",
