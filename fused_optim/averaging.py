@@ -3,11 +3,12 @@ in-place EMA and SWA updates, multi-tensor."""
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import math
 import weakref
 from collections import Counter
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -511,6 +512,28 @@ class ModelEMA(nn.Module):
         self.step += 1
         if src is not None:
             _route.record("ModelEMA.update", _route.FLAT)  # one lerp over the buffers
+
+    @contextlib.contextmanager
+    def swapped_into(self, model: nn.Module) -> Iterator[nn.Module]:
+        """Within the ``with`` block, `model` (the model this EMA follows, or one of the same
+        architecture) holds the EMA's weights: its parameters and buffers are those of
+        ``ema.module``; on leaving the block, an exception included, it gets its own back, bit
+        for bit. For evaluating the EMA where only `model` can be evaluated (a trainer's
+        evaluation loop, a model wrapped in DDP). Costs one copy of `model`'s weights while it
+        lasts. ValueError naming the first mismatch, before anything is written."""
+        ema_params, params, ema_buffers, model_buffers = self._check_matches(model)
+        theirs, ours = params + model_buffers, ema_params + ema_buffers
+        for t, e in zip(theirs, ours):
+            if t.dtype != e.dtype:
+                raise ValueError(f"model holds a {t.dtype} tensor where the EMA holds {e.dtype}: convert one of them first")
+        with torch.no_grad():
+            saved = [t.clone() for t in theirs]
+            torch._foreach_copy_(theirs, ours)
+        try:
+            yield model
+        finally:
+            with torch.no_grad():
+                torch._foreach_copy_(theirs, saved)
 
     def forward(self, *args, **kwargs):
         return self.module(*args, **kwargs)

@@ -481,3 +481,33 @@ def test_cuda_model_ema_warmup_update_makes_no_host_sync():
     finally:
         torch.cuda.set_sync_debug_mode("default")
     assert int(ema.step) == 2
+
+
+def test_model_ema_swapped_into_the_model_and_back(backend):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 8), nn.BatchNorm1d(8), nn.Linear(8, 2))
+    ema = fused_optim.ModelEMA(model, decay=0.5)
+    opt = torch.optim.SGD(model.parameters(), lr=0.5)
+    for _ in range(3):
+        opt.zero_grad()
+        model(torch.randn(16, 4)).square().mean().backward()
+        opt.step()
+        ema.update(model)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    x = torch.randn(5, 4)
+    model.eval(), ema.eval()
+    with ema.swapped_into(model) as swapped:
+        assert swapped is model
+        torch.testing.assert_close(model(x), ema.module(x), rtol=0, atol=0)
+        assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), ema.module.state_dict().values()))
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    with pytest.raises(RuntimeError, match="inside"):
+        with ema.swapped_into(model):
+            raise RuntimeError("inside")
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    other = nn.Sequential(nn.Linear(4, 8), nn.BatchNorm1d(8), nn.Linear(8, 3))
+    snapshot = {k: v.clone() for k, v in other.state_dict().items()}
+    with pytest.raises(ValueError, match="parameter"):
+        with ema.swapped_into(other):
+            pass
+    assert all(torch.equal(snapshot[k], v) for k, v in other.state_dict().items())
