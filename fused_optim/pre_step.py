@@ -270,6 +270,9 @@ def attach(
     gradients. When the optimizer's parameters are exactly a flattened model's (see
     :func:`flatten_parameters`; before or after ``attach``), the glue is one call on its buffers.
 
+    ``l1``/``l2`` are a coupled penalty, ``grad += l1 * sign(p) + 2 * l2 * p``: not AdamW's decoupled
+    decay, and twice SGD's ``weight_decay=l2`` (``l2=wd / 2`` matches SGD's ``weight_decay=wd``).
+
     ``optimizer`` may be a trainer's wrapper holding the torch optimizer as ``.optimizer``
     (accelerate's ``AcceleratedOptimizer``, Lightning's ``LightningOptimizer``): the hooks go on
     the optimizer inside, whose ``step`` the wrapper calls.
