@@ -198,20 +198,17 @@ class FlatParameters:
         self.check()
         return [g.grad for g in self.groups]
 
-    def _moved(self) -> int | None:
-        """The index of the first group with a parameter whose data left its view, or None."""
-        for gi, g in enumerate(self.groups):
-            if _C is not None:
-                kind, _ = _C.flat_check(g.params, g.places, g.expected_table, g.storage)
-            else:
-                kind = _python_flat_check(g)
-            if kind == 1:
-                return gi
-        return None
+    @staticmethod
+    def _check_group(g: _Group) -> tuple[int, int]:
+        """(kind, index) of the group's first break: csrc/flat_views.cpp's flat_check, or its
+        Python twin without the extension."""
+        if _C is not None:
+            return _C.flat_check(g.params, g.places, g.expected_table, g.storage)
+        return _python_flat_check(g)
 
     def intact(self) -> bool:
         """True when every parameter's data still is its view of the buffer."""
-        return self._moved() is None
+        return all(self._check_group(g)[0] != 1 for g in self.groups)
 
     def check(self) -> bool:
         """Verifies the views (see the class docstring) and re-homes new gradients into their slots.
@@ -220,11 +217,9 @@ class FlatParameters:
         RuntimeError) when a parameter's data left the buffer."""
         fine = True
         for g in self.groups:
-            kind, index = _C.flat_check(g.params, g.places, g.expected_table, g.storage) if _C is not None else (
-                _python_flat_check(g), -1
-            )
+            kind, index = self._check_group(g)
             if kind == 1:
-                p = g.params[index] if index >= 0 else g.params[0]
+                p = g.params[index]
                 raise FlatBuffersBroken(
                     f"FlatParameters: a parameter of shape {list(p.shape)} no longer lives in the flat buffer "
                     "(its data was replaced: model.to(), .half(), an assignment to .data): call "
@@ -301,7 +296,7 @@ class FlatParameters:
         when a gradient is a view of another buffer (warned once)."""
         if _C is not None:
             changed = _C.flat_rehome(g.params, g.grad_views, g.expected_table)
-            if changed is not None and not changed and _C.flat_check(g.params, g.places, g.expected_table, g.storage)[0] == 0:
+            if changed is not None and not changed and self._check_group(g)[0] == 0:
                 return True  # the usual step: every gradient new, copied; nothing else changed
         else:
             changed = self._python_rehome(g)
@@ -393,10 +388,10 @@ class FlatParameters:
         return f"FlatParameters({groups}, device={self.device})"
 
 
-def _python_flat_check(g: _Group) -> int:
-    """csrc/flat_views.cpp's flat_check in Python (its kind: 0 fine, 1 a parameter's data left its
-    view, 3 a .grad or requires_grad is not as expected)."""
-    for p, view in zip(g.params, g.views):
+def _python_flat_check(g: _Group) -> tuple[int, int]:
+    """csrc/flat_views.cpp's flat_check in Python: (kind, index) of the first break; kind 0 none,
+    1 a parameter's data left its view, 3 a .grad or requires_grad is not as expected."""
+    for i, (p, view) in enumerate(zip(g.params, g.views)):
         same = (
             type(p) in (Tensor, nn.Parameter)
             and p.untyped_storage().data_ptr() == view.untyped_storage().data_ptr()
@@ -406,10 +401,11 @@ def _python_flat_check(g: _Group) -> int:
             and p.dtype == view.dtype
         )
         if not same:
-            return 1
-    if any(p.grad is not e or p.requires_grad != bool(r) for p, e, r in zip(g.params, g.expected, g.requires_grad)):
-        return 3
-    return 0
+            return 1, i
+    for i, (p, e, r) in enumerate(zip(g.params, g.expected, g.requires_grad)):
+        if p.grad is not e or p.requires_grad != bool(r):
+            return 3, i
+    return 0, -1
 
 
 # The gradient buffers of the FlatParameters alive, by storage address: their views may be re-homed
