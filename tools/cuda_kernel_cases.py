@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
 import sys
 
 import torch
@@ -39,9 +40,31 @@ def size_cases(small: bool) -> list[list[int]]:
     return cases
 
 
-def make(sizes: list[int], dtype: torch.dtype, device: str, seed: int) -> list[torch.Tensor]:
+def list_cases_of(small: bool, lean: bool) -> list[tuple[str, list[int], object, str]]:
+    """(tag, sizes, dtype or a dtype per tensor, layout) of each list case. `lean` (the SIMT run)
+    takes the many-tensor lists in fp32 only."""
+    cases = []
+    for c, sizes in enumerate(size_cases(small)):
+        for dtype in DTYPES:
+            if (sum(sizes) > MAX_BLOCKS * CHUNK or lean and c > 0) and dtype != torch.float32:
+                continue  # the launch split does not depend on the dtype
+            cases.append((f"case {c} ({len(sizes)} tensors) {dtype}", sizes, dtype, "dense"))
+    mixed = [torch.float32, torch.float16, torch.float64, torch.bfloat16, torch.float32, torch.float64]
+    cases.append(("mixed dtypes", [CHUNK + 1, 3, CHUNK - 1, 1, 0, 5], mixed, "dense"))
+    cases.append(("non-dense", [CHUNK + 1, 7, 1, 130], torch.float32, "strided"))
+    cases.append(("aliased", [CHUNK + 1, 7, 3], torch.float32, "aliased"))
+    return cases
+
+
+def make(sizes: list[int], dtype, device: str, seed: int, layout: str = "dense") -> list[torch.Tensor]:
+    """Tensors of `sizes`, of `dtype` (or dtype[i] each); layout "strided": every other element of
+    a buffer twice as long (not dense); "aliased": the first tensor again at the end of the list."""
     g = torch.Generator().manual_seed(seed)
-    return [torch.randn(n, generator=g, dtype=torch.float64).to(device=device, dtype=dtype) for n in sizes]
+    dtypes = dtype if isinstance(dtype, list) else [dtype] * len(sizes)
+    stride = 2 if layout == "strided" else 1
+    out = [torch.randn(n * stride, generator=g, dtype=torch.float64).to(device=device, dtype=d)[::stride]
+           for n, d in zip(sizes, dtypes)]
+    return out + out[:1] if layout == "aliased" else out
 
 
 # assert_close's default tolerances per dtype.
@@ -66,61 +89,86 @@ def close(what: str, got, expected) -> None:
                                    msg=lambda m: f"{what}[{i}]: {m}")
 
 
-def run_op(what: str, op, ref, make_args) -> None:
+# Ops whose contract (docs/numerics.md, "Arithmetic") gives the same bits on every backend: the
+# SIMT run compares them with the CPU kernels bit for bit; the others are sums, taken in another
+# order on each backend, compared within rounding.
+BITWISE = {"l1l2_penalty_backward", "l1l2_grad_", "multi_tensor_scale_", "clip_grad_value_", "multi_tensor_weighted_sum",
+           "multi_tensor_weighted_sum_", "multi_tensor_lerp_", "dropout", "dropout_", "dropout_mask", "drop_groups",
+           "drop_groups_", "drop_groups_add"}
+
+
+def same_bits(what: str, got, expected) -> None:
+    got = got if isinstance(got, (list, tuple)) else [got]
+    expected = expected if isinstance(expected, (list, tuple)) else [expected]
+    assert len(got) == len(expected), what
+    for i, (a, b) in enumerate(zip(got, expected)):
+        torch.testing.assert_close(a, b.to(a.device), rtol=0, atol=0, equal_nan=True, msg=lambda m: f"{what}[{i}]: {m}")
+
+
+def run_op(what: str, op, ref, make_args, native=None, bitwise: bool = False) -> None:
     """op(*args) and ref(*args) on fresh copies of the same arguments: return values and every
-    written tensor must agree."""
-    ours, theirs = make_args(), make_args()
-    out_ours, out_theirs = op(*ours), ref(*theirs)
-    if out_ours is not None:
-        close(what, out_ours, out_theirs)
-    for a, b in zip(ours, theirs):
-        if isinstance(a, list) and a and isinstance(a[0], torch.Tensor):
-            close(what + " (written)", a, b)
-        elif isinstance(a, torch.Tensor):
-            close(what + " (written)", a, b)
+    written tensor must agree. With `native` (the CPU kernels, when op runs the CUDA code on the
+    SIMT runner), op must agree with it too: bit for bit if `bitwise`."""
+    ours = make_args()
+    out_ours = op(*ours)
+    for other, agree in [(ref, close)] + ([(native, same_bits if bitwise else close)] if native is not None else []):
+        theirs = make_args()
+        out_theirs = other(*theirs)
+        if out_ours is not None:
+            agree(what, out_ours, out_theirs)
+        for a, b in zip(ours, theirs):
+            if isinstance(a, list) and a and isinstance(a[0], torch.Tensor) or isinstance(a, torch.Tensor):
+                agree(what + " (written)", a, b)
 
 
-def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--small", action="store_true", help="leave out the 84 MB multi-launch tensor")
-    args = parser.parse_args()
-    dev, ops, calls = args.device, torch.ops.fused_optim, 0
-    for c, sizes in enumerate(size_cases(args.small)):
-        for d, dtype in enumerate(DTYPES):
-            if sum(sizes) > MAX_BLOCKS * CHUNK and dtype != torch.float32:
-                continue  # the launch split does not depend on the dtype: the big case once
-            seed = 100 * c + d
+def checker(ops, native):
+    """check(name, tag, make_args): run_op on the op `name` of `ops`, against the reference's (and the
+    CPU kernels' when `native` is given)."""
+    def check(name: str, tag: str, make_args) -> None:
+        run_op(f"{name} {tag}", getattr(ops, name), getattr(reference, name), make_args,
+               native=getattr(native, name) if native is not None else None, bitwise=name in BITWISE)
 
-            def ts(k=0, sizes=sizes, dtype=dtype, seed=seed):
-                return make(sizes, dtype, dev, seed + 1000 * k)
+    return check
 
-            tag = f"case {c} ({len(sizes)} tensors) {dtype}"
-            run_op(f"l1l2_penalty {tag}", ops.l1l2_penalty, reference.l1l2_penalty, lambda: (ts(), 0.3, 0.7))
-            run_op(f"l1l2_penalty_backward {tag}", ops.l1l2_penalty_backward, reference.l1l2_penalty_backward,
-                   lambda: (torch.tensor(2.0, device=dev), ts(), 0.3, 0.7))
-            run_op(f"l1l2_grad_ {tag}", ops.l1l2_grad_, reference.l1l2_grad_, lambda: (ts(), ts(1), 0.3, 0.7))
-            for p in (2.0, 1.0, 0.5, 0.0, float("inf"), -float("inf"), -1.0):
+
+def list_cases(ops, dev: str, small: bool, families: set[str], native) -> int:
+    check, calls = checker(ops, native), 0
+    lean = native is not None  # the SIMT run: every norm order and input count on the first case only
+    for c, (tag, sizes, dtype, layout) in enumerate(list_cases_of(small, lean)):
+        wide = not lean or c == 0
+        # The multi-launch tensor (21M elements) on the runner: the penalty's ops only, whose partials
+        # are numbered across launches and whose gradients take the depth-2 launcher.
+        fams = families & {"penalty"} if lean and sum(sizes) > MAX_BLOCKS * CHUNK else families
+
+        def ts(k=0, sizes=sizes, dtype=dtype, seed=c, layout=layout):
+            return make(sizes, dtype, dev, seed + 1000 * k, layout)
+
+        if "penalty" in fams:
+            check("l1l2_penalty", tag, lambda: (ts(), 0.3, 0.7))
+            check("l1l2_penalty_backward", tag, lambda: (torch.tensor(2.0, device=dev), ts(), 0.3, 0.7))
+            check("l1l2_grad_", tag, lambda: (ts(), ts(1), 0.3, 0.7))
+        if "clip" in fams:
+            for p in (2.0, 1.0, 0.5, 0.0, float("inf"), -float("inf"), -1.0) if wide else (2.0, float("inf")):
                 # inf, -inf and p < 0 have no identity and refuse empty tensors: those left out.
                 def nonempty(p=p):
                     return [t for t in ts() if t.numel() > 0 or (p >= 0 and p != float("inf"))]
 
-                run_op(f"multi_tensor_norm p={p} {tag}", ops.multi_tensor_norm, reference.multi_tensor_norm,
-                       lambda nonempty=nonempty, p=p: (nonempty(), p, True, False))
+                check("multi_tensor_norm", f"p={p} {tag}", lambda nonempty=nonempty, p=p: (nonempty(), p, True, False))
             for scale in (0.5, 1.0):
-                run_op(f"multi_tensor_scale_ {scale} {tag}", ops.multi_tensor_scale_, reference.multi_tensor_scale_,
-                       lambda scale=scale: (ts(), torch.tensor(scale, device=dev)))
+                check("multi_tensor_scale_", f"{scale} {tag}", lambda scale=scale: (ts(), torch.tensor(scale, device=dev)))
             for max_norm in (1.0, 1e30):  # clipping, and a coefficient of 1 (no write)
-                run_op(f"clip_grad_norm_ {max_norm} {tag}", ops.clip_grad_norm_, reference.clip_grad_norm_,
-                       lambda max_norm=max_norm: (ts(), max_norm, 2.0, False))
-            run_op(f"clip_grad_value_ {tag}", ops.clip_grad_value_, reference.clip_grad_value_, lambda: (ts(), 0.5))
+                check("clip_grad_norm_", f"{max_norm} {tag}", lambda max_norm=max_norm: (ts(), max_norm, 2.0, False))
+            check("clip_grad_value_", tag, lambda: (ts(), 0.5))
+        if "pre_step" in fams:
             for max_norm, clip_value, error in ((None, None, False), (1.0, None, False), (1e30, None, True), (None, 0.5, False)):
                 # No clip, clipping, a coefficient of 1 (after the no-write pass of error_if_nonfinite), the clamp.
-                run_op(f"pre_step_ {max_norm} {clip_value} {error} {tag}", ops.pre_step_, reference.pre_step_,
-                       lambda m=max_norm, v=clip_value, e=error: (ts(), ts(1), 0.3, 0.7, m, 2.0, v, e))
-            run_op(f"pre_step_ p=inf {tag}", ops.pre_step_, reference.pre_step_,
-                   lambda: ([t for t in ts() if t.numel()], [t for t in ts(1) if t.numel()], 0.3, 0.0, 1.0, float("inf"), None, False))
-            for k in (1, 8, 9, 17):
+                check("pre_step_", f"{max_norm} {clip_value} {error} {tag}",
+                      lambda m=max_norm, v=clip_value, e=error: (ts(), ts(1), 0.3, 0.7, m, 2.0, v, e))
+            check("pre_step_", f"p=inf {tag}", lambda: ([t for t in ts() if t.numel()], [t for t in ts(1) if t.numel()],
+                                                         0.3, 0.0, 1.0, float("inf"), None, False))
+            pre_step_equals_separate_calls(ops, ts, tag)
+        if "averaging" in fams:
+            for k in (1, 8, 9, 17) if wide else (1, 9):
                 if k > 1 and len(sizes) > MAX_TENSORS[9] + 1 and dtype != torch.float32:
                     continue  # the many-tensor lists at full depth once, in fp32, keep the run short
                 weights = [0.5 + m for m in range(k)]
@@ -128,44 +176,88 @@ def main() -> int:
                 def inputs(k=k):
                     return [t for m in range(k) for t in ts(m)]
 
-                run_op(f"multi_tensor_weighted_sum K={k} {tag}", ops.multi_tensor_weighted_sum,
-                       reference.multi_tensor_weighted_sum, lambda k=k, weights=weights: (inputs(k), weights))
-                run_op(f"multi_tensor_weighted_sum_ K={k} {tag}", ops.multi_tensor_weighted_sum_,
-                       reference.multi_tensor_weighted_sum_, lambda k=k, weights=weights: (inputs(k), weights, ts(99)))
+                check("multi_tensor_weighted_sum", f"K={k} {tag}", lambda k=k, weights=weights: (inputs(k), weights))
+                check("multi_tensor_weighted_sum_", f"K={k} {tag}", lambda k=k, weights=weights: (inputs(k), weights, ts(99)))
             for weight in (torch.tensor(0.25), torch.tensor(0.25, device=dev, dtype=torch.float64)):
-                run_op(f"multi_tensor_lerp_ {weight.device} {tag}", ops.multi_tensor_lerp_, reference.multi_tensor_lerp_,
-                       lambda weight=weight: (ts(), ts(1), weight))
-            calls += 1
-    for n in (0, 1, 127, 128, 129, 1000, CHUNK + 5):
-        for dtype in DTYPES:
-            for so_device in ("cpu", dev):
-                so = torch.tensor([1234, 8], device=so_device)
-                for offset in (0, 1):  # an unaligned view: the scalar path of the vectorized kernel
-                    def x(n=n, dtype=dtype, offset=offset):
-                        return make([n + offset], dtype, dev, n)[0][offset:]
+                check("multi_tensor_lerp_", f"{weight.device} {tag}", lambda weight=weight: (ts(), ts(1), weight))
+        calls += 1
+    return calls
 
-                    tag = f"n={n} {dtype} offset={offset} seed_offset on {so_device}"
-                    run_op(f"dropout {tag}", ops.dropout, reference.dropout, lambda: (x(), 0.3, so))
-                    run_op(f"dropout_mask {tag}", ops.dropout_mask, reference.dropout_mask, lambda: (x(), 0.3, so))
-                    run_op(f"dropout_ {tag}", ops.dropout_, reference.dropout_, lambda: (x(), 0.3, so))
-    # Structured dropout: group counts across the dropout kernel's tiles (128 elements), group dims
-    # 0, 1, 2, a channels_last input, and the residual form.
-    for shape, group_dims in (((0, 3), 1), ((1, 5), 1), ((129, 7), 1), ((3, 300, 4, 4), 2), ((6, 5, 4), 0)):
-        for dtype in DTYPES:
-            so = torch.tensor([99, 3], device=dev)
 
-            def t(k=0, shape=shape, dtype=dtype):
-                x = make([math.prod(shape)], dtype, dev, k)[0].view(shape)
-                return x.contiguous(memory_format=torch.channels_last) if x.dim() == 4 else x
+def pre_step_equals_separate_calls(ops, ts, tag: str) -> None:
+    """What the README promises on every backend: pre_step_ gives l1l2_grad_ then clip_grad_norm_
+    (or clip_grad_value_) bit for bit, and its norm is multi_tensor_norm's of the gradients it wrote
+    (the same combine order)."""
+    for max_norm, clip_value in ((1.0, None), (None, 0.5), (None, None)):
+        params, fused, separate = ts(), ts(1), ts(1)
+        norm = ops.pre_step_(params, fused, 0.3, 0.7, max_norm, 2.0, clip_value, False)
+        ops.l1l2_grad_(params, separate, 0.3, 0.7)
+        expected = ops.multi_tensor_norm(separate, 2.0, False, False)[0]
+        if max_norm is not None:
+            ops.clip_grad_norm_(separate, max_norm, 2.0, False)
+        if clip_value is not None:
+            ops.clip_grad_value_(separate, clip_value)
+        same_bits(f"pre_step_ {max_norm} {clip_value} vs the separate calls {tag}", fused, separate)
+        same_bits(f"pre_step_'s norm vs multi_tensor_norm {tag}", norm, expected)
 
-            tag = f"{shape} group_dims={group_dims} {dtype}"
-            run_op(f"drop_groups {tag}", ops.drop_groups, reference.drop_groups, lambda: (t(), group_dims, 0.3, True, so))
-            run_op(f"drop_groups_ {tag}", ops.drop_groups_, reference.drop_groups_, lambda: (t(), group_dims, 0.3, False, so))
-            run_op(f"drop_groups_add {tag}", ops.drop_groups_add, reference.drop_groups_add,
-                   lambda: (t(), t(1), group_dims, 0.3, True, so))
+
+def dropout_cases(ops, dev: str, families: set[str], native) -> None:
+    check = checker(ops, native)
+    if "dropout" in families:
+        for n in (0, 1, 127, 128, 129, 1000, CHUNK + 5):
+            for dtype in DTYPES if n < CHUNK or native is None else (torch.float32,):  # SIMT: the big one once
+                for so_device in dict.fromkeys(("cpu", dev)):
+                    so = torch.tensor([1234, 8], device=so_device)
+                    for offset in (0, 1):  # an unaligned view: the scalar path of the vectorized kernel
+                        def x(n=n, dtype=dtype, offset=offset):
+                            return make([n + offset], dtype, dev, n)[0][offset:]
+
+                        tag = f"n={n} {dtype} offset={offset} seed_offset on {so_device}"
+                        for name in ("dropout", "dropout_mask", "dropout_"):
+                            check(name, tag, lambda x=x, so=so: (x(), 0.3, so))
+    if "structured" in families:
+        # Structured dropout: group counts across the dropout kernel's tiles (128 elements), group
+        # dims 0, 1, 2, a channels_last input, and the residual form.
+        for shape, group_dims in (((0, 3), 1), ((1, 5), 1), ((129, 7), 1), ((3, 300, 4, 4), 2), ((6, 5, 4), 0)):
+            for dtype in DTYPES:
+                so = torch.tensor([99, 3], device=dev)
+
+                def t(k=0, shape=shape, dtype=dtype):
+                    x = make([math.prod(shape)], dtype, dev, k)[0].view(shape)
+                    return x.contiguous(memory_format=torch.channels_last) if x.dim() == 4 else x
+
+                tag = f"{shape} group_dims={group_dims} {dtype}"
+                check("drop_groups", tag, lambda: (t(), group_dims, 0.3, True, so))
+                check("drop_groups_", tag, lambda: (t(), group_dims, 0.3, False, so))
+                check("drop_groups_add", tag, lambda: (t(), t(1), group_dims, 0.3, True, so))
+
+
+FAMILIES = ("penalty", "clip", "pre_step", "averaging", "dropout", "structured")
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--small", action="store_true", help="leave out the 84 MB multi-launch tensor")
+    parser.add_argument("--family", action="append", choices=FAMILIES, help="only these op families (default: all)")
+    parser.add_argument("--simt", action="store_true",
+                        help="run the CUDA code on the SIMT runner (tests/simt; under AddressSanitizer, as "
+                             "tests/simt/test_kernels.py runs it) and compare it with the CPU kernels too")
+    args = parser.parse_args()
+    families = set(args.family or FAMILIES)
+    dev, ops, native = args.device, torch.ops.fused_optim, None
+    if args.simt:
+        sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tests", "simt"))
+        import simt_build
+
+        dev, ops, native = "cpu", simt_build.load(), torch.ops.fused_optim
+    calls = list_cases(ops, dev, args.small, families, native)
+    dropout_cases(ops, dev, families, native)
     if dev != "cpu":
         torch.cuda.synchronize()
-    print(f"cuda_kernel_cases: every op agrees with the reference on {calls} list cases and the dropout cases ({dev})")
+    where = "the CUDA code on the SIMT runner, against the CPU kernels too" if args.simt else dev
+    print(f"cuda_kernel_cases: {', '.join(sorted(families))}: every op agrees with the reference on {calls} list cases "
+          f"and the dropout cases ({where})")
     return 0
 
 

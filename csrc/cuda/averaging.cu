@@ -91,7 +91,7 @@ void weighted_sum_group(at::ScalarType dtype, const std::vector<at::Tensor>& out
 }
 
 void multi_tensor_weighted_sum_inplace_cuda(at::TensorList inputs, at::ArrayRef<double> weights, at::TensorList out) {
-  weighted_sum_host(inputs, weights, out, c10::kCUDA, [&](at::ScalarType dtype, const std::vector<at::Tensor>& dst,
+  weighted_sum_host(inputs, weights, out, kDeviceType, [&](at::ScalarType dtype, const std::vector<at::Tensor>& dst,
                                                           const std::vector<std::vector<at::Tensor>>& srcs) {
     weighted_sum_group(dtype, dst, srcs, weights);
   });
@@ -125,7 +125,7 @@ void multi_tensor_lerp_cuda(at::TensorList self, at::TensorList end, const at::T
   // A device weight is read by the kernel as fp32 or fp64 (the SWA count's 1 / (n + 1) is fp64),
   // from a copy (it could be one of the tensors written).
   at::Tensor w;
-  lerp_host(self, end, weight, c10::kCUDA, [&](at::ScalarType dtype, const std::vector<at::Tensor>& selfs,
+  lerp_host(self, end, weight, kDeviceType, [&](at::ScalarType dtype, const std::vector<at::Tensor>& selfs,
                                                const std::vector<at::Tensor>& ends, std::optional<double> host_weight) {
     if (host_weight) {
       check_not_captured_from_cpu(weight, "multi_tensor_lerp_", "weight", selfs[0].device());
@@ -142,7 +142,7 @@ void multi_tensor_lerp_cuda(at::TensorList self, at::TensorList end, const at::T
 
 } // namespace
 
-TORCH_LIBRARY_IMPL(fused_optim, CUDA, m) {
+FUSED_OPTIM_CUDA_IMPL(m) {
   m.impl("multi_tensor_weighted_sum", &multi_tensor_weighted_sum_cuda);
   m.impl("multi_tensor_weighted_sum_", &multi_tensor_weighted_sum_inplace_cuda);
   m.impl("multi_tensor_lerp_", &multi_tensor_lerp_cuda);

@@ -105,7 +105,7 @@ struct Clamp {
 
 std::tuple<at::Tensor, at::Tensor> multi_tensor_norm_cuda(
     at::TensorList tensors, double norm_type, bool per_tensor, bool error_if_nonfinite) {
-  check_norm_args(tensors, norm_type, c10::kCUDA);
+  check_norm_args(tensors, norm_type, kDeviceType);
   const Kind kind = norm_kind(norm_type);
   std::vector<at::Tensor> dense;
   for (const at::Tensor& t : tensors) {
@@ -161,10 +161,9 @@ void scale_by(at::TensorList tensors, const at::Tensor& scale) {
       const c10::cuda::CUDAGuard guard(t.device());
       const int64_t blocks = std::min<int64_t>((t.numel() + kBlockSize - 1) / kBlockSize, 65535);
       AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, t.scalar_type(), "multi_tensor_scale_cuda", [&] {
-        scale_strided<scalar_t><<<blocks, kBlockSize, 0, c10::cuda::getCurrentCUDAStream()>>>(
-            t.data_ptr<scalar_t>(), offsets, t.numel(), s_f, s_d);
+        launch(scale_strided<scalar_t>, blocks, kBlockSize, c10::cuda::getCurrentCUDAStream(), t.data_ptr<scalar_t>(), offsets,
+               t.numel(), s_f, s_d);
       });
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
     }
   });
 }
@@ -179,7 +178,7 @@ void clamp_group(at::ScalarType dtype, const std::vector<at::Tensor>& g, double 
 namespace {
 
 void multi_tensor_scale_cuda(at::TensorList tensors, const at::Tensor& scale) {
-  check_scale_args(tensors, scale, c10::kCUDA);
+  check_scale_args(tensors, scale, kDeviceType);
   if (!tensors.empty()) {
     scale_by(tensors, device_scalar(scale, tensors[0].device(), "multi_tensor_scale_", "scale"));
   }
@@ -188,20 +187,20 @@ void multi_tensor_scale_cuda(at::TensorList tensors, const at::Tensor& scale) {
 // The coefficient stays on the device: no host synchronization unless error_if_nonfinite.
 at::Tensor clip_grad_norm_cuda(at::TensorList grads, double max_norm, double norm_type, bool error_if_nonfinite) {
   return clip_grad_norm_host(
-      grads, max_norm, norm_type, error_if_nonfinite, c10::kCUDA,
+      grads, max_norm, norm_type, error_if_nonfinite, kDeviceType,
       [](at::TensorList g, double p, bool error) { return std::get<0>(multi_tensor_norm_cuda(g, p, false, error)); },
       [](at::TensorList g, const at::Tensor& coef) { scale_by(g, coef); });
 }
 
 void clip_grad_value_cuda(at::TensorList grads, double clip_value) {
-  clip_grad_value_host(grads, clip_value, c10::kCUDA, [&](at::ScalarType dtype, const std::vector<at::Tensor>& g) {
+  clip_grad_value_host(grads, clip_value, kDeviceType, [&](at::ScalarType dtype, const std::vector<at::Tensor>& g) {
     clamp_group(dtype, g, clip_value);
   });
 }
 
 } // namespace
 
-TORCH_LIBRARY_IMPL(fused_optim, CUDA, m) {
+FUSED_OPTIM_CUDA_IMPL(m) {
   m.impl("multi_tensor_norm", &multi_tensor_norm_cuda);
   m.impl("multi_tensor_scale_", &multi_tensor_scale_cuda);
   m.impl("clip_grad_norm_", &clip_grad_norm_cuda);

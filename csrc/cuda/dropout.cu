@@ -36,7 +36,7 @@ constexpr int kPerLane = kDropoutPerLane;
 
 // The keep flags of elements 4l..4l+3 of this warp's tile (lane l), from the stream.
 __device__ void tile_keep(int64_t tile, SeedOffset so, uint64_t threshold, bool keep[kPerLane]) {
-  __shared__ uint32_t words[kWarps][kTile];
+  FUSED_OPTIM_SHARED(uint32_t, words, [kWarps][kTile]);
   const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
   const uint64_t seed = so.device != nullptr ? static_cast<uint64_t>(so.device[0]) : so.seed;
   const uint64_t offset = so.device != nullptr ? static_cast<uint64_t>(so.device[1]) : so.offset;
@@ -144,12 +144,8 @@ void run_dropout(const at::Tensor& input, const at::Tensor& out, double p, const
     constexpr size_t kVectorBytes = sizeof(scalar_t) * kPerLane;
     const bool aligned = reinterpret_cast<uintptr_t>(in) % kVectorBytes == 0 && reinterpret_cast<uintptr_t>(o) % kVectorBytes == 0;
     const T scale = static_cast<T>(keep_scale(p));
-    if (aligned) {
-      dropout_kernel<scalar_t, true><<<num_blocks(input.numel()), kThreads, 0, stream>>>(in, o, input.numel(), keep_threshold(p), scale, so);
-    } else {
-      dropout_kernel<scalar_t, false><<<num_blocks(input.numel()), kThreads, 0, stream>>>(in, o, input.numel(), keep_threshold(p), scale, so);
-    }
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    launch(aligned ? dropout_kernel<scalar_t, true> : dropout_kernel<scalar_t, false>, num_blocks(input.numel()), kThreads, stream,
+           in, o, input.numel(), keep_threshold(p), scale, so);
   });
 }
 
@@ -176,16 +172,15 @@ at::Tensor dropout_mask_cuda(const at::Tensor& input, double p, const at::Tensor
   if (input.numel() > 0) {
     const c10::cuda::CUDAGuard guard(input.device());
     // p == 0 keeps every element: a threshold of 2^32 is above every word.
-    dropout_mask_kernel<<<num_blocks(input.numel()), kThreads, 0, c10::cuda::getCurrentCUDAStream()>>>(
-        mask.mutable_data_ptr<uint8_t>(), input.numel(), keep_threshold(p), so);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    launch(dropout_mask_kernel, num_blocks(input.numel()), kThreads, c10::cuda::getCurrentCUDAStream(),
+           mask.mutable_data_ptr<uint8_t>(), input.numel(), keep_threshold(p), so);
   }
   return mask;
 }
 
 } // namespace
 
-TORCH_LIBRARY_IMPL(fused_optim, CUDA, m) {
+FUSED_OPTIM_CUDA_IMPL(m) {
   m.impl("dropout", &dropout_cuda);
   m.impl("dropout_", &dropout_inplace_cuda);
   m.impl("dropout_mask", &dropout_mask_cuda);

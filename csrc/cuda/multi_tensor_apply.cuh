@@ -8,6 +8,7 @@
 #pragma once
 
 #include "common/launch_plan.h"
+#include "cuda/launch.cuh"
 
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/full.h>
@@ -95,8 +96,8 @@ void multi_tensor_apply(
         meta.block_to_chunk[b] = static_cast<int>(c);
       },
       [&](int blocks) {
-        multi_tensor_apply_kernel<<<blocks, kBlockSize, 0, stream>>>(meta, functor, args...);
-        C10_CUDA_KERNEL_LAUNCH_CHECK();
+        launch(multi_tensor_apply_kernel<TensorListMetadata<kDepth>, Functor, Args...>, blocks, kBlockSize, stream, meta, functor,
+               args...);
         meta.first_global_chunk += blocks;
       });
 }
@@ -104,7 +105,7 @@ void multi_tensor_apply(
 // Sum over a block (kBlockSize threads) in a fixed order; the result is valid in thread 0.
 template <typename T>
 __device__ T block_sum(T value) {
-  __shared__ T shared[kBlockSize];
+  FUSED_OPTIM_SHARED(T, shared, [kBlockSize]);
   __syncthreads();  // a previous call's readers of shared[0] are done
   shared[threadIdx.x] = value;
   __syncthreads();

@@ -28,7 +28,7 @@ namespace {
 // Step 3 of common/reduce_order.h's order (tree_combine there), given thread t's own fold in fp64;
 // the result is valid in every thread.
 __device__ double block_combine(Kind kind, double value) {
-  __shared__ double shared[kBlockSize];
+  FUSED_OPTIM_SHARED(double, shared, [kBlockSize]);
   __syncthreads();
   shared[threadIdx.x] = value;
   __syncthreads();
@@ -108,14 +108,11 @@ std::tuple<at::Tensor, at::Tensor> norm_from_chunks(const std::vector<at::Tensor
   const c10::cuda::CUDAGuard guard(options.device());
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   plan_range_launches(ranges, [&](const ChunkRanges& args, int blocks) {
-    tensor_norms<<<blocks, kBlockSize, 0, stream>>>(
-        partials.data_ptr<double>(), args, fp64_begin, fp64_end, kind, norm_type, per.data_ptr<double>(),
-        terms.data_ptr<double>());
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    launch(tensor_norms, blocks, kBlockSize, stream, partials.data_ptr<double>(), args, fp64_begin, fp64_end, kind, norm_type,
+           per.data_ptr<double>(), terms.data_ptr<double>());
   });
-  total_norm<<<1, kBlockSize, 0, stream>>>(terms.data_ptr<double>(), n, kind, norm_type, norm_dtype(tensors) != at::kDouble,
-                                           total.data_ptr<double>());
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  launch(total_norm, 1, kBlockSize, stream, terms.data_ptr<double>(), n, kind, norm_type, norm_dtype(tensors) != at::kDouble,
+         total.data_ptr<double>());
   return {total, per};
 }
 

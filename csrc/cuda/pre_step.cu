@@ -47,7 +47,7 @@ at::Tensor pre_step_cuda(at::TensorList params, at::TensorList grads, double l1,
                          std::optional<double> max_norm, double norm_type, std::optional<double> clip_value,
                          bool error_if_nonfinite) {
   return pre_step_host(
-      params, grads, l1, l2, max_norm, norm_type, clip_value, error_if_nonfinite, c10::kCUDA,
+      params, grads, l1, l2, max_norm, norm_type, clip_value, error_if_nonfinite, kDeviceType,
       [&](bool write) {
         const Kind kind = norm_kind(norm_type);
         const DenseTargets targets(grads);
@@ -76,7 +76,7 @@ at::Tensor pre_step_cuda(at::TensorList params, at::TensorList grads, double l1,
 
 } // namespace
 
-TORCH_LIBRARY_IMPL(fused_optim, CUDA, m) {
+FUSED_OPTIM_CUDA_IMPL(m) {
   m.impl("pre_step_", &pre_step_cuda);
 }
 

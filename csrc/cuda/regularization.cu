@@ -86,7 +86,7 @@ at::Tensor l1l2_penalty_cuda(at::TensorList tensors, double l1, double l2) {
   const auto options = tensors.empty() ? at::TensorOptions() : tensors[0].options();
   const at::Tensor partials = at::empty({std::max<int64_t>(2 * num_chunks(tensors), 2)}, options.dtype(at::kDouble));
   int64_t first = 0, fp64_begin = 0, fp64_end = 0;
-  l1l2_penalty_host(tensors, l1, l2, c10::kCUDA, [&](at::ScalarType dtype, const std::vector<at::Tensor>& dense) {
+  l1l2_penalty_host(tensors, l1, l2, kDeviceType, [&](at::ScalarType dtype, const std::vector<at::Tensor>& dense) {
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, "l1l2_penalty_cuda", [&] {
       multi_tensor_apply<1>({dense}, first, AbsSquareSums<scalar_t>{}, partials.data_ptr<double>());
     });
@@ -98,9 +98,8 @@ at::Tensor l1l2_penalty_cuda(at::TensorList tensors, double l1, double l2) {
   });
   at::Tensor total = at::empty({}, options.dtype(at::kDouble));
   const c10::cuda::CUDAGuard guard(total.device());
-  penalty_cleanup<<<1, kBlockSize, 0, c10::cuda::getCurrentCUDAStream()>>>(
-      partials.data_ptr<double>(), first, fp64_begin, fp64_end, l1, l2, total.data_ptr<double>());
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  launch(penalty_cleanup, 1, kBlockSize, c10::cuda::getCurrentCUDAStream(), partials.data_ptr<double>(), first, fp64_begin,
+         fp64_end, l1, l2, total.data_ptr<double>());
   return total.to(reduction_dtype(tensors));
 }
 
@@ -121,7 +120,7 @@ std::vector<at::Tensor> l1l2_penalty_backward_cuda(const at::Tensor& grad_out, a
   // put there first), so no host synchronization.
   at::Tensor g;
   return l1l2_penalty_backward_host(
-      grad_out, tensors, l1, l2, c10::kCUDA,
+      grad_out, tensors, l1, l2, kDeviceType,
       [&](at::ScalarType dtype, const std::vector<at::Tensor>& params, const std::vector<at::Tensor>& grads) {
         if (!g.defined()) {
           g = device_scalar(grad_out, params[0].device(), "l1l2_penalty_backward", "grad_out");
@@ -133,13 +132,13 @@ std::vector<at::Tensor> l1l2_penalty_backward_cuda(const at::Tensor& grad_out, a
 } // namespace
 
 void l1l2_grad_cuda(at::TensorList params, at::TensorList grads, double l1, double l2) {
-  l1l2_grad_host(params, grads, l1, l2, c10::kCUDA,
+  l1l2_grad_host(params, grads, l1, l2, kDeviceType,
                  [&](at::ScalarType dtype, const std::vector<at::Tensor>& p, const std::vector<at::Tensor>& g) {
                    add_penalty_grad<true>(dtype, p, g, nullptr, l1, l2);
                  });
 }
 
-TORCH_LIBRARY_IMPL(fused_optim, CUDA, m) {
+FUSED_OPTIM_CUDA_IMPL(m) {
   m.impl("l1l2_penalty", &l1l2_penalty_cuda);
   m.impl("l1l2_penalty_backward", &l1l2_penalty_backward_cuda);
   m.impl("l1l2_grad_", &l1l2_grad_cuda);

@@ -3,6 +3,7 @@
 // csrc/cuda/dropout.cu, declared in cuda/ops.h), then one ATen pass. The mask is never stored:
 // (seed, offset, group index) decide each group.
 #include "common/dropout.h"
+#include "cuda/launch.cuh"
 #include "cuda/ops.h"
 
 #include <torch/library.h>
@@ -35,7 +36,7 @@ at::Tensor drop_groups_add_cuda(const at::Tensor& x, const at::Tensor& branch, i
 
 } // namespace
 
-TORCH_LIBRARY_IMPL(fused_optim, CUDA, m) {
+FUSED_OPTIM_CUDA_IMPL(m) {
   m.impl("drop_groups", &drop_groups_cuda);
   m.impl("drop_groups_", &drop_groups_inplace_cuda);
   m.impl("drop_groups_add", &drop_groups_add_cuda);
