@@ -36,10 +36,11 @@ def kernel_sources(csrc: str) -> list[str]:
 
 
 def all_inputs(csrc: str) -> list[str]:
-    """Every file the build reads from this tree: a change to any rebuilds."""
+    """Every file the build reads: a change to any rebuilds."""
     files = glob.glob(os.path.join(csrc, "**", "*"), recursive=True)
-    files += glob.glob(os.path.join(HERE, "**", "*"), recursive=True)
-    return sorted(f for f in files if os.path.isfile(f) and not f.endswith(".pyc"))
+    files += glob.glob(os.path.join(HERE, "include", "**", "*"), recursive=True)
+    files += [os.path.join(HERE, name) for name in ("runtime.cpp", "broken.cu", "simt_build.py")]
+    return sorted(f for f in files if os.path.isfile(f))
 
 
 def flags(csrc: str) -> list[str]:

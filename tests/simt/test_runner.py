@@ -20,9 +20,9 @@ def run(code: str, seed: int = 0, library: str | None = None):
     return simt_build.run_python("-c", f"import torch, simt_build\nops = simt_build.load({library!r})\n" + code, seed=seed)
 
 
-def expect_report(code: str, seed: int) -> str:
+def expect_report(code: str, seed: int, library: str | None = None) -> str:
     """Runs `code`, which must raise the runner's error; returns the error's text."""
-    done = run(f"try:\n    {code}\nexcept RuntimeError as e:\n    print('REPORT', e)\nelse:\n    print('NO REPORT')\n", seed)
+    done = run(f"try:\n    {code}\nexcept RuntimeError as e:\n    print('REPORT', e)\nelse:\n    print('NO REPORT')\n", seed, library)
     assert done.returncode == 0, done.stderr[-3000:]
     assert "REPORT simt:" in done.stdout, done.stdout[-3000:]
     return done.stdout
@@ -70,30 +70,39 @@ def test_two_blocks_writing_one_partial():
     assert re.search(r"race: thread 0 of block 1 writes global memory \S+, which thread 0 of block 0 wrote", out), out
 
 
-# The real sources, broken: (file, the text replaced, its replacement); l1l2_penalty must then fail.
-MUTANTS = {
-    "barrier deleted from block_sum": (
-        "multi_tensor_apply.cuh",
-        "  shared[threadIdx.x] = value;\n  __syncthreads();\n",
-        "  shared[threadIdx.x] = value;\n",
-    ),
-    "tail bound off by one": (
+# The real sources, broken on purpose, in one copy of csrc/: (file, the text replaced, its
+# replacement). block_sum loses the barrier between its threads' writes and the tree's reads (the
+# penalty's value reduces with it); the penalty gradient's tail bound goes one past the end.
+MUTATIONS = [
+    ("multi_tensor_apply.cuh", "  shared[threadIdx.x] = value;\n  __syncthreads();\n", "  shared[threadIdx.x] = value;\n"),
+    (
         "regularization.cu",
-        "const int64_t end = min(begin + kChunkSize, meta.sizes[tensor]);\n    const auto* x",
-        "const int64_t end = min(begin + kChunkSize, meta.sizes[tensor] + 1);\n    const auto* x",
+        "const int64_t end = min(begin + kChunkSize, meta.sizes[tensor]);\n    const auto* p",
+        "const int64_t end = min(begin + kChunkSize, meta.sizes[tensor] + 1);\n    const auto* p",
     ),
-}
+]
 
 
-@pytest.mark.parametrize("mutant", sorted(MUTANTS))
-def test_broken_sources_fail_the_op_cases(mutant, tmp_path):
-    file, old, new = MUTANTS[mutant]
-    csrc = tmp_path / "csrc"
+@pytest.fixture(scope="module")
+def mutant(tmp_path_factory):
+    """The runner's library built from a copy of csrc/ with MUTATIONS applied (regularization.cu only)."""
+    root = tmp_path_factory.mktemp("mutant")
+    csrc = root / "csrc"
     shutil.copytree(os.path.join(simt_build.ROOT, "csrc"), csrc)
-    source = (csrc / "cuda" / file).read_text()
-    assert source.count(old) == 1, f"{file} no longer holds the text this mutant changes"
-    (csrc / "cuda" / file).write_text(source.replace(old, new))
-    library = simt_build.build(str(csrc), str(tmp_path / "build"), kernels=["regularization.cu"])
-    done = run("print(ops.l1l2_penalty([torch.randn(n) for n in (5, 65537)], 0.3, 0.7))\n", library=library)
-    assert done.returncode != 0, done.stdout[-3000:]
-    assert "simt:" in done.stderr or "AddressSanitizer" in done.stderr, done.stderr[-3000:]
+    for file, old, new in MUTATIONS:
+        source = (csrc / "cuda" / file).read_text()
+        assert source.count(old) == 1, f"{file} no longer holds the text this mutation changes"
+        (csrc / "cuda" / file).write_text(source.replace(old, new))
+    return simt_build.build(str(csrc), str(root / "build"), kernels=["regularization.cu"])
+
+
+def test_block_sum_without_its_barrier_fails_the_penalty(mutant):
+    t = "[torch.randn(n) for n in (5, 65537)]"
+    out = expect_report(f"ops.l1l2_penalty({t}, 0.3, 0.7)", seed=0, library=mutant)
+    assert re.search(r"(uninitialized|race): thread \d+ of block 0 reads shared memory", out), out
+
+
+def test_penalty_gradient_tail_off_by_one_fails(mutant):
+    done = run("ops.l1l2_grad_([torch.randn(5)], [torch.randn(5)], 0.3, 0.7)\nprint('not caught')\n", library=mutant)
+    assert done.returncode != 0 and "not caught" not in done.stdout
+    assert "AddressSanitizer: heap-buffer-overflow" in done.stderr and "PenaltyGrad" in done.stderr, done.stderr[-3000:]
