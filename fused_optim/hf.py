@@ -86,6 +86,7 @@ class FusedOptimCallback(TrainerCallback):
     # ------------------------------------------------------------------ training
 
     def on_train_begin(self, args, state, control, model=None, optimizer=None, **kwargs):
+        self._release(args)  # what a run that raised (no on_train_end) left in place
         max_norm = self.max_norm
         if max_norm is None and args.max_grad_norm and args.max_grad_norm > 0:
             max_norm = args.max_grad_norm
@@ -100,11 +101,17 @@ class FusedOptimCallback(TrainerCallback):
         self._patch = patch(dropout=False)
 
     def on_train_end(self, args, state, control, **kwargs):
+        self._release(args)
+
+    def _release(self, args) -> None:
+        """Undoes on_train_begin: the swap, the patch, the hooks, the Trainer's max_grad_norm."""
         self._close_swap()
-        self._patch.unpatch()
-        self.handle.remove()
-        self.handle = self._patch = None
-        args.max_grad_norm = self._trainers_max_grad_norm
+        if self._patch is not None:
+            self._patch.unpatch()
+        if self.handle is not None:
+            self.handle.remove()
+            args.max_grad_norm = self._trainers_max_grad_norm
+        self.handle = self._patch = self._trainers_max_grad_norm = None
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         # The Trainer logs the last optimizer step's norm: the glue's of that step is handle.total_norm.

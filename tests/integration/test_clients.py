@@ -131,6 +131,28 @@ def test_resume_from_a_checkpoint_is_bitwise_the_uninterrupted_run(tmp_path):
         assert torch.equal(a, b)
 
 
+def test_a_run_that_raised_is_undone_by_the_next(tmp_path):
+    from transformers import TrainerCallback
+
+    torchs_clip = torch.nn.utils.clip_grad_norm_
+
+    class FailOnce(TrainerCallback):
+        failed = False
+
+        def on_step_end(self, args, state, control, **kwargs):
+            if not FailOnce.failed:
+                FailOnce.failed = True
+                raise RuntimeError("interrupted")
+
+    trainer = gpt2_trainer(str(tmp_path), fused=True, max_steps=3, max_grad_norm=0.5, callbacks=[FailOnce()])
+    with pytest.raises(RuntimeError, match="interrupted"):
+        trainer.train()
+    assert torch.nn.utils.clip_grad_norm_ is fused_optim.clip_grad_norm_  # left in place: no on_train_end
+    trainer.train()  # attaches again (no "already attached"), then undoes everything
+    assert torch.nn.utils.clip_grad_norm_ is torchs_clip and trainer.args.max_grad_norm == 0.5
+    fused_optim.attach(trainer.optimizer).remove()  # nothing left attached
+
+
 def test_resume_without_the_emas_file_is_refused(tmp_path):
     first = gpt2_trainer(str(tmp_path), fused=True, max_steps=2, save_strategy="steps", save_steps=2)
     first.train()  # no EMA: no EMA file in the checkpoint
