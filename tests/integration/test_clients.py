@@ -26,8 +26,9 @@ SEEDS = [0, 1, 2, 3, 4, 5]
 PAIRED_SIGMAS = 4.0  # a false alarm about once in 100 for 6 normal pairs (t, 5 degrees of freedom); the runs are seeded
 
 
-@pytest.fixture(autouse=True)
-def _clients():
+@pytest.fixture
+def trainer_installed():
+    """transformers' Trainer runs on accelerate: both are needed (the nanoGPT tests need neither)."""
     require("transformers")
     require("accelerate")
 
@@ -54,6 +55,7 @@ def _trainer_losses(trainer) -> list[float]:
 # ---------------------------------------------------------------- Hugging Face Trainer
 
 
+@pytest.mark.usefixtures("trainer_installed")
 def test_trainer_with_the_callback_without_dropout_is_the_trainers_run(tmp_path):
     # Penalty-free, the callback's clip (attach, max_norm = args.max_grad_norm) and the Trainer's
     # (accelerate, torch's clip_grad_norm_) must give the same steps.
@@ -72,6 +74,7 @@ def test_trainer_with_the_callback_without_dropout_is_the_trainers_run(tmp_path)
     assert ours.args.max_grad_norm == 0.5  # put back at train end
 
 
+@pytest.mark.usefixtures("trainer_installed")
 def test_trainer_with_the_callback_and_dropout_trains_as_the_trainer(tmp_path):
     finals = {False: [], True: []}
     for seed in SEEDS:
@@ -84,6 +87,7 @@ def test_trainer_with_the_callback_and_dropout_trains_as_the_trainer(tmp_path):
     _assert_same_mean(finals[True], finals[False])
 
 
+@pytest.mark.usefixtures("trainer_installed")
 def test_logged_grad_norm_is_torchs_norm_of_the_penalized_gradients(tmp_path):
     from transformers import TrainerCallback
 
@@ -104,6 +108,7 @@ def test_logged_grad_norm_is_torchs_norm_of_the_penalized_gradients(tmp_path):
     _assert_close_fp32(logged, reference)
 
 
+@pytest.mark.usefixtures("trainer_installed")
 def test_resume_from_a_checkpoint_is_bitwise_the_uninterrupted_run(tmp_path):
     from transformers import TrainerCallback
 
@@ -131,6 +136,7 @@ def test_resume_from_a_checkpoint_is_bitwise_the_uninterrupted_run(tmp_path):
         assert torch.equal(a, b)
 
 
+@pytest.mark.usefixtures("trainer_installed")
 def test_a_run_that_raised_is_undone_by_the_next(tmp_path):
     from transformers import TrainerCallback
 
@@ -153,6 +159,7 @@ def test_a_run_that_raised_is_undone_by_the_next(tmp_path):
     fused_optim.attach(trainer.optimizer).remove()  # nothing left attached
 
 
+@pytest.mark.usefixtures("trainer_installed")
 def test_resume_without_the_emas_file_is_refused(tmp_path):
     first = gpt2_trainer(str(tmp_path), fused=True, max_steps=2, save_strategy="steps", save_steps=2)
     first.train()  # no EMA: no EMA file in the checkpoint
@@ -161,6 +168,7 @@ def test_resume_without_the_emas_file_is_refused(tmp_path):
         second.train(resume_from_checkpoint=True)
 
 
+@pytest.mark.usefixtures("trainer_installed")
 def test_eval_ema_evaluates_the_emas_weights_and_trains_the_same(tmp_path):
     runs = {}
     for eval_ema in (False, True):
@@ -202,6 +210,7 @@ def test_nanogpt_loop_converted_and_patched_trains_as_the_original():
 
 
 def test_attach_through_accelerates_optimizer_gives_the_separate_calls():
+    require("accelerate")
     from accelerate import Accelerator
 
     def run(glue_by_attach: bool) -> list[torch.Tensor]:
