@@ -16,6 +16,7 @@ import fused_optim
 from fused_optim.benchmark.cases import CASES, DEFAULT_CASES
 from fused_optim.benchmark.report import format_table, plot_speedups
 from fused_optim.benchmark.rows.averaging import averaging_rows
+from fused_optim.benchmark.rows.clients import clients_rows
 from fused_optim.benchmark.rows.clip_grad import clip_rows
 from fused_optim.benchmark.rows.dropout import dropout_rows
 from fused_optim.benchmark.rows.ensemble import ensemble_rows
@@ -39,6 +40,7 @@ SUITES: dict[str, Callable[[Bench, str], list[Row]]] = {
     "pre_step": pre_step_rows,
     "step": step_rows,
     "structured_dropout": structured_dropout_rows,
+    "clients": clients_rows,
 }
 
 

@@ -47,3 +47,12 @@ def test_structured_dropout_suite_reports_its_rows():
     }
     assert {r.reference for r in rows if r.op == "drop_path_add (x + drop_path(branch))"} == {
         "x + timm drop_path(branch)", "yardstick x + y"}
+
+
+def test_clients_suite_reports_its_rows():
+    import importlib.util
+
+    rows = main(["--rounds", "1", "--suites", "clients", "--cases", "a"])
+    expected = {"nanoGPT-style iteration"} | ({"HF Trainer step (GPT-2)"} if importlib.util.find_spec("transformers") else set())
+    assert {r.op for r in rows} == expected
+    assert all(r.ref_ms > 0 and r.fused_ms > 0 for r in rows)
