@@ -1,16 +1,20 @@
 """Calls every fused_optim op on sizes that cross the CUDA launcher's boundaries and checks each
 result against the pure-Python reference kernels (fused_optim.reference) on the same inputs.
 
-    python tools/cuda_kernel_cases.py [--device cuda] [--small]
+    python tools/cuda_kernel_cases.py [--device cuda] [--small] [--family F ...] [--simt]
 
 Made to run under compute-sanitizer (memcheck, racecheck: tools/gpu_check.py does so), where every
 kernel must be called at least once; it runs on the CPU too (CI does, so the script cannot rot,
 and the CPU kernels get the same boundary cases). The cases: empty tensors, 1 element, a chunk
 less one, a chunk, a chunk plus one (the CUDA chunk, 65536 elements), a tensor of more chunks than
 one launch's block table holds (in fp32 only; with --small, left out), more tensors than one launch holds at the
-list depth of each op (110 at depth 1, 64 at depth 2), the widest kernel arguments (the weighted
-sum with 8 inputs: 9 lists) and the folded case beyond it (9 and 17 inputs), dropout on unaligned
-views, structured dropout over group counts across the dropout tiles, and every floating dtype.
+list depth of each op (110 at depth 1, 64 at depth 2), a list of mixed dtypes, non-dense tensors,
+an aliased list (a tensor twice), the widest kernel arguments (the weighted sum with 8 inputs: 9
+lists) and the folded case beyond it (9 and 17 inputs), dropout on unaligned views, structured
+dropout over group counts across the dropout tiles, and every floating dtype. On every backend it
+also checks that pre_step_ equals the separate calls, bit for bit. --simt runs the CUDA sources on
+the SIMT runner of tests/simt (under AddressSanitizer: tests/simt/test_kernels.py runs it) and
+compares them with the CPU kernels too, bit for bit where the arithmetic contract is bitwise.
 Exits non-zero at the first mismatch.
 """
 
@@ -40,13 +44,15 @@ def size_cases(small: bool) -> list[list[int]]:
     return cases
 
 
-def list_cases_of(small: bool, lean: bool) -> list[tuple[str, list[int], object, str]]:
-    """(tag, sizes, dtype or a dtype per tensor, layout) of each list case. `lean` (the SIMT run)
-    takes the many-tensor lists in fp32 only."""
+def list_cases_of(small: bool, on_runner: bool) -> list[tuple[str, list[int], object, str]]:
+    """(tag, sizes, dtype or a dtype per tensor, layout) of each list case. On the SIMT runner, the
+    many-tensor lists are taken in one dtype only, the multi-launch tensor in fp16 (the runner's
+    race log takes about 32 bytes for each byte a launch touches)."""
     cases = []
     for c, sizes in enumerate(size_cases(small)):
+        big = sum(sizes) > MAX_BLOCKS * CHUNK
         for dtype in DTYPES:
-            if (sum(sizes) > MAX_BLOCKS * CHUNK or lean and c > 0) and dtype != torch.float32:
+            if (big or on_runner and c > 0) and dtype != (torch.float16 if big and on_runner else torch.float32):
                 continue  # the launch split does not depend on the dtype
             cases.append((f"case {c} ({len(sizes)} tensors) {dtype}", sizes, dtype, "dense"))
     mixed = [torch.float32, torch.float16, torch.float64, torch.bfloat16, torch.float32, torch.float64]
@@ -97,12 +103,21 @@ BITWISE = {"l1l2_penalty_backward", "l1l2_grad_", "multi_tensor_scale_", "clip_g
            "drop_groups_", "drop_groups_add"}
 
 
+BITS = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
+
+
 def same_bits(what: str, got, expected) -> None:
+    """The same dtypes and the same bits (a -0.0 is not 0.0, NaN payloads count)."""
     got = got if isinstance(got, (list, tuple)) else [got]
     expected = expected if isinstance(expected, (list, tuple)) else [expected]
     assert len(got) == len(expected), what
     for i, (a, b) in enumerate(zip(got, expected)):
-        torch.testing.assert_close(a, b.to(a.device), rtol=0, atol=0, equal_nan=True, msg=lambda m: f"{what}[{i}]: {m}")
+        assert a.dtype == b.dtype and a.shape == b.shape, f"{what}[{i}]: {a.dtype}{list(a.shape)} vs {b.dtype}{list(b.shape)}"
+        bits = BITS[a.element_size()]
+        a_bits, b_bits = a.contiguous().view(bits), b.to(a.device).contiguous().view(bits)
+        if not torch.equal(a_bits, b_bits):
+            first = (a_bits != b_bits).flatten().nonzero()[0].item()
+            raise AssertionError(f"{what}[{i}]: bits differ first at element {first}: {a.flatten()[first]} vs {b.flatten()[first]}")
 
 
 def run_op(what: str, op, ref, make_args, native=None, bitwise: bool = False) -> None:
@@ -121,10 +136,14 @@ def run_op(what: str, op, ref, make_args, native=None, bitwise: bool = False) ->
                 agree(what + " (written)", a, b)
 
 
+CALLED: set[str] = set()  # the ops the cases have called (printed at the end)
+
+
 def checker(ops, native):
     """check(name, tag, make_args): run_op on the op `name` of `ops`, against the reference's (and the
     CPU kernels' when `native` is given)."""
     def check(name: str, tag: str, make_args) -> None:
+        CALLED.add(name)
         run_op(f"{name} {tag}", getattr(ops, name), getattr(reference, name), make_args,
                native=getattr(native, name) if native is not None else None, bitwise=name in BITWISE)
 
@@ -133,22 +152,25 @@ def checker(ops, native):
 
 def list_cases(ops, dev: str, small: bool, families: set[str], native) -> int:
     check, calls = checker(ops, native), 0
-    lean = native is not None  # the SIMT run: every norm order and input count on the first case only
-    for c, (tag, sizes, dtype, layout) in enumerate(list_cases_of(small, lean)):
-        wide = not lean or c == 0
-        # The multi-launch tensor (21M elements) on the runner: the penalty's ops only, whose partials
-        # are numbered across launches and whose gradients take the depth-2 launcher.
-        fams = families & {"penalty"} if lean and sum(sizes) > MAX_BLOCKS * CHUNK else families
+    on_runner = native is not None  # the SIMT run: every norm order and input count on the first list only
+    for i, (tag, sizes, dtype, layout) in enumerate(list_cases_of(small, on_runner)):
+        all_orders = not on_runner or i == 0
 
-        def ts(k=0, sizes=sizes, dtype=dtype, seed=c, layout=layout):
+        def ts(k=0, sizes=sizes, dtype=dtype, seed=i, layout=layout):
             return make(sizes, dtype, dev, seed + 1000 * k, layout)
 
-        if "penalty" in fams:
+        if on_runner and sum(sizes) > MAX_BLOCKS * CHUNK:
+            # The multi-launch tensor on the runner: one op, whose partials are numbered across launches.
+            if "penalty" in families:
+                check("l1l2_penalty", tag, lambda: (ts(), 0.3, 0.7))
+            continue
+
+        if "penalty" in families:
             check("l1l2_penalty", tag, lambda: (ts(), 0.3, 0.7))
             check("l1l2_penalty_backward", tag, lambda: (torch.tensor(2.0, device=dev), ts(), 0.3, 0.7))
             check("l1l2_grad_", tag, lambda: (ts(), ts(1), 0.3, 0.7))
-        if "clip" in fams:
-            for p in (2.0, 1.0, 0.5, 0.0, float("inf"), -float("inf"), -1.0) if wide else (2.0, float("inf")):
+        if "clip" in families:
+            for p in (2.0, 1.0, 0.5, 0.0, float("inf"), -float("inf"), -1.0) if all_orders else (2.0, float("inf")):
                 # inf, -inf and p < 0 have no identity and refuse empty tensors: those left out.
                 def nonempty(p=p):
                     return [t for t in ts() if t.numel() > 0 or (p >= 0 and p != float("inf"))]
@@ -159,16 +181,17 @@ def list_cases(ops, dev: str, small: bool, families: set[str], native) -> int:
             for max_norm in (1.0, 1e30):  # clipping, and a coefficient of 1 (no write)
                 check("clip_grad_norm_", f"{max_norm} {tag}", lambda max_norm=max_norm: (ts(), max_norm, 2.0, False))
             check("clip_grad_value_", tag, lambda: (ts(), 0.5))
-        if "pre_step" in fams:
+        if "pre_step" in families:
             for max_norm, clip_value, error in ((None, None, False), (1.0, None, False), (1e30, None, True), (None, 0.5, False)):
                 # No clip, clipping, a coefficient of 1 (after the no-write pass of error_if_nonfinite), the clamp.
                 check("pre_step_", f"{max_norm} {clip_value} {error} {tag}",
                       lambda m=max_norm, v=clip_value, e=error: (ts(), ts(1), 0.3, 0.7, m, 2.0, v, e))
             check("pre_step_", f"p=inf {tag}", lambda: ([t for t in ts() if t.numel()], [t for t in ts(1) if t.numel()],
                                                          0.3, 0.0, 1.0, float("inf"), None, False))
-            pre_step_equals_separate_calls(ops, ts, tag)
-        if "averaging" in fams:
-            for k in (1, 8, 9, 17) if wide else (1, 9):
+            if sum(sizes) <= MAX_BLOCKS * CHUNK:  # the multi-launch tensor: compute-sanitizer's budget
+                pre_step_equals_separate_calls(ops, ts, tag)
+        if "averaging" in families:
+            for k in (1, 8, 9, 17) if all_orders else (1, 9):
                 if k > 1 and len(sizes) > MAX_TENSORS[9] + 1 and dtype != torch.float32:
                     continue  # the many-tensor lists at full depth once, in fp32, keep the run short
                 weights = [0.5 + m for m in range(k)]
@@ -258,6 +281,7 @@ def main() -> int:
     where = "the CUDA code on the SIMT runner, against the CPU kernels too" if args.simt else dev
     print(f"cuda_kernel_cases: {', '.join(sorted(families))}: every op agrees with the reference on {calls} list cases "
           f"and the dropout cases ({where})")
+    print(f"ops called: {' '.join(sorted(CALLED))}")
     return 0
 
 

@@ -69,17 +69,17 @@ void weighted_sum_group(at::ScalarType dtype, const std::vector<at::Tensor>& out
   for (const auto& [first, count] : passes) {
     const bool accumulate = first > 0;
     const int n = static_cast<int>(count);
-    std::vector<std::vector<at::Tensor>> launch(inputs.begin() + first, inputs.begin() + first + n);
+    std::vector<std::vector<at::Tensor>> lists(inputs.begin() + first, inputs.begin() + first + n);
     std::array<double, kMaxInputs> w{};
     std::copy(weights.begin() + first, weights.begin() + first + n, w.begin());
-    launch.push_back(dst);
+    lists.push_back(dst);
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, "multi_tensor_weighted_sum_cuda", [&] {
       if (!folded) {
-        weighted_sum_pass<scalar_t, scalar_t, false>(launch, w, n);
+        weighted_sum_pass<scalar_t, scalar_t, false>(lists, w, n);
       } else if (accumulate) {
-        weighted_sum_pass<scalar_t, at::opmath_type<scalar_t>, true>(launch, w, n);
+        weighted_sum_pass<scalar_t, at::opmath_type<scalar_t>, true>(lists, w, n);
       } else {
-        weighted_sum_pass<scalar_t, at::opmath_type<scalar_t>, false>(launch, w, n);
+        weighted_sum_pass<scalar_t, at::opmath_type<scalar_t>, false>(lists, w, n);
       }
     });
   }

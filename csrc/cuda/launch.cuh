@@ -1,6 +1,6 @@
-// The three things the CUDA sources do differently when the tests compile them for the host
-// (tests/simt: g++, FUSED_OPTIM_SIMT defined, the runner's header simt/cuda.h force-included),
-// in one place: how a kernel is started, how shared memory is declared, where the ops register.
+// What the CUDA sources do differently when the tests compile them for the host (tests/simt: g++,
+// FUSED_OPTIM_SIMT defined, the runner's header simt/cuda.h force-included), in one place: how a
+// kernel is started, how shared memory is declared, where the ops register, the device type.
 // nvcc's build is unchanged by them.
 #pragma once
 

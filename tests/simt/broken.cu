@@ -48,10 +48,15 @@ __global__ void tail_kernel(float* x, int64_t n, int64_t extra) {
   }
 }
 
-// Block b writes its partial (b + 1) at partials[b / share]: share = 2 has two blocks write one.
-__global__ void partials_kernel(double* partials, unsigned share) {
+// Block b writes its partial (b + 1) at partials[b / share], or adds it there (accumulate: a read
+// and a write of one address, in that order): share = 2 has two blocks write one.
+__global__ void partials_kernel(double* partials, unsigned share, bool accumulate) {
   if (threadIdx.x == 0) {
-    partials[blockIdx.x / share] = blockIdx.x + 1.0;
+    if (accumulate) {
+      partials[blockIdx.x / share] += blockIdx.x + 1.0;
+    } else {
+      partials[blockIdx.x / share] = blockIdx.x + 1.0;
+    }
   }
 }
 
@@ -71,10 +76,10 @@ void broken_tail(const at::Tensor& x, int64_t extra) {
   launch(tail_kernel, 2, kThreads, nullptr, x.mutable_data_ptr<float>(), x.numel(), extra);
 }
 
-at::Tensor broken_partials(int64_t blocks, int64_t share) {
+at::Tensor broken_partials(int64_t blocks, int64_t share, bool accumulate) {
   at::Tensor partials = at::zeros({blocks}, at::kDouble);
   launch(partials_kernel, static_cast<unsigned>(blocks), kThreads, nullptr, partials.mutable_data_ptr<double>(),
-         static_cast<unsigned>(share));
+         static_cast<unsigned>(share), accumulate);
   return partials;
 }
 
@@ -84,7 +89,7 @@ TORCH_LIBRARY_FRAGMENT(fused_optim_simt, m) {
   m.def("broken_block_sum(Tensor x, bool barrier) -> Tensor");
   m.def("broken_shuffle(Tensor x, int mask) -> Tensor");
   m.def("broken_tail(Tensor(a!) x, int extra) -> ()");
-  m.def("broken_partials(int blocks, int share) -> Tensor");
+  m.def("broken_partials(int blocks, int share, bool accumulate) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(fused_optim_simt, CPU, m) {

@@ -1,24 +1,27 @@
-// The SIMT runner behind tests/simt/include/simt/cuda.h (test tooling, never shipped). A launch's
-// blocks run one after another; a block's threads run as fibers (glibc's ucontext), each until it
-// blocks at a barrier or ends (ucontext starts it on its stack; GCC's __builtin_setjmp/longjmp
-// switch, without swapcontext's system calls or the stack unpoisoning of AddressSanitizer's
-// longjmp interceptor: the switches are told to AddressSanitizer as fiber switches); when every thread a barrier waits for has arrived, they all run on,
-// in an order drawn from a seeded generator (SIMT_SEED), so that code relying on an unstated
-// schedule gives other results under other seeds.
+// The SIMT runner behind tests/simt/include/simt/cuda.h (test tooling, never shipped).
+//
+// A launch's blocks run one after another. A block's threads are fibers: makecontext starts each
+// on its own stack, and GCC's __builtin_setjmp/__builtin_longjmp switch between them (no system
+// call, and not AddressSanitizer's longjmp interceptor, which unpoisons the whole stack; every
+// switch is announced to AddressSanitizer as a fiber switch). A thread runs until it waits at a
+// barrier or ends. When every thread a barrier waits for has arrived, they run on in an order drawn
+// from (SIMT_SEED, the launch's number), so code that relies on an unstated schedule gives other
+// results under other seeds.
 //
 // What a launch reports (std::runtime_error at its end, or at once for a hang):
 //  - a race: two threads of a block that access one byte, one of them writing, with no barrier
-//    between them that both took part in (a __syncthreads, or a warp barrier of both: vector
-//    clocks over the warp's lanes), or two blocks of one launch that do so (blocks never
-//    synchronize);
+//    between them that both took part in (a __syncthreads, or a __syncwarp of both: vector clocks
+//    over the warp's lanes; a shuffle orders no memory), or two blocks of one launch that do so
+//    (blocks never synchronize);
 //  - a read of shared memory that no thread of the block has written (each block's shared arrays
 //    are fresh, filled with 0xFF bytes: NaN in every floating type);
-//  - a barrier that cannot complete (a thread missing from __syncthreads, a lane of a __syncwarp or
-//    shuffle mask that has exited or waits elsewhere), a shuffle by a lane its mask leaves out or
-//    from a lane outside it.
-// The accesses come from AddressSanitizer's instrumentation of the kernel sources: tests/simt/
-// simt_build.py compiles them with every access as a call (__asan_load4, ...), renamed to the simt_asan_*
-// hooks below, which log it and then let AddressSanitizer check it. This file is not instrumented.
+//  - a block that hangs (a warp barrier whose lanes wait elsewhere, or at another kind of warp
+//    barrier), a thread that ends while others wait at __syncthreads, a shuffle by a lane its mask
+//    leaves out, or from a lane outside the mask or exited.
+// The accesses come from AddressSanitizer's instrumentation of the kernel sources: simt_build.py
+// compiles them with every access as a call (__asan_load4, ...), renamed to the simt_asan_* hooks
+// at the end of this file, which let AddressSanitizer check it, then log it. Stores the
+// instrumentation leaves out are found by log_unseen_writes. This file is not instrumented.
 #include "simt/cuda.h"
 
 #include <sanitizer/asan_interface.h>
@@ -49,6 +52,9 @@ constexpr size_t kStackBytes = 256 * 1024;  // AddressSanitizer's redzones make 
 constexpr size_t kMaxReports = 8;
 
 enum class State { kRunnable, kAtBlockBarrier, kAtWarpBarrier, kDone, kAbandoned };
+// What a thread waits for at a warp barrier: lanes are released together only at the same kind
+// with the same mask (a shuffle's two steps never pair with a __syncwarp).
+enum class WarpWait { kSyncwarp, kShuffleValues, kShuffleRead };
 
 struct Thread {
   ucontext_t context;  // its start
@@ -57,9 +63,12 @@ struct Thread {
   unsigned index = 0;
   State state = State::kRunnable;
   unsigned warp_mask = 0;  // of the warp barrier it waits at
+  WarpWait warp_wait = WarpWait::kSyncwarp;
   // A vector clock over its warp's lanes, advanced at warp barriers; __syncthreads orders all.
   std::array<uint32_t, kWarpSize> warp_clock{};
   void* fake_stack = nullptr;  // AddressSanitizer's, kept across switches
+  // Each byte it has read since it last stopped, with the value read (see log_unseen_writes).
+  std::vector<std::pair<uintptr_t, uint8_t>> read_bytes;
 };
 
 // One access: the thread (its index in the launch), the block's __syncthreads count and the
@@ -103,12 +112,13 @@ struct Launch {
   std::vector<uint64_t> slots;  // a shuffle's values, a slot per thread
   std::vector<std::string> reports;
   std::string fatal;
+  std::mt19937_64 schedule;  // the order in which released threads run on
 };
 
 std::mutex launch_mutex;  // one launch at a time
 Launch* active = nullptr;
 char* stacks = nullptr;  // kMaxThreads stacks, mapped once
-std::mt19937_64 schedule_rng;
+uint64_t launches = 0;   // launches so far: each draws its schedule from (SIMT_SEED, its number)
 
 Launch& this_launch() {
   if (active == nullptr || active->current == nullptr) {
@@ -128,13 +138,21 @@ std::string who(const Launch& l, uint32_t thread) {
   return "thread " + std::to_string(thread % l.threads) + " of block " + std::to_string(thread / l.threads);
 }
 
-std::string where(const Launch& l, uintptr_t address) {
+// The shared array that holds `address`, or none.
+const SharedArray* shared_array_at(const Launch& l, uintptr_t address) {
   for (const auto& [key, array] : l.shared) {
     const auto begin = reinterpret_cast<uintptr_t>(array.data);
     if (address >= begin && address < begin + array.bytes) {
-      return "shared memory (byte " + std::to_string(address - begin) + " of a " + std::to_string(array.bytes) +
-             "-byte array)";
+      return &array;
     }
+  }
+  return nullptr;
+}
+
+std::string where(const Launch& l, uintptr_t address) {
+  if (const SharedArray* array = shared_array_at(l, address)) {
+    return "shared memory (byte " + std::to_string(address - reinterpret_cast<uintptr_t>(array->data)) + " of a " +
+           std::to_string(array->bytes) + "-byte array)";
   }
   return "global memory " + hex(address);
 }
@@ -165,8 +183,11 @@ void resume(Launch& l, Thread& t) {
   l.current = nullptr;
 }
 
+void log_unseen_writes(Launch& l);
+
 // From the current fiber back to the scheduler; returns when the scheduler resumes it.
 void yield(Launch& l, State state) {
+  log_unseen_writes(l);
   Thread& t = *l.current;
   t.state = state;
   __sanitizer_start_switch_fiber(&t.fake_stack, l.main_bottom, l.main_size);
@@ -190,7 +211,11 @@ void fiber_main() {
   Launch& l = *active;
   __sanitizer_finish_switch_fiber(nullptr, &l.main_bottom, &l.main_size);
   while (true) {
-    (*l.body)();
+    try {
+      (*l.body)();
+    } catch (const std::exception& e) {
+      abandon(l, std::string("a kernel threw: ") + e.what());
+    }
     yield(l, State::kDone);  // resumed for the next block
   }
 }
@@ -210,8 +235,9 @@ void join_warp_clocks(Launch& l, const std::vector<unsigned>& lanes) {
   }
 }
 
-// Releases every warp barrier whose lanes have all arrived; the released threads go into `ready`.
-// A lane named in a mask that has ended makes the launch fail.
+// Releases every warp barrier whose lanes have all arrived (lanes of the mask that have exited, or
+// that the block does not have, are not waited for, as on the GPU); the released threads go into
+// `ready`. A __syncwarp orders the memory accesses of its lanes; a shuffle does not.
 void release_warp_barriers(Launch& l, std::vector<unsigned>& ready) {
   for (unsigned base = 0; base < l.threads; base += kWarpSize) {
     const unsigned lanes = std::min(kWarpSize, l.threads - base);
@@ -228,19 +254,18 @@ void release_warp_barriers(Launch& l, std::vector<unsigned>& ready) {
         }
         const Thread* o = other < lanes ? &l.fibers[base + other] : nullptr;
         if (o == nullptr || o->state == State::kDone) {
-          l.fatal = "lane " + std::to_string(other) + " of warp " + std::to_string(base / kWarpSize) + " of block " +
-                    std::to_string(l.block) + " is named in the mask " + hex(t.warp_mask) +
-                    " of a __syncwarp or shuffle but has " + (o == nullptr ? "no thread" : "exited");
-          return;
+          continue;
         }
-        if (o->state != State::kAtWarpBarrier || o->warp_mask != t.warp_mask) {
+        if (o->state != State::kAtWarpBarrier || o->warp_mask != t.warp_mask || o->warp_wait != t.warp_wait) {
           complete = false;
           break;
         }
         group.push_back(base + other);
       }
       if (complete) {
-        join_warp_clocks(l, group);
+        if (t.warp_wait == WarpWait::kSyncwarp) {
+          join_warp_clocks(l, group);
+        }
         for (unsigned g : group) {
           l.fibers[g].state = State::kRunnable;
           ready.push_back(g);
@@ -256,7 +281,8 @@ std::string describe_states(const Launch& l) {
     if (t.state == State::kAtBlockBarrier) {
       s << " thread " << t.index << " waits at __syncthreads;";
     } else if (t.state == State::kAtWarpBarrier) {
-      s << " thread " << t.index << " waits at a warp barrier (mask " << hex(t.warp_mask) << ");";
+      s << " thread " << t.index << (t.warp_wait == WarpWait::kSyncwarp ? " waits at __syncwarp" : " waits in a shuffle")
+        << " (mask " << hex(t.warp_mask) << ");";
     }
     if (s.tellp() > 400) {
       s << " ...";
@@ -286,7 +312,7 @@ void run_block(Launch& l, unsigned block) {
     ready.push_back(i);
   }
   while (true) {
-    std::shuffle(ready.begin(), ready.end(), schedule_rng);
+    std::shuffle(ready.begin(), ready.end(), l.schedule);
     for (unsigned i : ready) {
       resume(l, l.fibers[i]);
     }
@@ -300,10 +326,13 @@ void run_block(Launch& l, unsigned block) {
     }
     std::vector<unsigned> waiting;
     bool others = false;
+    int ended = -1;
     for (Thread& t : l.fibers) {
       if (t.state == State::kAtBlockBarrier) {
         waiting.push_back(t.index);
-      } else if (t.state != State::kDone) {
+      } else if (t.state == State::kDone) {
+        ended = static_cast<int>(t.index);
+      } else {
         others = true;
       }
     }
@@ -314,8 +343,11 @@ void run_block(Launch& l, unsigned block) {
       l.fatal = "block " + std::to_string(block) + " hangs:" + describe_states(l);
       return;
     }
-    // Every thread that has not ended is at __syncthreads (ended ones count as arrived, as on
-    // the GPU): the barrier completes, and orders the ended threads' accesses too.
+    if (ended >= 0) {  // a __syncthreads in code that not every thread of the block reaches
+      l.fatal = "thread " + std::to_string(ended) + " of block " + std::to_string(block) +
+                " has ended while others wait at __syncthreads:" + describe_states(l);
+      return;
+    }
     ++l.epoch;
     for (unsigned i : waiting) {
       l.fibers[i].state = State::kRunnable;
@@ -351,16 +383,6 @@ Cell& cell_of(Launch& l, uintptr_t address) {
   return (*l.last_page)[address % kPageBytes];
 }
 
-bool in_shared(const Launch& l, uintptr_t address) {
-  for (const auto& [key, array] : l.shared) {
-    const auto begin = reinterpret_cast<uintptr_t>(array.data);
-    if (address >= begin && address < begin + array.bytes) {
-      return true;
-    }
-  }
-  return false;
-}
-
 void log_access(uintptr_t address, size_t size, bool write) {
   Launch* l = active;
   if (l == nullptr || l->current == nullptr) {
@@ -373,8 +395,13 @@ void log_access(uintptr_t address, size_t size, bool write) {
   if (address >= l->params_begin && address < l->params_end) {
     return;  // the kernel's parameters: read-only
   }
-  const Thread& t = *l->current;
+  Thread& t = *l->current;
   const Access now{l->block * l->threads + t.index, l->epoch, t.warp_clock[t.index % kWarpSize]};
+  if (!write) {
+    for (uintptr_t a = address; a < address + size; ++a) {
+      t.read_bytes.emplace_back(a, *reinterpret_cast<const uint8_t*>(a));
+    }
+  }
   std::string finding;  // one report per access, for its first byte found wanting
   for (uintptr_t a = address; a < address + size; ++a) {
     Cell& cell = cell_of(*l, a);
@@ -382,7 +409,7 @@ void log_access(uintptr_t address, size_t size, bool write) {
     if (finding.empty() && race_with_write) {
       finding = "race: " + who(*l, now.thread) + (write ? " writes " : " reads ") + where(*l, a) + ", which " +
                 who(*l, cell.write.thread) + " wrote, with no barrier between them";
-    } else if (finding.empty() && !cell.written && !write && in_shared(*l, a)) {
+    } else if (finding.empty() && !cell.written && !write && shared_array_at(*l, a) != nullptr) {
       finding = "uninitialized: " + who(*l, now.thread) + " reads " + where(*l, a) + ", which no thread of its block has written";
     }
     if (write) {
@@ -426,6 +453,20 @@ void log_access(uintptr_t address, size_t size, bool write) {
   }
 }
 
+// The instrumentation does not report a store that follows a load of the same address (GCC's
+// AddressSanitizer checks the address once: x[i] = f(x[i]), shared[t] += ...). A thread runs
+// alone until it stops, so a byte it read whose value has changed when it stops is one it wrote:
+// logged then, as its write (a write of the value already there stays unseen).
+void log_unseen_writes(Launch& l) {
+  std::vector<std::pair<uintptr_t, uint8_t>> bytes;
+  bytes.swap(l.current->read_bytes);
+  for (const auto& [address, value] : bytes) {
+    if (*reinterpret_cast<const uint8_t*>(address) != value) {
+      log_access(address, 1, true);
+    }
+  }
+}
+
 } // namespace
 
 uint3 thread_idx() {
@@ -445,8 +486,9 @@ void sync_block() {
   yield(this_launch(), State::kAtBlockBarrier);
 }
 
-void sync_warp(unsigned mask) {
-  Launch& l = this_launch();
+namespace {
+
+void wait_for_warp(Launch& l, unsigned mask, WarpWait wait) {
   const unsigned lane = l.current->index % kWarpSize;
   if (!(mask >> lane & 1u)) {
     abandon(l, "lane " + std::to_string(lane) + " of warp " + std::to_string(l.current->index / kWarpSize) +
@@ -454,20 +496,30 @@ void sync_warp(unsigned mask) {
                    hex(mask) + ", which leaves it out");
   }
   l.current->warp_mask = mask;
+  l.current->warp_wait = wait;
   yield(l, State::kAtWarpBarrier);
+}
+
+} // namespace
+
+void sync_warp(unsigned mask) {
+  wait_for_warp(this_launch(), mask, WarpWait::kSyncwarp);
 }
 
 void exchange(unsigned mask, int src, const void* value, void* out, size_t size) {
   Launch& l = this_launch();
   const unsigned index = l.current->index, base = index - index % kWarpSize;
   std::memcpy(&l.slots[index], value, size);
-  sync_warp(mask);  // every lane of the mask has put its value
+  wait_for_warp(l, mask, WarpWait::kShuffleValues);  // every lane of the mask has put its value
+  const std::string lane = "lane " + std::to_string(index % kWarpSize) + " of warp " + std::to_string(index / kWarpSize);
   if (src < 0 || src >= static_cast<int>(kWarpSize) || !(mask >> src & 1u)) {
-    abandon(l, "lane " + std::to_string(index % kWarpSize) + " of warp " + std::to_string(index / kWarpSize) +
-                   " shuffles from lane " + std::to_string(src) + ", outside the mask " + hex(mask));
+    abandon(l, lane + " shuffles from lane " + std::to_string(src) + ", outside the mask " + hex(mask));
+  }
+  if (base + src >= l.threads || l.fibers[base + src].state == State::kDone) {
+    abandon(l, lane + " shuffles from lane " + std::to_string(src) + ", which has exited or does not exist");
   }
   std::memcpy(out, &l.slots[base + src], size);
-  sync_warp(mask);  // every lane has read before the slots are used again
+  wait_for_warp(l, mask, WarpWait::kShuffleRead);  // every lane has read before the slots are used again
 }
 
 void* shared(const void* key, size_t bytes, size_t align) {
@@ -485,8 +537,8 @@ void* shared(const void* key, size_t bytes, size_t align) {
 }
 
 void launch(unsigned blocks, unsigned threads, const std::function<void()>& body, const void* params, size_t params_bytes) {
-  if (threads == 0 || threads > kMaxThreads) {
-    throw std::runtime_error("simt: a block of " + std::to_string(threads) + " threads");
+  if (blocks == 0 || threads == 0 || threads > kMaxThreads) {  // refused by CUDA too
+    throw std::runtime_error("simt: a launch of " + std::to_string(blocks) + " blocks of " + std::to_string(threads) + " threads");
   }
   const std::lock_guard<std::mutex> lock(launch_mutex);
   if (stacks == nullptr) {
@@ -495,41 +547,52 @@ void launch(unsigned blocks, unsigned threads, const std::function<void()>& body
       throw std::runtime_error("simt: no memory for the fibers' stacks");
     }
     stacks = static_cast<char*>(mapped);
-    const char* seed = std::getenv("SIMT_SEED");
-    schedule_rng.seed(seed != nullptr ? std::strtoull(seed, nullptr, 10) : 0);
   }
+  const char* seed_text = std::getenv("SIMT_SEED");
+  const uint64_t seed = seed_text != nullptr ? std::strtoull(seed_text, nullptr, 10) : 0, number = launches++;
   Launch l;
+  std::seed_seq seq{seed, number};
+  l.schedule.seed(seq);
   l.blocks = blocks;
   l.threads = threads;
   l.body = &body;
   l.params_begin = reinterpret_cast<uintptr_t>(params);
   l.params_end = l.params_begin + params_bytes;
   l.fibers.resize(threads);
-  static ucontext_t start;  // a context to copy: getcontext once, not once per fiber
-  if (!l.fibers.empty() && start.uc_stack.ss_size == 0) {
-    getcontext(&start);
-    start.uc_stack.ss_size = kStackBytes;
-  }
+  l.slots.resize(threads);
+  ucontext_t start;  // copied into each fiber (getcontext once a launch, not once a fiber)
+  getcontext(&start);
   for (unsigned i = 0; i < threads; ++i) {
     Thread& t = l.fibers[i];
     t.index = i;
     t.context = start;
     t.context.uc_stack.ss_sp = stacks + i * kStackBytes;
+    t.context.uc_stack.ss_size = kStackBytes;
     t.context.uc_link = nullptr;
     makecontext(&t.context, fiber_main, 0);
   }
-  l.slots.resize(threads);
-  active = &l;
-  for (unsigned b = 0; b < blocks && l.fatal.empty(); ++b) {
-    run_block(l, b);
+  {
+    const struct Active {
+      explicit Active(Launch* l) {
+        active = l;
+      }
+      ~Active() {
+        active = nullptr;
+      }
+    } scope(&l);
+    for (unsigned b = 0; b < blocks && l.fatal.empty(); ++b) {
+      run_block(l, b);
+    }
   }
   free_shared(l);
-  active = nullptr;
+  const std::string which = "simt (SIMT_SEED=" + std::to_string(seed) + ", launch " + std::to_string(number) + "): ";
   if (!l.fatal.empty()) {
-    throw std::runtime_error("simt: " + l.fatal);
+    // Abandoned threads leave their frames' redzones poisoned on the stacks the next launch reuses.
+    __asan_unpoison_memory_region(stacks, kMaxThreads * kStackBytes);
+    throw std::runtime_error(which + l.fatal);
   }
   if (!l.reports.empty()) {
-    std::string all = "simt: " + std::to_string(l.reports.size()) + " finding(s) in a launch of " + std::to_string(blocks) +
+    std::string all = which + std::to_string(l.reports.size()) + " finding(s) in a launch of " + std::to_string(blocks) +
                       " block(s) of " + std::to_string(threads) + " threads:";
     for (const std::string& r : l.reports) {
       all += "\n  " + r;
@@ -540,15 +603,15 @@ void launch(unsigned blocks, unsigned threads, const std::function<void()>& body
 
 } // namespace simt
 
-// The instrumentation's calls (renamed by tests/simt/simt_build.py): log, then AddressSanitizer's check.
+// The instrumentation's calls (renamed by tests/simt/simt_build.py): AddressSanitizer's check, then the log.
 #define SIMT_HOOKS(n)                                 \
   extern "C" void simt_asan_load##n(uintptr_t a) {  \
-    simt::log_access(a, n, false);                    \
     __asan_load##n(a);                                \
+    simt::log_access(a, n, false);                    \
   }                                                   \
   extern "C" void simt_asan_store##n(uintptr_t a) { \
-    simt::log_access(a, n, true);                     \
     __asan_store##n(a);                               \
+    simt::log_access(a, n, true);                     \
   }
 extern "C" {
 void __asan_load1(uintptr_t);
@@ -570,10 +633,10 @@ SIMT_HOOKS(4)
 SIMT_HOOKS(8)
 SIMT_HOOKS(16)
 extern "C" void simt_asan_loadN(uintptr_t a, size_t n) {
-  simt::log_access(a, n, false);
   __asan_loadN(a, n);
+  simt::log_access(a, n, false);
 }
 extern "C" void simt_asan_storeN(uintptr_t a, size_t n) {
-  simt::log_access(a, n, true);
   __asan_storeN(a, n);
+  simt::log_access(a, n, true);
 }

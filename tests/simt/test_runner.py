@@ -24,7 +24,7 @@ def expect_report(code: str, seed: int, library: str | None = None) -> str:
     """Runs `code`, which must raise the runner's error; returns the error's text."""
     done = run(f"try:\n    {code}\nexcept RuntimeError as e:\n    print('REPORT', e)\nelse:\n    print('NO REPORT')\n", seed, library)
     assert done.returncode == 0, done.stderr[-3000:]
-    assert "REPORT simt:" in done.stdout, done.stdout[-3000:]
+    assert "REPORT simt (SIMT_SEED=" in done.stdout, done.stdout[-3000:]
     return done.stdout
 
 
@@ -63,46 +63,50 @@ def test_tail_read_past_the_end():
     assert "AddressSanitizer: heap-buffer-overflow" in done.stderr and "tail_kernel" in done.stderr, done.stderr[-3000:]
 
 
-def test_two_blocks_writing_one_partial():
-    done = run("assert ops.broken_partials(6, 1).tolist() == [1.0, 2.0, 3.0, 4.0, 5.0, 6.0]\nprint('clean')\n")
+@pytest.mark.parametrize("accumulate", [False, True], ids=["store", "read-modify-write"])
+def test_two_blocks_writing_one_partial(accumulate):
+    done = run(f"assert ops.broken_partials(6, 1, {accumulate}).tolist() == [1.0, 2.0, 3.0, 4.0, 5.0, 6.0]\nprint('clean')\n")
     assert done.returncode == 0 and "clean" in done.stdout, done.stderr[-3000:]
-    out = expect_report("ops.broken_partials(6, 2)", seed=0)
-    assert re.search(r"race: thread 0 of block 1 writes global memory \S+, which thread 0 of block 0 wrote", out), out
+    out = expect_report(f"ops.broken_partials(6, 2, {accumulate})", seed=0)
+    what = "read|wrote" if accumulate else "wrote"
+    assert re.search(rf"race: thread 0 of block 1 (writes|reads) global memory \S+, which thread 0 of block 0 ({what})", out), out
 
 
-# The real sources, broken on purpose, in one copy of csrc/: (file, the text replaced, its
-# replacement). block_sum loses the barrier between its threads' writes and the tree's reads (the
-# penalty's value reduces with it); the penalty gradient's tail bound goes one past the end.
-MUTATIONS = [
-    ("multi_tensor_apply.cuh", "  shared[threadIdx.x] = value;\n  __syncthreads();\n", "  shared[threadIdx.x] = value;\n"),
-    (
+# The real sources, broken on purpose: (file, the text replaced, its replacement, the call that
+# must then fail, and how: "report", the runner's error, or "asan", AddressSanitizer's).
+MUTANTS = {
+    "block_sum without the barrier after its writes": (
+        "multi_tensor_apply.cuh", "  shared[threadIdx.x] = value;\n  __syncthreads();\n", "  shared[threadIdx.x] = value;\n",
+        "ops.l1l2_penalty([torch.randn(n) for n in (5, 65537)], 0.3, 0.7)", "report",
+    ),
+    "block_sum without the barrier in its tree": (
+        "multi_tensor_apply.cuh",
+        "      shared[threadIdx.x] += shared[threadIdx.x + stride];\n    }\n    __syncthreads();\n",
+        "      shared[threadIdx.x] += shared[threadIdx.x + stride];\n    }\n",
+        "ops.l1l2_penalty([torch.randn(n) for n in (5, 65537)], 0.3, 0.7)", "report",
+    ),
+    "penalty gradient's tail bound one past the end": (
         "regularization.cu",
         "const int64_t end = min(begin + kChunkSize, meta.sizes[tensor]);\n    const auto* p",
         "const int64_t end = min(begin + kChunkSize, meta.sizes[tensor] + 1);\n    const auto* p",
+        "ops.l1l2_grad_([torch.randn(5)], [torch.randn(5)], 0.3, 0.7)", "asan",
     ),
-]
+}
 
 
-@pytest.fixture(scope="module")
-def mutant(tmp_path_factory):
-    """The runner's library built from a copy of csrc/ with MUTATIONS applied (regularization.cu only)."""
-    root = tmp_path_factory.mktemp("mutant")
-    csrc = root / "csrc"
+@pytest.mark.parametrize("mutant", sorted(MUTANTS))
+def test_broken_sources_fail(mutant, tmp_path):
+    file, old, new, call, how = MUTANTS[mutant]
+    csrc = tmp_path / "csrc"
     shutil.copytree(os.path.join(simt_build.ROOT, "csrc"), csrc)
-    for file, old, new in MUTATIONS:
-        source = (csrc / "cuda" / file).read_text()
-        assert source.count(old) == 1, f"{file} no longer holds the text this mutation changes"
-        (csrc / "cuda" / file).write_text(source.replace(old, new))
-    return simt_build.build(str(csrc), str(root / "build"), kernels=["regularization.cu"])
-
-
-def test_block_sum_without_its_barrier_fails_the_penalty(mutant):
-    t = "[torch.randn(n) for n in (5, 65537)]"
-    out = expect_report(f"ops.l1l2_penalty({t}, 0.3, 0.7)", seed=0, library=mutant)
-    assert re.search(r"(uninitialized|race): thread \d+ of block 0 reads shared memory", out), out
-
-
-def test_penalty_gradient_tail_off_by_one_fails(mutant):
-    done = run("ops.l1l2_grad_([torch.randn(5)], [torch.randn(5)], 0.3, 0.7)\nprint('not caught')\n", library=mutant)
-    assert done.returncode != 0 and "not caught" not in done.stdout
-    assert "AddressSanitizer: heap-buffer-overflow" in done.stderr and "PenaltyGrad" in done.stderr, done.stderr[-3000:]
+    source = (csrc / "cuda" / file).read_text()
+    assert source.count(old) == 1, f"{file} no longer holds the text this mutant changes"
+    (csrc / "cuda" / file).write_text(source.replace(old, new))
+    library = simt_build.build(str(csrc), str(tmp_path / "build"), kernels=["regularization.cu"])
+    if how == "report":
+        out = expect_report(call, seed=0, library=library)
+        assert re.search(r"(uninitialized|race): thread \d+ of block 0 (reads|writes) shared memory", out), out
+    else:
+        done = run(f"{call}\nprint('not caught')\n", library=library)
+        assert done.returncode != 0 and "not caught" not in done.stdout
+        assert "AddressSanitizer: heap-buffer-overflow" in done.stderr, done.stderr[-3000:]

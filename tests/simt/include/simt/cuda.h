@@ -6,6 +6,11 @@
 // shuffles, and shared memory declared with FUSED_OPTIM_SHARED (csrc/cuda/launch.cuh).
 #pragma once
 
+// The fibers switch with GCC's __builtin_setjmp/__builtin_longjmp (tests/simt/runtime.cpp).
+#if !defined(__GNUC__) || defined(__clang__)
+#error "the SIMT build is for g++"
+#endif
+
 #include <cstddef>
 #include <cstdint>
 #include <functional>
@@ -94,11 +99,12 @@ T __shfl_up_sync(unsigned mask, T var, unsigned delta, int width = 32) {
   const int l = simt::lane();
   return simt::shuffle(mask, var, l % width >= static_cast<int>(delta) ? l - static_cast<int>(delta) : l);
 }
+// A source in a later segment reads the caller's own value; an earlier one is read (as CUDA's).
 template <typename T>
 T __shfl_xor_sync(unsigned mask, T var, int lane_mask, int width = 32) {
   const int l = simt::lane();
-  const int src = l ^ lane_mask;
-  return simt::shuffle(mask, var, src / width == l / width ? src : l);
+  const int src = (l ^ lane_mask) & 31;
+  return simt::shuffle(mask, var, src / width <= l / width ? src : l);
 }
 
 using std::max;
